@@ -1,0 +1,14 @@
+"""distrain: train the Keras course models data-parallel on clusters.
+
+Importing distrain selects tf-keras (Keras 2) for ``tf.keras`` by setting
+``TF_USE_LEGACY_KERAS=1``. It must happen before TensorFlow is first imported:
+Keras 3's ``fit`` fails under MultiWorkerMirroredStrategy (keras-team/keras#20585)
+and Horovod's Keras glue needs Keras 2.
+"""
+import os as _os
+
+_os.environ["TF_USE_LEGACY_KERAS"] = "1"
+# TensorFlow's C++ INFO/WARNING lines drown a user's terminal on every worker; errors still show.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+__version__ = "0.1.0"

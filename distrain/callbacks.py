@@ -1,0 +1,208 @@
+"""The callbacks of a run, in the order they must run, and agreement across workers.
+
+Keras calls callbacks in list order for every hook, so ``build_callbacks`` fixes the order:
+
+1. ``RunMetrics`` puts the applied LR and the throughput into the logs, for everything after it.
+2. ``EarlyStopping`` (if asked for) decides on the chief's view of the (global) metrics.
+3. ``Agreement`` makes one decision for all workers: stop early, stop for NaN, stop for a
+   preemption signal. A worker that stopped alone would hang the others in the next collective.
+4. ``BackupEvery`` and ``Checkpoints`` save (every worker calls; only the chief's files stay).
+5. ``ChiefLogs`` (history.json, history.csv) and TensorBoard: chief only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import tensorflow as tf
+
+from distrain.errors import EXIT_NAN, EXIT_PREEMPTED, TrainingStopped
+
+log = logging.getLogger("distrain")
+
+
+class RunState:
+    """What the run's callbacks share: the preemption request and the steps per epoch."""
+
+    def __init__(self, steps_per_epoch: int, global_batch: int):
+        self.steps_per_epoch = steps_per_epoch
+        self.global_batch = global_batch
+        self.signal_received: Optional[str] = None
+
+    def install_signal_handlers(self) -> dict:
+        """SIGTERM and SIGUSR1 (SLURM's ``--signal=USR1@90``) ask for a stop at the next agreed step."""
+        previous = {}
+
+        def handler(signum, _frame):
+            self.signal_received = signal.Signals(signum).name
+            log.warning("received %s: stopping at the next agreed step boundary", self.signal_received)
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+
+def _global_step(model) -> int:
+    return int(model.optimizer.iterations.numpy())
+
+
+class RunMetrics(tf.keras.callbacks.Callback):
+    """Adds ``lr`` (the LR applied at the last step) and ``images_per_s`` / ``step_time_s`` to the logs."""
+
+    def __init__(self, state: RunState):
+        super().__init__()
+        self.state = state
+        self._epoch_start = 0.0
+        self._steps = 0
+        self.train_time_s = 0.0
+
+    def _lr(self) -> float:
+        lr = self.model.optimizer.learning_rate
+        if isinstance(lr, tf.keras.optimizers.schedules.LearningRateSchedule):
+            return float(lr(self.model.optimizer.iterations - 1))
+        return float(tf.keras.backend.get_value(lr))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+        self._steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        if logs is not None:
+            logs["lr"] = self._lr()
+
+    def on_epoch_end(self, epoch, logs=None):
+        elapsed = time.perf_counter() - self._epoch_start
+        self.train_time_s += elapsed
+        if logs is not None and self._steps:
+            logs["lr"] = self._lr()
+            # Includes validation time; the step-level rate in TensorBoard excludes it.
+            logs["images_per_s"] = self._steps * self.state.global_batch / elapsed
+            logs["step_time_s"] = elapsed / self._steps
+
+
+class Agreement(tf.keras.callbacks.Callback):
+    """One decision for all workers about stopping, taken at the same step on each.
+
+    Every ``every`` steps, the workers all-reduce two flags: a preemption signal arrived, the loss
+    is NaN/Inf. At epoch end they all-reduce ``stop_training`` (set by EarlyStopping on any of
+    them). Preemption writes the backup at that step and raises ``TrainingStopped``.
+    """
+
+    def __init__(self, dist, state: RunState, backup, *, every: int, terminate_on_nan: bool):
+        super().__init__()
+        self.dist = dist
+        self.state = state
+        self.backup = backup
+        self.every = every
+        self.terminate_on_nan = terminate_on_nan
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = _global_step(self.model)
+        if step % self.every:
+            return  # decided by the global step, so every worker skips the collective together
+        loss = (logs or {}).get("loss")
+        nan = self.terminate_on_nan and loss is not None and not math.isfinite(float(loss))
+        preempt, nan = self.dist.agree([self.state.signal_received is not None, nan])
+        if nan:
+            raise TrainingStopped(f"the loss became {loss} at step {step}; the last good checkpoint is kept "
+                                  "(lower the learning rate or check the data)", EXIT_NAN)
+        if preempt:
+            self.backup.save()
+            raise TrainingStopped(f"preempted ({self.state.signal_received or 'signal on a peer'}) at step "
+                                  f"{step}; backup written, run again with the same run dir to resume",
+                                  EXIT_PREEMPTED)
+
+    def on_epoch_end(self, epoch, logs=None):
+        (stop,) = self.dist.agree([bool(self.model.stop_training)])
+        if stop and not self.model.stop_training:
+            log.info("a peer stopped early at epoch %d; stopping here too", epoch + 1)
+        self.model.stop_training = stop
+
+
+class BackupEvery(tf.keras.callbacks.Callback):
+    """Saves the resume state every N steps and at every epoch end."""
+
+    def __init__(self, backup, every_steps: int):
+        super().__init__()
+        self.backup = backup
+        self.every_steps = every_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.every_steps and _global_step(self.model) % self.every_steps == 0:
+            self.backup.save()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.backup.save()
+
+
+class Checkpoints(tf.keras.callbacks.Callback):
+    """Periodic and best-by-metric weights (see ``distrain.checkpoint.UserCheckpoints``)."""
+
+    def __init__(self, checkpoints, state: RunState, *, every_epochs: int, every_steps: int, save_best: bool):
+        super().__init__()
+        self.checkpoints = checkpoints
+        self.state = state
+        self.every_epochs = every_epochs
+        self.every_steps = every_steps
+        self.save_best = save_best
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = _global_step(self.model)
+        if self.every_steps and step % self.every_steps == 0:
+            self.checkpoints.save_periodic(f"step-{step:06d}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.every_epochs and (epoch + 1) % self.every_epochs == 0:
+            self.checkpoints.save_periodic(f"epoch-{epoch + 1:04d}")
+        if self.save_best:
+            self.checkpoints.consider_best(logs or {}, epoch + 1, _global_step(self.model))
+
+
+class ChiefLogs(tf.keras.callbacks.Callback):
+    """``history.json`` and ``history.csv`` in the run dir, continued across resumes (chief only)."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__()
+        self.path = Path(run_dir) / "history.json"
+        self.csv = Path(run_dir) / "history.csv"
+        self.epochs: list[dict] = json.loads(self.path.read_text()) if self.path.exists() else []
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch + 1, "step": _global_step(self.model),
+               **{k: float(v) for k, v in (logs or {}).items()}}
+        self.epochs = [e for e in self.epochs if e["epoch"] < epoch + 1] + [row]
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.epochs, indent=1))
+        tmp.replace(self.path)
+        keys = sorted({k for e in self.epochs for k in e} - {"epoch", "step"})
+        lines = [",".join(["epoch", "step", *keys])]
+        lines += [",".join(str(e.get(k, "")) for k in ["epoch", "step", *keys]) for e in self.epochs]
+        self.csv.write_text("\n".join(lines) + "\n")
+
+
+def build_callbacks(*, spec, dist, state: RunState, run_dir: Path, backup, checkpoints,
+                    tensorboard_callbacks=(), extra=()) -> list:
+    """The run's callback list, in the order documented at the top of this module."""
+    callbacks: list = [RunMetrics(state)]
+    es = spec.train.early_stopping
+    if es is not None:
+        callbacks.append(tf.keras.callbacks.EarlyStopping(
+            monitor=es.monitor, patience=es.patience, min_delta=es.min_delta, mode=es.mode,
+            restore_best_weights=es.restore_best_weights))
+    callbacks.append(Agreement(dist, state, backup, every=spec.distribute.preemption_check_every,
+                               terminate_on_nan=spec.train.terminate_on_nan))
+    callbacks.append(BackupEvery(backup, spec.checkpoint.backup_every_steps))
+    c = spec.checkpoint
+    callbacks.append(Checkpoints(checkpoints, state, every_epochs=c.every_epochs, every_steps=c.every_steps,
+                                 save_best=c.save_best))
+    if dist.is_chief:
+        callbacks.append(ChiefLogs(run_dir))
+        callbacks.extend(tensorboard_callbacks)
+    callbacks.extend(extra)
+    return callbacks

@@ -1,0 +1,177 @@
+"""Checkpoints the user sees, and the backup a run resumes from.
+
+Under MultiWorkerMirroredStrategy every worker must take part in a save (reading some variables is
+a collective), but only the chief's files may be the ones a user sees. ``WorkerFiles`` routes each
+write: the chief writes to a temporary name beside the target and renames it into place (so no
+half-written file is ever the latest); every other worker writes into its own
+``.workertemp/rank<r>/`` directory and deletes what it wrote. No two processes write one path.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
+
+log = logging.getLogger("distrain")
+
+
+class WorkerFiles:
+    """Routes a run's file writes by role: real files for the chief, scratch for the others."""
+
+    def __init__(self, run_dir: Path, rank: int, is_chief: bool):
+        self.run_dir = Path(run_dir)
+        self.rank = rank
+        self.is_chief = is_chief
+        self.scratch = self.run_dir / ".workertemp" / f"rank{rank}"
+
+    @contextlib.contextmanager
+    def write(self, path: Path) -> Iterator[Path]:
+        """Yields where to write ``path``; publishes it atomically (chief) or discards it (others)."""
+        path = Path(path)
+        if self.is_chief:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            try:
+                yield tmp
+                os.replace(tmp, path)
+            finally:
+                _remove(tmp)
+        else:
+            self.scratch.mkdir(parents=True, exist_ok=True)
+            tmp = self.scratch / path.name
+            try:
+                yield tmp
+            finally:
+                _remove(tmp)
+
+    def cleanup(self) -> None:
+        if not self.is_chief:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.scratch.parent.rmdir()  # the last worker out removes .workertemp
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+class Backup:
+    """Resume state: weights, optimizer (its ``iterations`` is the global step) and the RNG-free rest.
+
+    Saved with ``tf.train.CheckpointManager``, whose index file is replaced atomically after the
+    data files are complete; the last two are kept so a crash during a save still leaves one.
+    Non-chief workers save into their scratch directory and delete it at once.
+    """
+
+    def __init__(self, model, optimizer, run_dir: Path, files: WorkerFiles):
+        import tensorflow as tf
+
+        self.directory = Path(run_dir) / "backup"
+        self.files = files
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+        self.optimizer = optimizer
+        target = self.directory if files.is_chief else files.scratch / "backup"
+        self.manager = tf.train.CheckpointManager(self.checkpoint, str(target), max_to_keep=2)
+        self.last_saved_step = -1
+
+    @property
+    def step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    def restore(self) -> int:
+        """Restores the chief's latest backup, if there is one; returns the global step reached."""
+        import tensorflow as tf
+
+        latest = tf.train.latest_checkpoint(str(self.directory))
+        if latest is None:
+            return 0
+        # expect_partial: the optimizer's slots are created lazily and may not all exist yet.
+        self.checkpoint.restore(latest).expect_partial()
+        self.last_saved_step = self.step
+        log.info("resumed from %s at step %d", latest, self.last_saved_step)
+        return self.last_saved_step
+
+    def save(self) -> None:
+        """Saves at the current step (all workers must call it at the same step)."""
+        step = self.step
+        if step == self.last_saved_step:
+            return
+        self.manager.save(checkpoint_number=step)
+        if not self.files.is_chief:
+            shutil.rmtree(self.files.scratch / "backup", ignore_errors=True)
+        self.last_saved_step = step
+
+
+class UserCheckpoints:
+    """Weights the user keeps: every N epochs/steps (the last K) and the best by a metric.
+
+    Files: ``checkpoints/epoch-0003.weights.h5`` or ``step-000150.weights.h5``, ``best.weights.h5``
+    with ``best.json`` (epoch, step, metric and value), and ``index.json`` listing the kept files.
+    """
+
+    def __init__(self, model, run_dir: Path, files: WorkerFiles, *, keep: int, monitor: str, mode: str):
+        self.model = model
+        self.directory = Path(run_dir) / "checkpoints"
+        self.files = files
+        self.keep = keep
+        self.monitor = monitor
+        self.mode = mode if mode != "auto" else ("max" if re.search(r"acc|auc|precision|recall", monitor) else "min")
+        self.best: Optional[float] = None
+        self.kept: list[str] = []
+        index = self.directory / "index.json"
+        if index.exists():  # resumed run: keep rotating the same files
+            state = json.loads(index.read_text())
+            self.kept, self.best = state.get("kept", []), state.get("best")
+
+    def _write_weights(self, path: Path) -> None:
+        with self.files.write(path) as tmp:
+            # The h5 suffix selects Keras's HDF5 weights format: one file, easy to load anywhere.
+            self.model.save_weights(str(tmp.with_suffix(".h5")))
+            os.replace(tmp.with_suffix(".h5"), tmp)
+
+    def _write_json(self, path: Path, payload: dict) -> None:
+        with self.files.write(path) as tmp:
+            tmp.write_text(json.dumps(payload, indent=1))
+
+    def save_periodic(self, name: str) -> None:
+        path = self.directory / f"{name}.weights.h5"
+        self._write_weights(path)
+        if not self.files.is_chief:
+            return
+        if name in self.kept:
+            self.kept.remove(name)
+        self.kept.append(name)
+        while len(self.kept) > self.keep:
+            old = self.kept.pop(0)
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / f"{old}.weights.h5").unlink()
+        self._write_index()
+
+    def consider_best(self, logs: dict, epoch: int, step: int) -> bool:
+        """Saves ``best.weights.h5`` when ``monitor`` improved; every worker must call it."""
+        value = logs.get(self.monitor)
+        if value is None:
+            return False
+        value = float(value)
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if not better:
+            return False
+        self.best = value
+        self._write_weights(self.directory / "best.weights.h5")
+        self._write_json(self.directory / "best.json",
+                         {"epoch": epoch, "step": step, "monitor": self.monitor, "value": value})
+        if self.files.is_chief:
+            self._write_index()
+        return True
+
+    def _write_index(self) -> None:
+        self._write_json(self.directory / "index.json", {"kept": self.kept, "best": self.best})

@@ -1,0 +1,191 @@
+"""The ``distrain`` command. Parses, validates, then calls the library; TensorFlow is imported
+only by the commands that need it, after every input has been checked."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from distrain.errors import EXIT_FAILED, EXIT_USAGE, TrainingStopped, UsageError
+
+EPILOG = """\
+examples:
+  distrain train jobs/quickstart.yaml                    train on this machine
+  distrain train jobs/cnn.yaml --set train.epochs=3      override a key of the job
+  distrain train --resume runs/cnn/20261127-101500       continue a stopped run
+  distrain validate jobs/mobilenet.yaml                  check a job without starting anything
+  distrain env --json                                    what a launcher gave this process
+exit codes: 0 done, 1 failed, 2 bad input, 75 preempted (rerun to resume), 76 peer lost, 77 NaN loss
+"""
+
+
+def _add_job_args(p: argparse.ArgumentParser, job_required: bool = True) -> None:
+    p.add_argument("job", nargs=None if job_required else "?", help="the job's YAML file (see jobs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a key of the job, e.g. --set train.epochs=3 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distrain", description="Train the Keras course models data-parallel, "
+                                     "on one machine or a cluster.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a job", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a job. Under a launcher (srun, TF_CONFIG, horovodrun, Ray) every "
+                                   "process runs this same command.")
+    _add_job_args(p, job_required=False)
+    p.add_argument("--run-dir", type=Path, help="where the run writes (default: OUTPUT_DIR/NAME/RUN_ID)")
+    p.add_argument("--run-id", help="the run's id (default: $DISTRAIN_RUN_ID, slurm-$SLURM_JOB_ID, or the time)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its backup (the job defaults to RUN_DIR/job.yaml)")
+
+    p = sub.add_parser("validate", help="check a job file and print the resolved job")
+    _add_job_args(p)
+    p.add_argument("--quiet", action="store_true", help="print nothing when the job is valid")
+
+    p = sub.add_parser("models", help="list the models: name, input shape, parameter count")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("env", help="print what the launcher gave this process and the strategy auto picks")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--port", type=int, help="base worker port (default: from the job id)")
+
+    from distrain.report import add_report_parser
+    add_report_parser(sub)
+    _add_launcher_parsers(sub)
+    return parser
+
+
+def _add_launcher_parsers(sub) -> None:
+    """Launchers register their own sub-commands; a missing optional one just isn't listed."""
+    from distrain.launch import register_parsers
+
+    register_parsers(sub)
+
+
+def resolve_run_dir(spec, *, run_dir: Optional[Path], run_id: Optional[str], world_size: int,
+                    env=os.environ) -> Path:
+    """Where a run writes. Every worker must compute the same directory, so a time-stamped id is
+    only allowed for a single process; launchers give a job id."""
+    if run_dir:
+        return run_dir
+    run_id = run_id or env.get("DISTRAIN_RUN_ID") or (f"slurm-{env['SLURM_JOB_ID']}" if env.get("SLURM_JOB_ID") else None)
+    if run_id is None:
+        if world_size > 1:
+            raise UsageError("--run-dir: required with several workers outside SLURM (each worker must "
+                             "name the same directory), or set DISTRAIN_RUN_ID")
+        run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(spec.output_dir) / spec.name / run_id
+
+
+def cmd_train(args) -> int:
+    from distrain.spec import load_spec
+    from distrain.world import detect
+
+    job = args.job
+    if args.resume:
+        if not args.resume.is_dir():
+            raise UsageError(f"--resume: no such run dir: {args.resume}")
+        job = job or args.resume / "job.yaml"
+        if args.run_dir and args.run_dir != args.resume:
+            raise UsageError("--run-dir: give --resume RUN_DIR or --run-dir, not two different dirs")
+    if job is None:
+        raise UsageError("train: give a job file (e.g. jobs/quickstart.yaml) or --resume RUN_DIR")
+    spec = load_spec(job, args.overrides)
+    world = detect(port_override=spec.distribute.port)
+    run_dir = args.resume or resolve_run_dir(spec, run_dir=args.run_dir, run_id=args.run_id,
+                                             world_size=world.world_size)
+    from distrain.run import train
+
+    summary = train(spec, run_dir, world=world)
+    if world.is_chief:
+        test = summary["test"]
+        print(f"test accuracy: {test.get('accuracy', float('nan')):.4f}  loss: {test.get('loss', float('nan')):.4f}"
+              f"  ({summary['steps']} steps, {summary['world_size']} worker(s), {summary['replicas']} replica(s))"
+              f"\nrun dir: {summary['run_dir']}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from distrain.spec import dump_spec, load_spec
+
+    spec = load_spec(args.job, args.overrides)
+    if not args.quiet:
+        print(dump_spec(spec), end="")
+        print(f"# {args.job}: valid", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from distrain.models import MODELS, build_model
+    import tensorflow as tf
+
+    rows = []
+    for name, entry in MODELS.items():
+        model = build_model(name, entry.default_input_shape, 10)
+        rows.append({"name": name, "input_shape": list(entry.default_input_shape), "classes": 10,
+                     "params": int(model.count_params()), "description": entry.description})
+        tf.keras.backend.clear_session()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(f"{'name':<14}{'input shape':<14}{'params':>12}  description")
+        for r in rows:
+            shape = "x".join(map(str, r["input_shape"]))
+            print(f"{r['name']:<14}{shape:<14}{r['params']:>12,}  {r['description']}")
+    return 0
+
+
+def cmd_env(args) -> int:
+    from distrain.world import detect
+
+    world = detect(port_override=args.port)
+    import tensorflow as tf
+
+    from distrain.strategy import choose_strategy
+
+    gpus = tf.config.list_physical_devices("GPU")
+    try:
+        strategy = choose_strategy("auto", world, len(gpus))
+    except UsageError as err:
+        strategy = f"none ({err})"
+    info = {**world.as_dict(), "devices": [d.name for d in tf.config.list_physical_devices()],
+            "strategy": strategy}
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        for key, value in info.items():
+            print(f"{key:>18}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "validate": cmd_validate, "models": cmd_models, "env": cmd_env}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``distrain`` console script; returns the exit code."""
+    import distrain  # noqa: F401  (selects tf-keras before anything imports TensorFlow)
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None) or COMMANDS[args.command]
+    try:
+        return handler(args)
+    except UsageError as err:
+        print(f"distrain: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingStopped as err:
+        print(f"distrain: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("distrain: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

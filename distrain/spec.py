@@ -1,0 +1,419 @@
+"""The job spec: one YAML file describes a run.
+
+Layers: dataclass defaults → the YAML file (``yaml.safe_load``) → ``--set key.path=value`` overrides.
+Every value is checked against the dataclass field it lands in; unknown keys, wrong types,
+out-of-range values, missing files and unknown models or datasets raise ``UsageError`` with one
+line naming the file (or the ``--set`` flag), the key path, what was expected and what was given.
+Nothing here imports TensorFlow, so a bad job fails in milliseconds, before any worker starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from distrain.errors import UsageError
+from distrain.models import MODELS, model_params
+
+DATA_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder", "synthetic")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "horovod")
+
+
+def _check(*, choices: Sequence[Any] = (), min: float | None = None, max: float | None = None,
+           min_exclusive: bool = False, max_exclusive: bool = False, doc: str = "") -> dict:
+    """Field metadata: the constraints the validator enforces, and the reference text of the key."""
+    return {"choices": tuple(choices), "min": min, "max": max, "min_exclusive": min_exclusive,
+            "max_exclusive": max_exclusive, "doc": doc}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = field(default="mlp", metadata=_check(choices=tuple(MODELS), doc="which course model"))
+    params: dict = field(default_factory=dict, metadata=_check(doc="keyword parameters of the model builder (see `distrain models`)"))
+    input_shape: Optional[list[int]] = field(default=None, metadata=_check(min=1, doc="default: the data's shape"))
+    num_classes: Optional[int] = field(default=None, metadata=_check(min=2, doc="default: the data's class count"))
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    flip: str = field(default="none", metadata=_check(choices=("none", "horizontal", "vertical", "horizontal_and_vertical")))
+    rotation: float = field(default=0.0, metadata=_check(min=0.0, max=1.0, doc="RandomRotation factor, a fraction of a full turn"))
+    zoom: float = field(default=0.0, metadata=_check(min=0.0, max=1.0, max_exclusive=True))
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    shape: list[int] = field(default_factory=lambda: [32, 32, 3], metadata=_check(min=1))
+    classes: int = field(default=10, metadata=_check(min=2))
+    examples: int = field(default=2048, metadata=_check(min=1))
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str = field(default="digits", metadata=_check(choices=DATA_SOURCES))
+    path: Optional[str] = field(default=None, metadata=_check(doc="image_folder: a directory of class_name/image files"))
+    batch_size_per_replica: int = field(default=32, metadata=_check(min=1))
+    validation_split: float = field(default=0.2, metadata=_check(min=0.0, max=1.0, max_exclusive=True))
+    test_split: float = field(default=0.2, metadata=_check(min=0.0, max=1.0, max_exclusive=True, doc="for sources without a test set of their own"))
+    image_size: list[int] = field(default_factory=lambda: [64, 64], metadata=_check(min=1, doc="image_folder: [height, width]"))
+    rescale: Optional[float] = field(default=None, metadata=_check(min=0.0, min_exclusive=True, doc="default: 1/255 for images, 1/16 for digits"))
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+    limit: Optional[int] = field(default=None, metadata=_check(min=1, doc="use only the first N training examples"))
+    cache: bool = True
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    name: str = field(default="constant", metadata=_check(choices=("constant", "step", "cosine", "exponential")))
+    boundaries: list[float] = field(default_factory=lambda: [3, 7], metadata=_check(min=0.0, doc="step: epochs where the factor changes"))
+    factors: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.01], metadata=_check(min=0.0, doc="step: LR multipliers, one more than boundaries"))
+    min_factor: float = field(default=0.0, metadata=_check(min=0.0, max=1.0, doc="cosine: final LR as a fraction of the peak"))
+    decay_rate: float = field(default=0.9, metadata=_check(min=0.0, max=1.0, min_exclusive=True, doc="exponential: factor per decay_epochs"))
+    decay_epochs: float = field(default=1.0, metadata=_check(min=0.0, min_exclusive=True))
+
+
+@dataclass(frozen=True)
+class EarlyStoppingSpec:
+    monitor: str = "val_loss"
+    patience: int = field(default=3, metadata=_check(min=0))
+    min_delta: float = field(default=0.0, metadata=_check(min=0.0))
+    mode: str = field(default="auto", metadata=_check(choices=("auto", "min", "max")))
+    restore_best_weights: bool = False
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    epochs: int = field(default=10, metadata=_check(min=1))
+    steps_per_epoch: Optional[int] = field(default=None, metadata=_check(min=1, doc="default: one pass over the training split"))
+    optimizer: str = field(default="adam", metadata=_check(choices=("adam", "sgd", "rmsprop")))
+    momentum: float = field(default=0.0, metadata=_check(min=0.0, max=1.0, max_exclusive=True, doc="sgd only"))
+    learning_rate: float = field(default=1e-3, metadata=_check(min=0.0, min_exclusive=True, doc="the LR for reference_batch"))
+    reference_batch: Optional[int] = field(default=None, metadata=_check(min=1, doc="global batch the LR is given for; default: batch_size_per_replica"))
+    lr_scaling: str = field(default="linear", metadata=_check(choices=("linear", "sqrt", "none")))
+    warmup_epochs: float = field(default=0.0, metadata=_check(min=0.0))
+    warmup_steps: int = field(default=0, metadata=_check(min=0))
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    l1: float = field(default=0.0, metadata=_check(min=0.0, doc="kernel L1 regularization"))
+    l2: float = field(default=0.0, metadata=_check(min=0.0, doc="kernel L2 regularization"))
+    early_stopping: Optional[EarlyStoppingSpec] = None
+    terminate_on_nan: bool = True
+
+
+@dataclass(frozen=True)
+class DistributeSpec:
+    strategy: str = field(default="auto", metadata=_check(choices=STRATEGIES))
+    devices: list[str] = field(default_factory=list, metadata=_check(doc="mirrored: explicit devices, e.g. [/gpu:0, /gpu:1]"))
+    cpu_devices: int = field(default=0, metadata=_check(min=0, doc="split the CPU into N logical devices, to try mirrored without GPUs"))
+    mixed_precision: bool = False
+    memory_growth: bool = True
+    collective_timeout_s: float = field(default=300.0, metadata=_check(min=0.0, min_exclusive=True))
+    port: Optional[int] = field(default=None, metadata=_check(min=1024, max=65535, doc="base port of the workers; default: derived from the job id"))
+    preemption_check_every: int = field(default=1, metadata=_check(min=1, doc="steps between agreements on stopping"))
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    every_epochs: int = field(default=1, metadata=_check(min=0, doc="0: no periodic checkpoint"))
+    every_steps: int = field(default=0, metadata=_check(min=0))
+    save_best: bool = True
+    monitor: str = "val_accuracy"
+    mode: str = field(default="auto", metadata=_check(choices=("auto", "min", "max")))
+    keep: int = field(default=3, metadata=_check(min=1))
+    backup_every_steps: int = field(default=100, metadata=_check(min=0, doc="resume state; 0: only at epoch ends"))
+
+
+@dataclass(frozen=True)
+class LoggingSpec:
+    tensorboard: bool = True
+    update_every_steps: int = field(default=10, metadata=_check(min=0, doc="step-level scalars; 0: per epoch only"))
+    profile_steps: Optional[list[int]] = field(default=None, metadata=_check(min=1, doc="[first, last] step to profile"))
+    verbose: int = field(default=1, metadata=_check(choices=(0, 1, 2)))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str = "job"
+    seed: int = field(default=42, metadata=_check(min=0))
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    distribute: DistributeSpec = field(default_factory=DistributeSpec)
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    logging: LoggingSpec = field(default_factory=LoggingSpec)
+    output_dir: str = field(default="runs", metadata=_check(doc="runs go to OUTPUT_DIR/<name>/<run id>"))
+
+
+class _Invalid(Exception):
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+def _show(value: Any) -> str:
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def _expected(kind: str, meta: dict) -> str:
+    lo, hi = meta.get("min"), meta.get("max")
+    if kind in ("integer", "number") and lo is not None:
+        if lo == 0 and meta.get("min_exclusive") and hi is None:
+            return f"a positive {kind}"
+        if lo == 1 and kind == "integer" and hi is None:
+            return "a positive integer"
+        if lo == 0 and hi is None:
+            return f"a non-negative {kind}"
+        lo_s = f"{'>' if meta.get('min_exclusive') else '>='} {lo:g}"
+        hi_s = "" if hi is None else f" and {'<' if meta.get('max_exclusive') else '<='} {hi:g}"
+        return f"a {kind} {lo_s}{hi_s}"
+    return f"a {kind}" if kind[0] not in "aeiou" else f"an {kind}"
+
+
+def _scalar(value: Any, typ: type, meta: dict, path: str) -> Any:
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise _Invalid(path, f"expected true or false, got {_show(value)}")
+        return value
+    if typ is str:
+        if not isinstance(value, str):
+            raise _Invalid(path, f"expected a string, got {_show(value)}")
+        out = value
+    elif typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(path, f"expected {_expected('integer', meta)}, got {_show(value)}")
+        out = value
+    elif typ is float:
+        # PyYAML reads 1e-3 (no dot) as a string; accept numeric strings so the course's LRs work.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise _Invalid(path, f"expected {_expected('number', meta)}, got {_show(value)}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _Invalid(path, f"expected {_expected('number', meta)}, got {_show(value)}")
+        out = float(value)
+    else:  # pragma: no cover - a schema bug, not user input
+        raise TypeError(f"unsupported field type {typ}")
+    choices = meta.get("choices") or ()
+    if choices and out not in choices:
+        raise _Invalid(path, f"expected one of {', '.join(map(str, choices))}, got {_show(value)}")
+    if typ in (int, float):
+        lo, hi = meta.get("min"), meta.get("max")
+        too_low = lo is not None and (out <= lo if meta.get("min_exclusive") else out < lo)
+        too_high = hi is not None and (out >= hi if meta.get("max_exclusive") else out > hi)
+        if too_low or too_high:
+            raise _Invalid(path, f"expected {_expected('integer' if typ is int else 'number', meta)}, got {_show(value)}")
+    return out
+
+
+def _convert(value: Any, hint: Any, meta: dict, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _convert(value, args[0], meta, path)
+    if value is None:
+        raise _Invalid(path, "expected a value, got null")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise _Invalid(path, f"expected a list, got {_show(value)}")
+        return [_convert(v, item, meta, f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise _Invalid(path, f"expected a mapping, got {_show(value)}")
+        return dict(value)
+    return _scalar(value, hint, meta, path)
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise _Invalid(path or "(top level)", f"expected a mapping of keys, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            where = f"{path}.{key}" if path else str(key)
+            raise _Invalid(where, f"unknown key; valid keys here: {', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        if name in raw:
+            where = f"{path}.{name}" if path else name
+            values[name] = _convert(raw[name], hints[name], dict(f.metadata), where)
+    return cls(**values)
+
+
+def _check_model_params(spec: JobSpec) -> JobSpec:
+    """Checks ``model.params`` against the builder's keyword parameters; returns them converted."""
+    allowed = model_params(spec.model.name)
+    converted = {}
+    for key, value in spec.model.params.items():
+        path = f"model.params.{key}"
+        if key not in allowed:
+            valid = ", ".join(f"{k}={v!r}" for k, v in allowed.items()) or "none"
+            raise _Invalid(path, f"unknown parameter of model {spec.model.name}; valid: {valid}")
+        default = allowed[key]
+        converted[key] = value if default is None else _scalar(value, type(default), {}, path)
+    return dataclasses.replace(spec, model=dataclasses.replace(spec.model, params=converted))
+
+
+def _check_cross_fields(spec: JobSpec) -> None:
+    """Rules that involve more than one key."""
+    t, d = spec.train, spec.data
+    if t.warmup_epochs and t.warmup_steps:
+        raise _Invalid("train.warmup_steps", "set warmup_epochs or warmup_steps, not both")
+    s = t.schedule
+    if s.name == "step":
+        if list(s.boundaries) != sorted(s.boundaries):
+            raise _Invalid("train.schedule.boundaries", f"expected increasing epochs, got {s.boundaries}")
+        if len(s.factors) != len(s.boundaries) + 1:
+            raise _Invalid("train.schedule.factors", f"expected {len(s.boundaries) + 1} factors (one more than boundaries), got {len(s.factors)}")
+    if d.validation_split + (d.test_split if d.source in ("digits", "image_folder", "synthetic") else 0) >= 1:
+        raise _Invalid("data.validation_split", "validation_split + test_split must leave training data")
+    if d.source == "image_folder":
+        if not d.path:
+            raise _Invalid("data.path", "expected a directory of class_name/image files for source image_folder")
+        if not Path(d.path).is_dir():
+            raise _Invalid("data.path", f"no such directory: {d.path}")
+        if len(d.image_size) != 2:
+            raise _Invalid("data.image_size", f"expected [height, width], got {d.image_size}")
+    elif d.path is not None:
+        raise _Invalid("data.path", f"only used with source image_folder, got source {d.source}")
+    if spec.model.input_shape is not None and len(spec.model.input_shape) not in (2, 3):
+        raise _Invalid("model.input_shape", f"expected [height, width] or [height, width, channels], got {spec.model.input_shape}")
+    p = spec.logging.profile_steps
+    if p is not None and (len(p) != 2 or p[0] > p[1]):
+        raise _Invalid("logging.profile_steps", f"expected [first, last] with first <= last, got {p}")
+    if spec.distribute.devices and spec.distribute.strategy not in ("mirrored", "auto"):
+        raise _Invalid("distribute.devices", f"only used with strategy mirrored, got strategy {spec.distribute.strategy}")
+    if not spec.name or "/" in spec.name or spec.name.startswith("."):
+        raise _Invalid("name", f"expected a plain name usable as a directory, got {_show(spec.name)}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Splits ``key.path=value``; the value is read as YAML, so ``3`` is an int and ``[1, 2]`` a list."""
+    if "=" not in text or not text.split("=", 1)[0].strip():
+        raise UsageError(f"--set {text}: expected key.path=value, e.g. --set train.epochs=3")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _apply_override(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise UsageError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def spec_from_dict(raw: Any, *, source: str = "(job)", overrides: Sequence[str] = ()) -> JobSpec:
+    """Validates a job given as a mapping (as read from YAML) plus ``--set`` overrides.
+
+    Args:
+        raw: The parsed YAML document.
+        source: How the job is named in error messages, usually its file path.
+        overrides: ``key.path=value`` strings, applied in order after the file.
+
+    Returns:
+        The frozen, fully-defaulted ``JobSpec``.
+
+    Raises:
+        UsageError: one line, ``SOURCE: key.path: what was expected, got what``.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"{source}: expected a mapping of keys at the top level, got {_show(raw)}")
+    raw = _deepcopy(raw)
+    overridden = []
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply_override(raw, key, value)
+        overridden.append(key)
+    try:
+        spec = _check_model_params(_build(JobSpec, raw, ""))
+        _check_cross_fields(spec)
+    except _Invalid as err:
+        flag = next((k for k in overridden if err.path == k or err.path.startswith(k + ".")
+                     or k.startswith(err.path + ".")), None)
+        if flag:
+            raise UsageError(f"--set {err.path}: {err.message}") from None
+        raise UsageError(f"{source}: {err.path}: {err.message}") from None
+    return spec
+
+
+def _deepcopy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deepcopy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deepcopy(v) for v in value]
+    return value
+
+
+def load_spec(path: str | os.PathLike, overrides: Sequence[str] = ()) -> JobSpec:
+    """Reads and validates a job file.
+
+    Example:
+        >>> spec = load_spec("jobs/quickstart.yaml", ["train.epochs=2"])  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such job file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise UsageError(f"{path}: not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a text file") from None
+    return spec_from_dict(raw, source=str(path), overrides=overrides)
+
+
+def spec_to_dict(spec: JobSpec) -> dict:
+    """The resolved spec as plain data, every default filled in (what is saved as ``job.yaml``)."""
+    return dataclasses.asdict(spec)
+
+
+def dump_spec(spec: JobSpec) -> str:
+    """The resolved spec as YAML text that ``load_spec`` reads back to an equal spec."""
+    return yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
+
+
+def reference(cls: type = JobSpec, prefix: str = "") -> list[tuple[str, str, str]]:
+    """Rows (key path, default, description) of every key, for ``docs/job-spec.md`` and ``--help``."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        hint = hints[f.name]
+        inner = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        if dataclasses.is_dataclass(hint) or inner:
+            rows.extend(reference(hint if dataclasses.is_dataclass(hint) else inner[0], path + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        meta = dict(f.metadata)
+        doc = meta.get("doc", "")
+        if meta.get("choices"):
+            doc = (doc + "; " if doc else "") + "one of " + ", ".join(map(str, meta["choices"]))
+        rows.append((path, yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n..."), doc))
+    return rows

@@ -1,0 +1,191 @@
+"""Choosing and building the distribution: a ``tf.distribute`` strategy or Horovod.
+
+``choose_strategy`` is pure (no TensorFlow) so ``distrain env`` and the unit tests can call it;
+``build`` imports TensorFlow and returns a ``Distribution``, the one object the run talks to for
+scopes, input pipelines and agreement across workers, whichever backend is underneath.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from distrain.errors import UsageError
+from distrain.world import World
+
+log = logging.getLogger("distrain")
+
+
+def choose_strategy(requested: str, world: World, num_gpus: int) -> str:
+    """The strategy a run uses, or a ``UsageError`` when the request cannot work in this world.
+
+    ``auto``: ``horovod`` under a Horovod/MPI launcher, ``multi_worker`` when the world has more
+    than one worker, ``mirrored`` when this worker has more than one GPU, else ``one_device``.
+    """
+    launched_by_mpi = world.launcher in ("horovod", "mpi")
+    if requested == "auto":
+        if launched_by_mpi and world.world_size > 1:
+            return "horovod"
+        if world.world_size > 1:
+            return "multi_worker"
+        return "mirrored" if num_gpus > 1 else "one_device"
+    if requested in ("one_device", "mirrored") and world.world_size > 1:
+        raise UsageError(
+            f"distribute.strategy: {requested} trains in one process, but the {world.launcher} launcher "
+            f"started {world.world_size}; use multi_worker (one process per node) or start one task")
+    if requested == "multi_worker" and launched_by_mpi and world.world_size > 1:
+        raise UsageError(f"distribute.strategy: multi_worker needs TF_CONFIG or srun, but this process was "
+                         f"started by {world.launcher}; use strategy horovod")
+    if requested == "horovod" and world.world_size > 1 and not launched_by_mpi:
+        raise UsageError(f"distribute.strategy: horovod processes must be started by horovodrun or mpirun, "
+                         f"not by {world.launcher}")
+    return requested
+
+
+@dataclass
+class Distribution:
+    """What the run needs from a backend, whichever it is.
+
+    Attributes:
+        name: one_device | mirrored | multi_worker | horovod.
+        strategy: the ``tf.distribute.Strategy`` (the default strategy under Horovod).
+        world: this process's place in the job.
+        replicas: replicas in sync across the whole job (the global batch is per-replica × this).
+        local_replicas: replicas in this process.
+    """
+
+    name: str
+    strategy: Any
+    world: World
+    replicas: int
+    local_replicas: int
+    _sum_fn: Optional[Callable] = None
+
+    @property
+    def is_chief(self) -> bool:
+        return self.world.is_chief
+
+    @property
+    def num_pipelines(self) -> int:
+        """Input pipelines: one per worker process."""
+        return self.world.world_size if self.name in ("multi_worker", "horovod") else 1
+
+    @property
+    def pipeline_id(self) -> int:
+        return self.world.rank if self.name in ("multi_worker", "horovod") else 0
+
+    def scope(self):
+        return self.strategy.scope()
+
+    def distribute_datasets(self, dataset_fn: Callable[[Any], Any]) -> Any:
+        """Builds one input pipeline per worker from ``dataset_fn(input_context)``.
+
+        The function returns per-replica batches and shards by ``input_context`` itself, so
+        TensorFlow's auto-sharding is never involved (and never warns).
+        """
+        import tensorflow as tf
+
+        if self.name == "horovod":
+            # Horovod has no distributed dataset: each rank feeds its own replica.
+            return dataset_fn(tf.distribute.InputContext(self.num_pipelines, self.pipeline_id, self.replicas))
+        return self.strategy.distribute_datasets_from_function(
+            dataset_fn, options=tf.distribute.InputOptions(experimental_fetch_to_device=True))
+
+    def wrap_optimizer(self, optimizer):
+        """The optimizer as this backend needs it (Horovod wraps it for allreduce)."""
+        return optimizer
+
+    def broadcast_initial_state(self, model, optimizer) -> None:
+        """Makes every worker start from rank 0's weights (tf.distribute does this itself)."""
+
+    def callbacks(self) -> list:
+        """Backend callbacks that must run with distrain's own."""
+        return []
+
+    def average_metrics(self, metrics: dict, local_examples: int) -> dict:
+        """Metrics over all workers (tf.distribute already aggregates them across replicas)."""
+        return metrics
+
+    def agree(self, flags: Sequence[bool]) -> list[bool]:
+        """Each flag becomes true on every worker when it is true on any (a collective: all call it)."""
+        if self.world.world_size == 1:
+            return [bool(f) for f in flags]
+        return [v > 0 for v in self._sum_fn([1.0 if f else 0.0 for f in flags])]
+
+
+def _configure_devices(tf, spec_distribute, world: World) -> list:
+    gpus = tf.config.list_physical_devices("GPU")
+    if spec_distribute.memory_growth:
+        for gpu in gpus:
+            try:
+                # The course turns memory growth on; without it TF takes all of every GPU it sees.
+                tf.config.experimental.set_memory_growth(gpu, True)
+            except RuntimeError:  # already initialised in this process (tests build twice)
+                pass
+    return gpus
+
+
+def split_cpu(num: int) -> None:
+    """Splits the CPU into ``num`` logical devices (MirroredStrategy on a laptop or in tests)."""
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * num)
+
+
+def _sum_collective(tf, strategy) -> Callable[[list], list]:
+    """Sums a small vector over all replicas of all workers (compiled once, reused every step)."""
+
+    @tf.function
+    def reduce(value):
+        per_replica = strategy.run(lambda: tf.identity(value))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return lambda values: reduce(tf.constant(values, tf.float32)).numpy().tolist()
+
+
+def build(spec_distribute, world: World) -> Distribution:
+    """Creates the strategy for this process.
+
+    Must run before any other TensorFlow op: MultiWorkerMirroredStrategy and Horovod configure the
+    runtime, and device configuration is fixed at the first op.
+    """
+    import tensorflow as tf
+
+    gpus = _configure_devices(tf, spec_distribute, world)
+    if spec_distribute.cpu_devices > 1 and not gpus:
+        split_cpu(spec_distribute.cpu_devices)
+    name = choose_strategy(spec_distribute.strategy, world, len(gpus))
+    if spec_distribute.mixed_precision:
+        tf.keras.mixed_precision.set_global_policy("mixed_float16")
+
+    if name == "horovod":
+        from distrain import horovod
+
+        return horovod.build(world, gpus)
+
+    if name == "multi_worker":
+        if world.tf_config is not None:
+            # MultiWorkerMirroredStrategy reads the cluster from TF_CONFIG and nowhere else.
+            os.environ["TF_CONFIG"] = json.dumps(world.tf_config)
+        implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
+                          else tf.distribute.experimental.CommunicationImplementation.RING)
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=implementation, timeout_seconds=spec_distribute.collective_timeout_s)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    elif name == "mirrored":
+        devices = list(spec_distribute.devices) or None
+        if devices is None and not gpus:
+            cpus = tf.config.list_logical_devices("CPU")
+            devices = [d.name for d in cpus] if len(cpus) > 1 else None
+        strategy = tf.distribute.MirroredStrategy(devices=devices)
+    else:
+        device = "/gpu:0" if gpus else "/cpu:0"
+        strategy = tf.distribute.OneDeviceStrategy(device)
+    replicas = strategy.num_replicas_in_sync
+    dist = Distribution(name=name, strategy=strategy, world=world, replicas=replicas,
+                        local_replicas=replicas // max(1, world.world_size if name == "multi_worker" else 1))
+    dist._sum_fn = _sum_collective(tf, strategy)
+    return dist
