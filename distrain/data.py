@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -101,9 +100,9 @@ def _load_synthetic(data, seed: int) -> Splits:
     return _three_way(x, y, data, seed, s.classes, data.rescale or 1 / 255, synthetic=True)
 
 
-def keras_cache_dir() -> Path:
-    """Where ``tf.keras.datasets`` loaders keep their files (``$KERAS_HOME/datasets``)."""
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets"
+def keras_cache_dir(cache_dir: Optional[str] = None) -> Path:
+    """Where ``tf.keras.datasets`` loaders keep their files (``~/.keras/datasets`` by default)."""
+    return Path(cache_dir or Path.home() / ".keras").expanduser() / "datasets"
 
 
 def _load_keras(data, seed: int) -> Splits:
@@ -112,10 +111,10 @@ def _load_keras(data, seed: int) -> Splits:
     module_name, cache_name = KERAS_SOURCES[data.source]
     loader = getattr(tf.keras.datasets, module_name).load_data
     try:
-        (x_train, y_train), (x_test, y_test) = loader()
+        (x_train, y_train), (x_test, y_test) = loader(cache_dir=data.cache_dir)
     except Exception as err:  # the loaders raise bare Exception on a failed download
         raise UsageError(
-            f"data.source: {data.source} is not in the Keras cache ({keras_cache_dir() / cache_name}) and "
+            f"data.source: {data.source} is not in the Keras cache ({keras_cache_dir(data.cache_dir) / cache_name}) and "
             f"could not be downloaded ({type(err).__name__}: {str(err).splitlines()[0][:120]}); copy the "
             f"dataset there from a machine with network, or use source digits offline") from None
     x_train, x_test = _with_channels(x_train), _with_channels(x_test)

@@ -522,3 +522,17 @@ def build_model(
     return entry.builder(
         tuple(input_shape), num_classes, kernel_regularizer=regularizer, **params
     )
+
+
+def load_trained_model(path, *, compile: bool = True):
+    """Loads a ``model.keras`` written by a distrain run, in Keras's safe mode.
+
+    With ``compile=True`` the optimizer comes back with distrain's LR schedule, which this function
+    registers first; ``compile=False`` needs nothing from distrain (plain ``tf.keras`` can do it).
+    """
+    import tensorflow as tf
+
+    from distrain import lr
+
+    lr.ScheduledLR  # noqa: B018 - creating the class registers it with Keras
+    return tf.keras.models.load_model(str(path), safe_mode=True, compile=compile)

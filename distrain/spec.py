@@ -66,8 +66,8 @@ class DataSpec:
     rescale: Optional[float] = field(default=None, metadata=_check(min=0.0, min_exclusive=True, doc="default: 1/255 for images, 1/16 for digits"))
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
-    limit: Optional[int] = field(default=None, metadata=_check(min=1, doc="use only the first N training examples"))
-    cache: bool = True
+    cache_dir: Optional[str] = field(default=None, metadata=_check(doc="where Keras datasets are cached (default ~/.keras); a shared directory on clusters"))
+    limit: Optional[int] = field(default=None, metadata=_check(min=1, doc="use only the first N examples of each split"))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,111 @@
+"""Shared test helpers: real worker processes on 127.0.0.1, always bounded by a timeout."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DISTRAIN = [sys.executable, "-m", "distrain.cli"]
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def tf_config(ports: list[int], index: int) -> str:
+    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+def worker_env(**extra) -> dict:
+    """A clean environment for a worker: no launcher variables inherited from whoever runs pytest."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "HOROVOD_")) and k not in ("TF_CONFIG", "DISTRAIN_RUN_ID")}
+    # Two workers share two cores here; one thread each keeps them from fighting.
+    env.update({"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                "CUDA_VISIBLE_DEVICES": "-1"})
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class Workers:
+    """Processes started together; ``wait`` bounds them and kills every one on timeout."""
+
+    def __init__(self, commands: list[list[str]], envs: list[dict], log_dir: Path, cwd: Path = REPO):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.logs = [log_dir / f"worker{i}.log" for i in range(len(commands))]
+        self.procs = []
+        for cmd, env, log in zip(commands, envs, self.logs):
+            with open(log, "w") as out:
+                self.procs.append(subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                                   start_new_session=True))
+
+    def wait(self, timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        try:
+            for p in self.procs:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"workers did not finish within {timeout}s (a hung collective?)\n" + self.output())
+        return [p.returncode for p in self.procs]
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def output(self, tail: int = 40) -> str:
+        return "\n".join(f"--- worker {i} ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-tail:])
+                         for i, log in enumerate(self.logs))
+
+
+@pytest.fixture
+def workers_factory(tmp_path):
+    started = []
+
+    def start(commands, envs, log_dir=None):
+        w = Workers(commands, envs, log_dir or tmp_path / "logs")
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.kill()
+
+
+def write_job(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def run_distrain(args: list[str], timeout: float = 300, env: dict | None = None, cwd: Path = REPO):
+    """Runs ``distrain ARGS`` in a fresh process; a test fails, not hangs, past the timeout."""
+    return subprocess.run([*DISTRAIN, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env or worker_env(), cwd=cwd)

@@ -1,0 +1,80 @@
+"""N replicas train the same numbers as one: MirroredStrategy over 2 logical CPUs and
+MultiWorkerMirroredStrategy with 2 real processes, each against one device with the same global
+batch, the same initial weights and no randomness (no dropout, no augmentation)."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import DISTRAIN, free_ports, run_distrain, tf_config, worker_env, write_job
+
+pytestmark = pytest.mark.multiprocess
+
+STEPS = 6
+JOB = """
+name: equivalence
+seed: 7
+model: {{name: cnn, params: {{filters: 8}}}}
+data: {{source: digits, batch_size_per_replica: {per_replica}}}
+train: {{epochs: 2, steps_per_epoch: 3, optimizer: sgd, momentum: 0.9, learning_rate: 0.05, lr_scaling: none}}
+distribute: {{strategy: {strategy}, cpu_devices: {cpu_devices}}}
+checkpoint: {{every_epochs: 0, save_best: false, backup_every_steps: 0}}
+logging: {{tensorboard: false, verbose: 0}}
+"""
+
+
+def weights(run_dir):
+    import distrain  # noqa: F401
+    import tensorflow as tf
+
+    model = tf.keras.models.load_model(str(run_dir / "model.keras"), safe_mode=True, compile=False)
+    return [w.numpy() for w in model.weights]
+
+
+def assert_same_weights(a, b, tol=1e-5):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        rel = np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-12)
+        assert rel <= tol, f"relative difference {rel:.2e} > {tol}"
+
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    job = write_job(tmp / "job.yaml", JOB.format(per_replica=32, strategy="one_device", cpu_devices=0))
+    result = run_distrain(["train", str(job), "--run-dir", str(tmp / "run")], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp / "run" / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["replicas"] == 1 and summary["global_batch"] == 32
+    return tmp / "run"
+
+
+@pytest.mark.timeout(300)
+def test_mirrored_two_logical_cpus_equals_one_device(single_device_run, tmp_path):
+    job = write_job(tmp_path / "job.yaml", JOB.format(per_replica=16, strategy="mirrored", cpu_devices=2))
+    result = run_distrain(["train", str(job), "--run-dir", str(tmp_path / "run")], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["strategy"], summary["replicas"], summary["global_batch"], summary["steps"]) == ("mirrored", 2, 32, STEPS)
+    assert_same_weights(weights(tmp_path / "run"), weights(single_device_run))
+
+
+@pytest.mark.timeout(300)
+def test_two_worker_processes_equal_one_process(single_device_run, tmp_path, workers_factory):
+    job = write_job(tmp_path / "job.yaml", JOB.format(per_replica=16, strategy="multi_worker", cpu_devices=0))
+    ports = free_ports(2)
+    run_dir = tmp_path / "run"
+    cmd = [*DISTRAIN, "train", str(job), "--run-dir", str(run_dir)]
+    workers = workers_factory([cmd, cmd], [worker_env(TF_CONFIG=tf_config(ports, i)) for i in range(2)])
+    assert workers.wait(timeout=240) == [0, 0], workers.output()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["strategy"], summary["world_size"], summary["replicas"], summary["global_batch"],
+            summary["steps"]) == ("multi_worker", 2, 2, 32, STEPS)
+    assert_same_weights(weights(run_dir), weights(single_device_run))
+    # Test metrics are aggregated over both workers' shards: equal to one process's.
+    single = json.loads((single_device_run / "summary.json").read_text())
+    assert summary["test"]["accuracy"] == pytest.approx(single["test"]["accuracy"], abs=1e-6)
+    assert summary["test"]["loss"] == pytest.approx(single["test"]["loss"], rel=1e-4)
+    logs = sorted(p.name for p in (run_dir / "logs").iterdir())
+    assert logs == ["rank0.log", "rank1.log"]
+    assert "rank 1/2" in (run_dir / "logs" / "rank1.log").read_text()
