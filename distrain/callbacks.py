@@ -3,11 +3,13 @@
 Keras calls callbacks in list order for every hook, so ``build_callbacks`` fixes the order:
 
 1. ``RunMetrics`` puts the applied LR and the throughput into the logs, for everything after it.
-2. ``EarlyStopping`` (if asked for) decides on the chief's view of the (global) metrics.
-3. ``Agreement`` makes one decision for all workers: stop early, stop for NaN, stop for a
-   preemption signal. A worker that stopped alone would hang the others in the next collective.
-4. ``BackupEvery`` and ``Checkpoints`` save (every worker calls; only the chief's files stay).
-5. ``ChiefLogs`` (history.json, history.csv) and TensorBoard: chief only.
+2. ``EarlyStopping`` (if asked for) decides from the metrics in the logs.
+3. ``BackupEvery`` and ``Checkpoints`` save (every worker calls; only the chief's files stay).
+4. ``ChiefLogs`` (history.json, history.csv) and TensorBoard: chief only.
+5. Extra callbacks (Ray's reporting, a user's).
+6. ``Agreement``, last, so that it sees every callback's ``stop_training``: one decision for all
+   workers to stop early, for NaN or for a preemption signal. A worker that stopped alone would
+   hang the others in their next collective.
 """
 from __future__ import annotations
 
@@ -51,6 +53,12 @@ def _global_step(model) -> int:
     return int(model.optimizer.iterations.numpy())
 
 
+def _loss_is_finite(logs) -> bool:
+    """False after a NaN/Inf step: such weights must never become a backup or checkpoint."""
+    loss = (logs or {}).get("loss")
+    return loss is None or math.isfinite(float(loss))
+
+
 class RunMetrics(tf.keras.callbacks.Callback):
     """Adds ``lr`` (the LR applied at the last step) and ``images_per_s`` / ``step_time_s`` to the logs."""
 
@@ -62,10 +70,9 @@ class RunMetrics(tf.keras.callbacks.Callback):
         self.train_time_s = 0.0
 
     def _lr(self) -> float:
-        lr = self.model.optimizer.learning_rate
-        if isinstance(lr, tf.keras.optimizers.schedules.LearningRateSchedule):
-            return float(lr(self.model.optimizer.iterations - 1))
-        return float(tf.keras.backend.get_value(lr))
+        # tf-keras keeps the value its schedule gave for the step just applied in
+        # `optimizer.learning_rate`: that is the LR actually used, not the next one.
+        return float(tf.keras.backend.get_value(self.model.optimizer.learning_rate))
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
@@ -106,11 +113,10 @@ class Agreement(tf.keras.callbacks.Callback):
         step = _global_step(self.model)
         if step % self.every:
             return  # decided by the global step, so every worker skips the collective together
-        loss = (logs or {}).get("loss")
-        nan = self.terminate_on_nan and loss is not None and not math.isfinite(float(loss))
+        nan = self.terminate_on_nan and not _loss_is_finite(logs)
         preempt, nan = self.dist.agree([self.state.signal_received is not None, nan])
         if nan:
-            raise TrainingStopped(f"the loss became {loss} at step {step}; the last good checkpoint is kept "
+            raise TrainingStopped(f"the loss became {(logs or {}).get('loss')} at step {step}; the last good checkpoint is kept "
                                   "(lower the learning rate or check the data)", EXIT_NAN)
         if preempt:
             self.backup.save()
@@ -134,11 +140,12 @@ class BackupEvery(tf.keras.callbacks.Callback):
         self.every_steps = every_steps
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.every_steps and _global_step(self.model) % self.every_steps == 0:
+        if self.every_steps and _global_step(self.model) % self.every_steps == 0 and _loss_is_finite(logs):
             self.backup.save()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.backup.save()
+        if _loss_is_finite(logs):
+            self.backup.save()
 
 
 class Checkpoints(tf.keras.callbacks.Callback):
@@ -154,10 +161,12 @@ class Checkpoints(tf.keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         step = _global_step(self.model)
-        if self.every_steps and step % self.every_steps == 0:
+        if self.every_steps and step % self.every_steps == 0 and _loss_is_finite(logs):
             self.checkpoints.save_periodic(f"step-{step:06d}")
 
     def on_epoch_end(self, epoch, logs=None):
+        if not _loss_is_finite(logs):
+            return
         if self.every_epochs and (epoch + 1) % self.every_epochs == 0:
             self.checkpoints.save_periodic(f"epoch-{epoch + 1:04d}")
         if self.save_best:
@@ -195,8 +204,6 @@ def build_callbacks(*, spec, dist, state: RunState, run_dir: Path, backup, check
         callbacks.append(tf.keras.callbacks.EarlyStopping(
             monitor=es.monitor, patience=es.patience, min_delta=es.min_delta, mode=es.mode,
             restore_best_weights=es.restore_best_weights))
-    callbacks.append(Agreement(dist, state, backup, every=spec.distribute.preemption_check_every,
-                               terminate_on_nan=spec.train.terminate_on_nan))
     callbacks.append(BackupEvery(backup, spec.checkpoint.backup_every_steps))
     c = spec.checkpoint
     callbacks.append(Checkpoints(checkpoints, state, every_epochs=c.every_epochs, every_steps=c.every_steps,
@@ -205,4 +212,6 @@ def build_callbacks(*, spec, dist, state: RunState, run_dir: Path, backup, check
         callbacks.append(ChiefLogs(run_dir))
         callbacks.extend(tensorboard_callbacks)
     callbacks.extend(extra)
+    callbacks.append(Agreement(dist, state, backup, every=spec.distribute.preemption_check_every,
+                               terminate_on_nan=spec.train.terminate_on_nan))
     return callbacks

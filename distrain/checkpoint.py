@@ -35,7 +35,10 @@ class WorkerFiles:
         path = Path(path)
         if self.is_chief:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            # The temporary name keeps the target's suffix: Keras picks the file format by it, and
+            # every worker must save in the same format (the formats read variables differently,
+            # and under MultiWorkerMirroredStrategy some reads are collectives).
+            tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")
             try:
                 yield tmp
                 os.replace(tmp, path)
@@ -134,9 +137,7 @@ class UserCheckpoints:
 
     def _write_weights(self, path: Path) -> None:
         with self.files.write(path) as tmp:
-            # The h5 suffix selects Keras's HDF5 weights format: one file, easy to load anywhere.
-            self.model.save_weights(str(tmp.with_suffix(".h5")))
-            os.replace(tmp.with_suffix(".h5"), tmp)
+            self.model.save_weights(str(tmp))  # .weights.h5: Keras's one-file weights format
 
     def _write_json(self, path: Path, payload: dict) -> None:
         with self.files.write(path) as tmp:

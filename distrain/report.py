@@ -1,53 +1,477 @@
-"""Plots and summaries of finished runs."""
+"""Plots and summaries of runs: ``distrain report`` and ``distrain tensorboard``.
+
+``distrain report RUN_DIR [RUN_DIR ...] [--out DIR]`` reads each run's ``history.json``,
+``summary.json``, ``job.yaml`` and its TensorBoard event files (with TensorBoard's own
+``EventAccumulator``) and writes, one line per run per series so that runs compare on one figure:
+
+- ``accuracy_loss.png``: accuracy and loss per epoch, train (solid) vs validation (dashed);
+- ``lr.png``: the learning rate applied at each logged step;
+- ``throughput.png``: images/s per logged step, for the whole job and per replica;
+- ``report.md``: a table of the runs (final and best metrics, images/s, wall time) and the plots.
+
+The same table goes to the terminal. A run without event files (``logging.tensorboard: false``)
+still gets every plot, from the per-epoch ``lr`` and ``images_per_s`` of ``history.json``.
+
+``distrain tensorboard RUNS_DIR [--port P]`` serves TensorBoard on 127.0.0.1 only and prints the
+``ssh -L`` command that brings it to a laptop.
+
+Example:
+    distrain report runs/quickstart/20261127-101500
+    distrain report runs/cnn/slurm-81 runs/cnn/slurm-82 --out compare/
+    distrain tensorboard runs/ --port 6006
+"""
 from __future__ import annotations
 
+import json
+import math
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
+
+from distrain.errors import UsageError
+
+# Kept in step with distrain/tensorboard.py (which imports TensorFlow, so it is not imported here).
+TB_DIR, TRAIN, VALIDATION = "tensorboard", "train", "validation"
+PLOTS = {"accuracy_loss": "accuracy and loss per epoch, train vs validation",
+         "lr": "learning rate applied per step", "throughput": "images/s per step, global and per replica"}
 
 
-def plot_curves(epochs: Sequence[dict], path: Path, title: str = "") -> Path:
-    """Accuracy and loss per epoch, train vs validation, side by side (as the course draws them)."""
+@dataclass
+class Run:
+    """What the report knows of one run dir.
+
+    Attributes:
+        path: the run dir.
+        label: the run's name in legends and tables: ``<job>/<run dir name>``.
+        epochs: ``history.json``: one dict per finished epoch (``epoch``, ``step``, metrics).
+        summary: ``summary.json``; empty while the run is still going (or after it failed).
+        job: ``job.yaml`` as a dict (empty if missing).
+        scalars: ``{tensorboard sub-dir: {tag: [(step, value), ...]}}``, empty without event files.
+    """
+
+    path: Path
+    label: str
+    epochs: list
+    summary: dict = field(default_factory=dict)
+    job: dict = field(default_factory=dict)
+    scalars: dict = field(default_factory=dict)
+
+    def series(self, run: str, tag: str) -> list[tuple[int, float]]:
+        return self.scalars.get(run, {}).get(tag, [])
+
+    @property
+    def replicas(self) -> Optional[int]:
+        return self.summary.get("replicas")
+
+
+@dataclass
+class Plot:
+    """A written figure and the number of curves drawn on it (``matplotlib.lines.Line2D``)."""
+
+    path: Path
+    lines: int
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path}: cannot read ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+
+
+def _not_a_run_dir(path: Path, why: str) -> UsageError:
+    """The error for a directory that is not a run dir, naming run dirs below it (a runs dir?)."""
+    below = sorted(p.parent for pattern in ("*/history.json", "*/*/history.json") for p in path.glob(pattern))
+    hint = f"; run dirs below it: {' '.join(str(p) for p in below[:3])}{' ...' if len(below) > 3 else ''}" if below else ""
+    return UsageError(f"{path}: not a run dir ({why}){hint}")
+
+
+def read_scalars(log_dir: Path) -> dict:
+    """Every scalar under a TensorBoard log dir, read with TensorBoard's ``EventAccumulator``.
+
+    Args:
+        log_dir: ``RUN_DIR/tensorboard``; each directory with event files is one run.
+
+    Returns:
+        ``{run: {tag: [(step, value), ...]}}``, run being the directory relative to ``log_dir``
+        (``"."``, ``"train"``, ...), steps increasing. Rewritten steps after a resume are resolved
+        the way TensorBoard resolves them (the reader drops the orphaned later steps).
+    """
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    result: dict = {}
+    dirs = sorted({p.parent for p in Path(log_dir).rglob("events.out.tfevents.*")})
+    for d in dirs:
+        # size_guidance 0: keep every point (the default keeps a sample of 10 tensors per tag).
+        acc = event_accumulator.EventAccumulator(str(d), size_guidance={event_accumulator.TENSORS: 0,
+                                                                         event_accumulator.SCALARS: 0})
+        acc.Reload()
+        tags: dict = {}
+        for tag in acc.Tags()["tensors"]:
+            if acc.SummaryMetadata(tag).plugin_data.plugin_name != "scalars":
+                continue
+            tags[tag] = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+        for tag in acc.Tags()["scalars"]:  # TF1-style summaries, if someone wrote any
+            tags.setdefault(tag, [(e.step, float(e.value)) for e in acc.Scalars(tag)])
+        if tags:
+            result[str(d.relative_to(log_dir))] = tags
+    return result
+
+
+def load_run(path: Path) -> Run:
+    """Reads one run dir.
+
+    Raises:
+        UsageError: ``path`` is not a run dir, no epoch has finished yet, or a file is unreadable.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"{path}: no such run dir")
+    history = path / "history.json"
+    if not history.exists():
+        if (path / "logs").is_dir() and (path / "job.yaml").exists():  # written when a run starts
+            raise UsageError(f"{path}: no epoch has finished yet (no history.json)")
+        raise _not_a_run_dir(path, "no history.json")
+    epochs = _read_json(history)
+    if not isinstance(epochs, list) or not all(isinstance(e, dict) and "epoch" in e for e in epochs):
+        raise UsageError(f"{history}: expected a list of epochs, each with an 'epoch' key")
+    summary = _read_json(path / "summary.json") if (path / "summary.json").exists() else {}
+    job = {}
+    if (path / "job.yaml").exists():
+        try:
+            job = yaml.safe_load((path / "job.yaml").read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UsageError(f"{path / 'job.yaml'}: not YAML ({str(err).splitlines()[0]})") from None
+    name = summary.get("job") or job.get("name") or path.parent.name
+    scalars = read_scalars(path / TB_DIR) if (path / TB_DIR).is_dir() else {}
+    return Run(path=path, label=f"{name}/{path.name}", epochs=epochs, summary=summary, job=job, scalars=scalars)
+
+
+def load_runs(paths: Sequence[Path]) -> list[Run]:
+    """``load_run`` for each; labels made unique (``#2``, ...) so legends tell the runs apart."""
+    runs = [load_run(p) for p in paths]
+    seen: dict = {}
+    for run in runs:
+        seen[run.label] = seen.get(run.label, 0) + 1
+        if seen[run.label] > 1:
+            run.label = f"{run.label} #{seen[run.label]}"
+    return runs
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes
     import matplotlib.pyplot as plt
 
-    x = [e["epoch"] for e in epochs]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("accuracy", "loss")):
-        for key, label in ((metric, "train"), (f"val_{metric}", "validation")):
-            if any(key in e for e in epochs):
-                ax.plot(x, [e.get(key, float("nan")) for e in epochs], marker="o", label=label)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{title} {metric}".strip())
-        ax.legend()
-        ax.grid(alpha=0.3)
+    return plt
+
+
+def _save(fig, path: Path) -> Plot:
+    plt = _pyplot()
+    lines = sum(len(ax.get_lines()) for ax in fig.axes)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
-    return path
+    return Plot(path, lines)
+
+
+def _color(i: int) -> str:
+    return f"C{i % 10}"
+
+
+def plot_accuracy_loss(runs: Sequence[tuple[str, Sequence[dict]]], path: Path, title: str = "") -> Plot:
+    """Accuracy and loss per epoch, train vs validation, side by side (as the course draws them).
+
+    Args:
+        runs: ``(label, epochs)`` per run, epochs as in ``history.json``.
+        path: the PNG to write.
+        title: prefix of the panel titles.
+
+    Returns:
+        The plot: one line per run per series found (train and validation accuracy and loss).
+    """
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("accuracy", "loss")):
+        for i, (label, epochs) in enumerate(runs):
+            x = [e["epoch"] for e in epochs]
+            for key, split, style in ((metric, "train", "-o"), (f"val_{metric}", "validation", "--s")):
+                if any(key in e for e in epochs):
+                    name = split if len(runs) == 1 else f"{label} {split}"
+                    ax.plot(x, [e.get(key, math.nan) for e in epochs], style, color=_color(i), label=name,
+                            markersize=4)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(metric)
+        ax.set_title(f"{title} {metric}".strip())
+        if ax.get_lines():
+            ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_curves(epochs: Sequence[dict], path: Path, title: str = "") -> Path:
+    """Accuracy and loss per epoch of one run, train vs validation (``RUN_DIR/curves.png``)."""
+    return plot_accuracy_loss([(title or "run", epochs)], path, title=title).path
+
+
+def _lr_points(run: Run) -> list[tuple[int, float]]:
+    points = run.series(TRAIN, "batch_lr")
+    return points or [(e["step"], e["lr"]) for e in run.epochs if "lr" in e and "step" in e]
+
+
+def _throughput_points(run: Run) -> list[tuple[int, float]]:
+    points = run.series(TRAIN, "batch_images_per_s")
+    return points or [(e["step"], e["images_per_s"]) for e in run.epochs if "images_per_s" in e and "step" in e]
+
+
+def plot_lr(runs: Sequence[Run], path: Path) -> Plot:
+    """The LR applied per step (``train/batch_lr``; else ``lr`` per epoch from history.json)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, run in enumerate(runs):
+        points = _lr_points(run)
+        if points:
+            ax.plot(*zip(*points), "-", color=_color(i), label=run.label, marker="." if len(points) < 50 else None)
+    ax.set_xlabel("global step")
+    ax.set_ylabel("learning rate")
+    ax.set_title("learning rate applied")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    if ax.get_lines():
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_throughput(runs: Sequence[Run], path: Path) -> Plot:
+    """Images/s per logged step for the whole job and per replica (the first point includes
+    compiling the train step)."""
+    plt = _pyplot()
+    fig, (ax_all, ax_rep) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, run in enumerate(runs):
+        points = _throughput_points(run)
+        if not points:
+            continue
+        steps, rates = zip(*points)
+        ax_all.plot(steps, rates, "-", color=_color(i), label=run.label, marker=".")
+        per_replica = run.series(TRAIN, "batch_images_per_s_per_replica")
+        if per_replica:
+            ax_rep.plot(*zip(*per_replica), "-", color=_color(i), label=run.label, marker=".")
+        elif run.replicas:
+            ax_rep.plot(steps, [r / run.replicas for r in rates], "-", color=_color(i), label=run.label, marker=".")
+    for ax, title in ((ax_all, "images/s, all replicas"), (ax_rep, "images/s per replica")):
+        ax.set_xlabel("global step")
+        ax.set_ylabel("images/s")
+        ax.set_title(title)
+        ax.set_ylim(bottom=0)
+        if ax.get_lines():
+            ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def best_epoch(epochs: Sequence[dict]) -> Optional[tuple[int, str, float]]:
+    """``(epoch, metric, value)`` of the best epoch: highest val_accuracy, else lowest val_loss,
+    else highest accuracy, else lowest loss; ``None`` without any of them."""
+    for key, better in (("val_accuracy", max), ("val_loss", min), ("accuracy", max), ("loss", min)):
+        scored = [e for e in epochs if isinstance(e.get(key), (int, float)) and math.isfinite(e[key])]
+        if scored:
+            best = better(scored, key=lambda e: e[key])
+            return best["epoch"], key, best[key]
+    return None
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def summary_rows(runs: Sequence[Run]) -> list[dict]:
+    """One row per run: the world, final and best metrics, test metrics, images/s, wall time."""
+    rows = []
+    for run in runs:
+        s, last = run.summary, (run.epochs[-1] if run.epochs else {})
+        best = best_epoch(run.epochs)
+        images = s.get("images_per_s")
+        rows.append({
+            "run": run.label,
+            "model": (run.job.get("model") or {}).get("name", "-"),
+            "strategy": s.get("strategy", "-"),
+            "workers": s.get("world_size", "-"),
+            "replicas": s.get("replicas", "-"),
+            "global batch": s.get("global_batch", "-"),
+            "epochs": f"{len(run.epochs)}" + ("" if s else " (running)"),
+            "best epoch": f"{best[0]} ({best[1]} {best[2]:.4f})" if best else "-",
+            "train acc": _fmt(last.get("accuracy")),
+            "val acc": _fmt(last.get("val_accuracy")),
+            "val loss": _fmt(last.get("val_loss")),
+            "test acc": _fmt(s.get("test", {}).get("accuracy")),
+            "test loss": _fmt(s.get("test", {}).get("loss")),
+            "images/s": _fmt(images, 0),
+            "images/s/replica": _fmt(images / s["replicas"], 0) if images and s.get("replicas") else "-",
+            "wall time": _duration(s.get("wall_time_s")),
+        })
+    return rows
+
+
+def format_table(rows: Sequence[dict], markdown: bool = False) -> str:
+    """The rows as a markdown table, or as aligned columns for a terminal."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    cells = [keys] + [[str(r[k]) for k in keys] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(c) + " |" for c in cells]
+        lines.insert(1, "|" + "|".join("---" for _ in keys) + "|")
+        return "\n".join(lines)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(keys))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip() for c in cells)
+
+
+@dataclass
+class Report:
+    """What ``write_report`` wrote."""
+
+    out: Path
+    plots: dict  # name -> Plot
+    markdown: Path
+    table: str  # the terminal table
+
+
+def write_report(runs: Sequence[Run], out: Path) -> Report:
+    """Writes the plots and ``report.md`` of ``runs`` (overlaid when several) into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    title = runs[0].label if len(runs) == 1 else ""
+    plots = {
+        "accuracy_loss": plot_accuracy_loss([(r.label, r.epochs) for r in runs], out / "accuracy_loss.png", title),
+        "lr": plot_lr(runs, out / "lr.png"),
+        "throughput": plot_throughput(runs, out / "throughput.png"),
+    }
+    rows = summary_rows(runs)
+    sources = [f"- `{r.label}`: `{r.path}`" + ("" if r.scalars else " (no TensorBoard events: per-epoch values "
+                                                                     "from history.json)") for r in runs]
+    md = ["# distrain report", "", *sources, "", format_table(rows, markdown=True), "",
+          "Best epoch: highest val_accuracy (else lowest val_loss). images/s: trained images over "
+          "training time, from summary.json; wall time includes start-up and evaluation.", ""]
+    for name, plot in plots.items():
+        md += [f"## {PLOTS[name]}", "", f"![{PLOTS[name]}]({plot.path.name})", ""]
+    markdown = out / "report.md"
+    markdown.write_text("\n".join(md))
+    return Report(out, plots, markdown, format_table(rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
 
 
 def add_report_parser(subparsers) -> None:
-    """Registers ``distrain report``."""
-    p = subparsers.add_parser("report", help="plots and a summary of one or more run dirs")
+    """Registers ``distrain report`` and ``distrain tensorboard``."""
+    p = subparsers.add_parser("report", help="plots and a summary of one or more run dirs (overlaid)",
+                              description="Plots accuracy/loss, LR and throughput of one or more runs "
+                                          "(several runs overlay on each figure) and writes report.md.")
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
-    p.add_argument("--out", type=Path, help="directory for the PNGs and report.md (default: the first run dir)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="where the PNGs and report.md go (default: RUN_DIR/report for one run, "
+                        "./report for several)")
     p.set_defaults(handler=cmd_report)
+
+    p = subparsers.add_parser("tensorboard", help="serve TensorBoard for a runs dir on 127.0.0.1",
+                              description="Starts TensorBoard on 127.0.0.1 (never on a public address) "
+                                          "and prints the ssh -L command to reach it from a laptop.")
+    p.add_argument("runs_dir", type=Path, metavar="RUNS_DIR", help="a runs dir (e.g. runs/) or one run dir")
+    p.add_argument("--port", type=int, default=6006, help="port on 127.0.0.1 (default: 6006)")
+    p.add_argument("--via", metavar="LOGIN_HOST",
+                   help="login node to tunnel through (default: $SLURM_SUBMIT_HOST inside a SLURM job)")
+    p.set_defaults(handler=cmd_tensorboard)
 
 
 def cmd_report(args) -> int:
-    import json
-
-    from distrain.errors import UsageError
-
-    out = args.out or args.run_dirs[0]
-    for run_dir in args.run_dirs:
-        if not (run_dir / "history.json").exists():
-            raise UsageError(f"{run_dir}: not a run dir (no history.json)")
-    for run_dir in args.run_dirs:
-        epochs = json.loads((run_dir / "history.json").read_text())
-        plot_curves(epochs, Path(out) / f"curves-{run_dir.name}.png", title=run_dir.name)
+    runs = load_runs(args.run_dirs)
+    out = args.out or (runs[0].path / "report" if len(runs) == 1 else Path("report"))
+    report = write_report(runs, out)
+    print(report.table)
+    print(f"wrote {report.markdown} and " + ", ".join(p.path.name for p in report.plots.values()))
     return 0
+
+
+def tunnel_commands(port: int, host: str, user: str, via: Optional[str] = None) -> list[str]:
+    """The ``ssh -L`` command(s) that bring ``127.0.0.1:port`` on ``host`` to a laptop's localhost.
+
+    TensorBoard listens on the loopback of ``host`` only, so the tunnel must end on ``host``
+    itself; behind a login node, ssh jumps through it (``-J``).
+
+    Example:
+        >>> tunnel_commands(6006, "node17", "ada", via="login1")
+        ['ssh -N -L 6006:127.0.0.1:6006 -J ada@login1 ada@node17']
+    """
+    jump = f"-J {user}@{via} " if via and via != host else ""
+    return [f"ssh -N -L {port}:127.0.0.1:{port} {jump}{user}@{host}"]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _tensorboard_program() -> str:
+    # The console script of this environment, not `python -m tensorboard.main`: -m puts the
+    # working directory first on sys.path, where distrain/tensorboard.py may shadow TensorBoard.
+    import shutil
+
+    script = Path(sys.executable).with_name("tensorboard")
+    found = str(script) if script.exists() else shutil.which("tensorboard")
+    if not found:
+        raise UsageError("tensorboard: not installed in this environment (pip install tensorboard)")
+    return found
+
+
+def cmd_tensorboard(args) -> int:
+    import getpass
+
+    logdir = args.runs_dir
+    if not logdir.is_dir():
+        raise UsageError(f"{logdir}: no such directory (give a runs dir, e.g. runs/)")
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port: expected 1..65535, got {args.port}")
+    if not _port_free(args.port):
+        raise UsageError(f"--port: 127.0.0.1:{args.port} is in use (another TensorBoard?); pick another --port")
+    if not any(logdir.rglob("events.out.tfevents.*")):
+        print(f"distrain: no event files under {logdir} yet; TensorBoard picks them up as runs write them "
+              "(runs with logging.tensorboard false write none)", file=sys.stderr)
+    via = args.via or os.environ.get("SLURM_SUBMIT_HOST")  # set by SLURM inside a job: the login node
+    host = socket.gethostname()
+    print(f"TensorBoard for {logdir} at http://127.0.0.1:{args.port}/ (this machine only; Ctrl-C stops it)")
+    print("on your laptop, open a tunnel, then browse http://localhost:%d/ :" % args.port)
+    for command in tunnel_commands(args.port, host, getpass.getuser(), via):
+        print("  " + command)
+    sys.stdout.flush()
+    argv = [_tensorboard_program(), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(args.port)]
+    os.execv(argv[0], argv)  # TensorBoard replaces this process: Ctrl-C and signals go straight to it
+    return 0  # not reached

@@ -204,8 +204,7 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
 def _save_artefacts(model, run_dir: Path, files, summary: dict) -> None:
     """model.keras on every worker (a collective read), the rest on the chief only."""
     with files.write(run_dir / "model.keras") as tmp:
-        model.save(str(tmp.with_suffix(".keras")))
-        os.replace(tmp.with_suffix(".keras"), tmp)
+        model.save(str(tmp))
     if not files.is_chief:
         return
     from distrain.report import plot_curves

@@ -1,11 +1,35 @@
 """TensorBoard logging of a run, written by the chief only.
 
 ``tensorboard_callbacks`` is called on the chief alone: no event file ever comes from another
-worker, and nothing here may run a collective (the other workers would not join it).
+worker, and nothing here may run a collective (the other workers would not join it). Everything
+read here is local: the ``logs`` Keras hands every callback (already reduced across replicas),
+``optimizer.iterations`` (a mirrored variable, read from this worker's copy) and the wall clock.
+
+Layout of ``RUN_DIR/tensorboard``: each directory is one TensorBoard "run", with one writer for
+the whole process (TensorBoard's default loader reads a directory's event files one after the
+other and stops polling a file once a newer one exists: a second writer would hide the first's
+data from a live dashboard):
+
+- ``.``: text ``world``, ``job_spec``, ``lr_plan`` and the hparams session and config, at the step
+  training starts from.
+- ``train/``: per epoch ``epoch_loss``, ``epoch_accuracy``, ``epoch_lr``, ``epoch_images_per_s``,
+  ``epoch_step_time_s`` (the last two include validation); every ``logging.update_every_steps``
+  global steps ``batch_loss``, ``batch_accuracy`` (the epoch's running mean, as Keras' progress
+  bar shows), ``batch_lr`` (the LR applied at that step), ``batch_step_time_s``,
+  ``batch_images_per_s`` and ``batch_images_per_s_per_replica``.
+- ``validation/``: ``epoch_loss``, ``epoch_accuracy`` (the tags of ``train/``: TensorBoard draws
+  train and validation in one chart).
+- ``test/``: ``epoch_loss``, ``epoch_accuracy`` after training, at the last epoch
+  (``write_test_metrics``).
+- ``plugins/profile/``: the profiler trace of ``logging.profile_steps`` (the chief's process).
+
+Epochs are numbered from 1 like ``history.json`` (Keras' own callback numbers them from 0), and
+steps are optimizer steps since the run began, so a resumed run continues the same curves.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
+import logging
 import time
 from pathlib import Path
 
@@ -13,55 +37,326 @@ import tensorflow as tf
 
 from distrain.spec import dump_spec
 
+log = logging.getLogger("distrain")
+
+TB_DIR = "tensorboard"
+TRAIN, VALIDATION, TEST = "train", "validation", "test"
+EPOCH_PREFIX, STEP_PREFIX = "epoch_", "batch_"
+# The step-level scalars besides the Keras metrics (loss, accuracy, ...).
+STEP_SCALARS = ("lr", "step_time_s", "images_per_s", "images_per_s_per_replica")
+TEXT_TAGS = ("world", "job_spec", "lr_plan")
+# The hparams the dashboard shows for every run, in this order, with a description.
+HPARAMS = {
+    "model": "course model (distrain models)", "data": "data.source", "strategy": "tf.distribute strategy",
+    "workers": "worker processes", "replicas": "replicas in sync", "batch_per_replica": "examples per replica",
+    "global_batch": "examples per optimizer step", "optimizer": "train.optimizer",
+    "base_lr": "LR of the spec, before scaling", "peak_lr": "LR after scaling to the global batch",
+    "schedule": "train.schedule.name", "warmup_steps": "steps of linear warmup", "epochs": "train.epochs",
+    "steps_per_epoch": "optimizer steps per epoch",
+}
+# (group, tag) of the metrics shown beside them: the last value written is the run's final one.
+HPARAM_METRICS = ((VALIDATION, "epoch_accuracy"), (VALIDATION, "epoch_loss"), (TRAIN, "epoch_accuracy"),
+                  (TRAIN, "epoch_loss"), (TEST, "epoch_accuracy"), (TEST, "epoch_loss"),
+                  (TRAIN, "epoch_images_per_s"))
+
+
+class Writers:
+    """One summary writer per sub-directory of the log dir, created on first use."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = Path(log_dir)
+        self._writers: dict[str, tf.summary.SummaryWriter] = {}
+
+    def __getitem__(self, name: str):
+        if name not in self._writers:
+            self._writers[name] = tf.summary.create_file_writer(str(self.log_dir / name))
+        return self._writers[name]
+
+    def flush(self) -> None:
+        for writer in self._writers.values():
+            writer.flush()
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+
+
+def _global_step(model) -> int:
+    return int(model.optimizer.iterations.numpy())
+
+
+def _scalars(writer, prefix: str, values: dict, step: int) -> None:
+    with writer.as_default(step=step):
+        for name, value in values.items():
+            if value is not None:
+                tf.summary.scalar(prefix + name, float(value))
+
+
+class EpochScalars(tf.keras.callbacks.Callback):
+    """At every epoch end: the epoch's logs, ``val_*`` to ``validation/``, the rest to ``train/``."""
+
+    def __init__(self, writers: Writers):
+        super().__init__()
+        self.writers = writers
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        _scalars(self.writers[TRAIN], EPOCH_PREFIX, {k: v for k, v in logs.items() if not k.startswith("val_")},
+                 epoch + 1)
+        val = {k[len("val_"):]: v for k, v in logs.items() if k.startswith("val_")}
+        if val:
+            _scalars(self.writers[VALIDATION], EPOCH_PREFIX, val, epoch + 1)
+        self.writers.flush()  # the dashboard sees every epoch at once, and a killed run loses none
+
 
 class StepScalars(tf.keras.callbacks.Callback):
-    """Every N steps: the LR actually applied, step time and images/s (global and per replica)."""
+    """Every N global steps: the running metrics, the LR applied, step time and images/s.
 
-    def __init__(self, log_dir: Path, every: int, global_batch: int, replicas: int):
+    Step time is the mean time between this callback's batch begin and batch end over the steps
+    since the last write: the train step and every callback before this one (the agreement
+    collective, backups), but not validation or epoch-end work. ``lr`` is put into the logs by
+    ``callbacks.RunMetrics``, which runs before this callback.
+    """
+
+    def __init__(self, writers: Writers, every: int, global_batch: int, replicas: int, workers_summed: int = 1):
         super().__init__()
-        self.writer = tf.summary.create_file_writer(str(log_dir / "train"))
+        self.writers = writers
         self.every = every
+        self.workers_summed = workers_summed
         self.global_batch = global_batch
         self.replicas = replicas
-        self._last_time = None
-        self._last_step = None
+        self._began = 0.0
+        self._time = 0.0
+        self._steps = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._began = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        now = time.perf_counter()
-        if self._last_time is None:
-            self._last_time, self._last_step = now, step
+        self._time += time.perf_counter() - self._began
+        self._steps += 1
+        step = _global_step(self.model)
+        if step % self.every:
             return
-        if self.every and step % self.every == 0 and step > self._last_step:
-            step_time = (now - self._last_time) / (step - self._last_step)
-            with self.writer.as_default(step=step):
-                tf.summary.scalar("step/lr", (logs or {}).get("lr", 0.0))
-                tf.summary.scalar("step/step_time_s", step_time)
-                tf.summary.scalar("step/images_per_s", self.global_batch / step_time)
-                tf.summary.scalar("step/images_per_s_per_replica", self.global_batch / step_time / self.replicas)
-            self._last_time, self._last_step = now, step
+        step_time = self._time / self._steps
+        self._time, self._steps = 0.0, 0
+        logs = logs or {}
+        # tf-keras reduces a step's outputs with distribute_reduction_method "auto": a SUM across
+        # the workers under MultiWorkerMirroredStrategy, of metric results that are already global
+        # (Keras computes them in a merge_call). So the step logs (and the chief's progress bar)
+        # show N workers x the running mean; the epoch-end logs are read again and are right.
+        factor = self.workers_summed if self.model.distribute_reduction_method in ("auto", "sum") else 1
+        values = {k: float(v) / factor for k, v in logs.items() if k in self.model.metrics_names and _is_number(v)}
+        values.update(lr=logs.get("lr"), step_time_s=step_time,
+                      images_per_s=self.global_batch / step_time,
+                      images_per_s_per_replica=self.global_batch / step_time / self.replicas)
+        _scalars(self.writers[TRAIN], STEP_PREFIX, values, step)
+        self.writers.flush()
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+class RunInfo(tf.keras.callbacks.Callback):
+    """At train begin: the world, the resolved spec and the LR plan as text, and the hparams.
+
+    Written at the global step training starts from, so a resumed run (perhaps with another
+    world) shows both. The hparams session gets the run's id as trial id: runs with equal
+    hyperparameters stay separate rows in the dashboard instead of being averaged.
+    """
+
+    def __init__(self, writers: Writers, texts: dict, hparams: dict, trial_id: str):
+        super().__init__()
+        from tensorboard.plugins.hparams import api as hp
+
+        self.writers = writers
+        self.texts = texts
+        self.hparams = hparams
+        self.trial_id = trial_id
+        self._hp = hp
+        hp.hparams_pb(hparams, trial_id=trial_id)  # bad values fail here, before training starts
+
+    def on_train_begin(self, logs=None):
+        hp = self._hp
+        step = _global_step(self.model)
+        with self.writers["."].as_default(step=step):
+            for tag, text in self.texts.items():
+                tf.summary.text(tag, text)
+            hp.hparams_config(hparams=hparam_infos(), metrics=[
+                hp.Metric(tag, group=group, display_name=f"{group} {tag[len(EPOCH_PREFIX):]}")
+                for group, tag in HPARAM_METRICS])
+            hp.hparams(self.hparams, trial_id=self.trial_id)
+        self.writers.flush()
 
     def on_train_end(self, logs=None):
-        self.writer.flush()
+        from tensorboard.plugins.hparams import api_pb2
+        from tensorboard.plugins.hparams import summary as hp_summary
+
+        # What hp.KerasCallback writes at the end: the session finished (a stopped run has none).
+        with self.writers["."].as_default():
+            tf.summary.experimental.write_raw_pb(
+                hp_summary.session_end_pb(api_pb2.STATUS_SUCCESS).SerializeToString(), step=0)
+        self.writers.flush()
+
+
+class Profiler(tf.keras.callbacks.Callback):
+    """Profiles global steps ``first``..``last`` (1-based) of this process with TensorFlow's profiler.
+
+    Keras' ``TensorBoard(profile_batch=...)`` counts batches from the start of ``fit``, so after a
+    resume it would profile other steps, and it brings its own writers for ``train/``; the
+    profiler API it calls is used here directly. Works on CPU: the trace (host threads, TensorFlow
+    ops) goes to ``plugins/profile/<time>/<host>.xplane.pb``; TensorBoard's Profile tab needs the
+    ``tensorboard-plugin-profile`` package to show it. Only the chief's process is traced.
+    """
+
+    def __init__(self, log_dir: Path, first: int, last: int):
+        super().__init__()
+        self.log_dir = Path(log_dir)
+        self.first, self.last = first, last
+        self._running = False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = _global_step(self.model) + 1  # the step about to run
+        if not self._running and self.first <= step <= self.last:
+            try:
+                tf.profiler.experimental.start(str(self.log_dir))
+                self._running = True
+                log.info("profiling steps %d-%d into %s", step, self.last, self.log_dir / "plugins" / "profile")
+            except tf.errors.AlreadyExistsError as err:  # someone else's profiler: not worth failing the run
+                log.warning("profiler not started: %s", err.message)
+                self.last = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._running and _global_step(self.model) >= self.last:
+            self._stop()
+
+    def on_train_end(self, logs=None):
+        if self._running:
+            self._stop()
+
+    def _stop(self):
+        self._running = False
+        try:
+            tf.profiler.experimental.stop()
+        except tf.errors.UnavailableError as err:
+            log.warning("profiler: %s", err.message)
+
+
+class CloseWriters(tf.keras.callbacks.Callback):
+    """Flushes and closes the writers when training ends (last of the TensorBoard callbacks)."""
+
+    def __init__(self, writers: Writers):
+        super().__init__()
+        self.writers = writers
+
+    def on_train_end(self, logs=None):
+        self.writers.close()
+
+
+def world_text(dist, spec, plan, splits) -> str:
+    """The world of the run as a markdown table (TensorBoard's text plugin renders it)."""
+    world = dist.world
+    rows = [
+        ("strategy", dist.name),
+        ("workers", f"{world.world_size} (launcher {world.launcher})"),
+        ("replicas", f"{dist.replicas} ({dist.local_replicas} in the chief's process)"),
+        ("global batch", f"{spec.data.batch_size_per_replica * dist.replicas} = "
+                         f"{spec.data.batch_size_per_replica} per replica x {dist.replicas}"),
+        ("steps per epoch", plan.steps_per_epoch),
+        ("worker addresses", ", ".join(world.worker_addresses) or "-"),
+        ("nodes", ", ".join(world.nodes) or "-"),
+        ("job id", world.job_id or "-"),
+        ("synthetic data", splits.synthetic),
+        ("TensorFlow", tf.__version__),
+    ]
+    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def hparam_infos() -> list:
+    """The hparams config: the same in every run, because TensorBoard shown a whole runs dir takes
+    the config of whichever run it finds first. So no run's values go into it: the choices of the
+    string hparams come from the spec, and numbers have no domain (the dashboard shows them as
+    they come; a numeric range would have to guess bounds)."""
+    from tensorboard.plugins.hparams import api as hp
+
+    from distrain.lr import SCHEDULES
+    from distrain.models import MODELS
+    from distrain.spec import DATA_SOURCES, STRATEGIES, TrainSpec
+
+    optimizers = next(f for f in dataclasses.fields(TrainSpec) if f.name == "optimizer").metadata["choices"]
+    choices = {"model": tuple(MODELS), "data": DATA_SOURCES, "strategy": STRATEGIES, "optimizer": optimizers,
+               "schedule": SCHEDULES}
+    return [hp.HParam(name, hp.Discrete(list(choices[name])) if name in choices else None, description=text)
+            for name, text in HPARAMS.items()]
+
+
+def hparams_of(spec, dist, plan) -> dict:
+    """The key hyperparameters of the run, by the names in ``HPARAMS``."""
+    values = {
+        "model": spec.model.name, "data": spec.data.source, "strategy": dist.name,
+        "workers": dist.world.world_size, "replicas": dist.replicas,
+        "batch_per_replica": spec.data.batch_size_per_replica,
+        "global_batch": spec.data.batch_size_per_replica * dist.replicas,
+        "optimizer": spec.train.optimizer, "base_lr": plan.base_lr, "peak_lr": plan.peak_lr,
+        "schedule": plan.schedule, "warmup_steps": plan.warmup_steps, "epochs": spec.train.epochs,
+        "steps_per_epoch": plan.steps_per_epoch,
+    }
+    assert tuple(values) == tuple(HPARAMS)
+    return values
 
 
 def tensorboard_callbacks(spec, run_dir: Path, dist, plan, splits) -> list:
-    """The chief's TensorBoard callbacks; also writes the world and the resolved spec as text."""
-    log_dir = Path(run_dir) / "tensorboard"
+    """The chief's TensorBoard callbacks, writing to ``RUN_DIR/tensorboard``.
+
+    Args:
+        spec: the job (``logging.tensorboard``, ``update_every_steps``, ``profile_steps``).
+        run_dir: the run dir.
+        dist: the ``strategy.Distribution`` (for the world, replicas and strategy name).
+        plan: the ``lr.LRPlan`` (base/peak LR, schedule, steps per epoch).
+        splits: the data splits (whether the data is synthetic).
+
+    Returns:
+        Keras callbacks to put after ``callbacks.RunMetrics`` (they read its ``lr``), or ``[]``
+        when ``logging.tensorboard`` is false. Call on the chief only.
+    """
     if not spec.logging.tensorboard:
         return []
-    writer = tf.summary.create_file_writer(str(log_dir / "run"))
-    with writer.as_default(step=0):
-        tf.summary.text("job_spec", "```\n" + dump_spec(spec) + "\n```")
-        tf.summary.text("world", "```\n" + json.dumps({
-            "strategy": dist.name, "replicas": dist.replicas, "workers": dist.world.world_size,
-            "launcher": dist.world.launcher, "synthetic_data": splits.synthetic}, indent=1) + "\n```")
-    writer.flush()
-    profile = tuple(spec.logging.profile_steps) if spec.logging.profile_steps else 0
-    return [
-        StepScalars(log_dir, spec.logging.update_every_steps, spec.data.batch_size_per_replica * dist.replicas,
-                    dist.replicas),
-        tf.keras.callbacks.TensorBoard(log_dir=str(log_dir), update_freq="epoch", profile_batch=profile,
-                                       write_graph=False),
-    ]
+    from distrain import lr as lr_lib
 
+    run_dir = Path(run_dir)
+    log_dir = run_dir / TB_DIR
+    writers = Writers(log_dir)
+    texts = {"world": world_text(dist, spec, plan, splits),
+             "job_spec": "```yaml\n" + dump_spec(spec) + "```",
+             "lr_plan": lr_lib.describe(plan)}
+    callbacks = [RunInfo(writers, texts, hparams_of(spec, dist, plan), trial_id=f"{spec.name}/{run_dir.name}"),
+                 EpochScalars(writers)]
+    if spec.logging.update_every_steps:
+        callbacks.append(StepScalars(writers, spec.logging.update_every_steps,
+                                     spec.data.batch_size_per_replica * dist.replicas, dist.replicas,
+                                     workers_summed=dist.world.world_size if dist.name == "multi_worker" else 1))
+    if spec.logging.profile_steps:
+        first, last = spec.logging.profile_steps
+        callbacks.append(Profiler(log_dir, first, last))
+    callbacks.append(CloseWriters(writers))
+    return callbacks
+
+
+def write_test_metrics(run_dir: Path, metrics: dict, epoch: int) -> None:
+    """The test metrics after training, as ``test/epoch_*`` at the last epoch (chief only).
+
+    They complete the hparams dashboard's final metrics. Does nothing without a TensorBoard dir
+    (``logging.tensorboard: false``).
+    """
+    log_dir = Path(run_dir) / TB_DIR
+    if not log_dir.is_dir():
+        return
+    writers = Writers(log_dir)
+    _scalars(writers[TEST], EPOCH_PREFIX, metrics, epoch)
+    writers.close()

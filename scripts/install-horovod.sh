@@ -21,8 +21,8 @@
 # Why this script exists (details and upstream links: docs/horovod-build.md):
 #   Horovod's last release, 0.28.1 (2023), ships only an sdist, and `pip install horovod` does not
 #   build against TF 2.21. Each step below works around one reason:
-#   1. Fast path: if `import horovod.tensorflow` works and `horovodrun --check-build` lists
-#      TensorFlow and Gloo (and NCCL when asked for), there is nothing to do.
+#   1. Fast path: if `import horovod.tensorflow` works, its extension reports Gloo (and NCCL when
+#      asked for) as built and `horovodrun` runs, there is nothing to do.
 #   2. Cache: the wheel is built once per (horovod, TF, Python, arch, CPU/NCCL, patch) and kept in
 #      the wheel cache; another venv with the same TF installs it in seconds.
 #   3. Build tools: CMake 3.x, because CMake 4 refuses the bundled gloo
@@ -62,6 +62,7 @@ while (($#)); do
     esac
 done
 
+CACHE_ROOT=$(realpath -m "$CACHE_ROOT")
 if [[ $PY != */* ]]; then PY=$(command -v "$PY" || true); fi
 [[ -n $PY && -x $PY ]] || die "--python: '$PY' is not an executable interpreter" 2
 # Absolute path, but not through symlinks: a venv's python is a symlink to the base interpreter.
@@ -72,6 +73,9 @@ PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"
 TF_VERSION=$("$PY" - 2>/dev/null <<'EOF' || true
 import importlib.metadata as md
 dists = md.packages_distributions().get("tensorflow", [])
+# Plugins may also install into the tensorflow package; prefer the TF wheel itself.
+dists.sort(key=lambda d: d.lower().replace("_", "-") not in
+           ("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tensorflow-intel"))
 print(md.version(dists[0]) if dists else "")
 EOF
 )
@@ -98,8 +102,8 @@ case "${HOROVOD_GPU_OPERATIONS:-}" in
         done
         ;;
     NCCL)
-        command -v nvcc >/dev/null \
-            || die "HOROVOD_GPU_OPERATIONS=NCCL but nvcc is not on PATH; unset it for a CPU-only build" 2
+        command -v nvcc >/dev/null || [[ -x ${HOROVOD_CUDA_HOME:-/nonexistent}/bin/nvcc ]] \
+            || die "HOROVOD_GPU_OPERATIONS=NCCL but no nvcc (PATH or \$HOROVOD_CUDA_HOME/bin); unset it for a CPU-only build" 2
         OPS=nccl
         ;;
     *)
@@ -110,6 +114,10 @@ esac
 FEATURES="TensorFlow and Gloo"
 [[ $OPS == cpu ]] || FEATURES="TensorFlow, Gloo and NCCL"
 
+WORK_DIR=$(mktemp -d "${TMPDIR:-/tmp}/horovod-build.XXXXXX")
+trap 'rm -rf "$WORK_DIR"' EXIT
+CHECK_ERR="$WORK_DIR/check-build.stderr"
+
 PATCH_ID=$(sha256sum "$PATCH_FILE" | cut -c1-8)
 CACHE_KEY="horovod-${HOROVOD_VERSION}_tf${TF_VERSION}_${PY_TAG}_$(uname -m)_${OPS}_patch${PATCH_ID}"
 CACHE_DIR="$CACHE_ROOT/$CACHE_KEY"
@@ -117,18 +125,24 @@ CACHE_DIR="$CACHE_ROOT/$CACHE_KEY"
 # ---------------------------------------------------------------------------------------------
 # Checks
 # ---------------------------------------------------------------------------------------------
-# check_build_output: the `horovodrun --check-build` text of the installed Horovod, or failure.
+# check_build_output: the `horovodrun --check-build` report (stdout) of the installed Horovod, or
+# failure. Its stderr (TensorFlow's start-up logging, or a traceback) goes to $CHECK_ERR.
 check_build_output() {
-    [[ -x $HOROVODRUN ]] || return 1
-    "$HOROVODRUN" --check-build 2>&1
+    [[ -x $HOROVODRUN ]] || { echo "$HOROVODRUN does not exist" >"$CHECK_ERR"; return 1; }
+    "$HOROVODRUN" --check-build 2>"$CHECK_ERR"
 }
 
 # installed_ok: true when the target already has a usable Horovod (the idempotent fast path).
+# It asks the TF extension the same questions as `horovodrun --check-build` (gloo_built,
+# nccl_built), but in one process: check-build forks a fresh TensorFlow import per line of its
+# report and takes ~15 s here, this takes ~4 s. verify() still runs the real check-build.
 installed_ok() {
-    "$PY" -c 'import horovod.tensorflow' >/dev/null 2>&1 || return 1
-    local out
-    out=$(check_build_output) || return 1
-    has_features "$out"
+    [[ -x $HOROVODRUN ]] && "$HOROVODRUN" --version >/dev/null 2>&1 || return 1
+    OPS=$OPS "$PY" -c '
+import os, sys
+import horovod.tensorflow as hvd
+ok = hvd.gloo_built() and (os.environ["OPS"] == "cpu" or hvd.nccl_built())
+sys.exit(0 if ok else 1)' >/dev/null 2>&1
 }
 
 has_features() {
@@ -137,11 +151,13 @@ has_features() {
 }
 
 # verify: check-build plus a 2-process Gloo allreduce on localhost. Prints the evidence.
+VERIFY_HINT=""  # appended to verification errors; says so when the wheel came from the cache
 verify() {
     local out
     if ! out=$(check_build_output) || ! has_features "$out"; then
+        tail -n 20 "$CHECK_ERR" >&2
         printf '%s\n' "$out" >&2
-        die "horovodrun --check-build does not list $FEATURES as built (output above)"
+        die "horovodrun --check-build does not list $FEATURES as built (output above)$VERIFY_HINT"
     fi
     printf '%s\n' "$out"
 
@@ -151,12 +167,12 @@ verify() {
     local smoke
     smoke=$(PATH="$SCRIPTS_DIR:$PATH" timeout 300 "$HOROVODRUN" -np 2 -H localhost:2 --gloo \
         "$PY" -c "import horovod.tensorflow as hvd; hvd.init(); import tensorflow as tf; print(hvd.rank(), hvd.allreduce(tf.constant(float(hvd.rank()))).numpy())" 2>&1) \
-        || { printf '%s\n' "$smoke" | tail -n 30 >&2; die "2-process Gloo smoke test failed (last lines above)"; }
+        || { printf '%s\n' "$smoke" | tail -n 30 >&2; die "2-process Gloo smoke test failed (last lines above)$VERIFY_HINT"; }
     local ranks
     ranks=$(grep -cE '^\[[01]\]<stdout>:[01] 0\.5$' <<<"$smoke" || true)
     if [[ $ranks != 2 ]]; then
         printf '%s\n' "$smoke" | tail -n 30 >&2
-        die "2-process Gloo smoke test: expected ranks 0 and 1 to print 0.5 (output above)"
+        die "2-process Gloo smoke test: expected ranks 0 and 1 to print 0.5 (output above)$VERIFY_HINT"
     fi
     grep -E '^\[[01]\]<stdout>:' <<<"$smoke"
 }
@@ -193,10 +209,10 @@ if [[ -n $WHEEL ]]; then
     install_runtime_deps
     install_wheel "$WHEEL"
     log "installed from cache in $((SECONDS - start)) s; verifying"
+    VERIFY_HINT="; the wheel came from the cache: remove $CACHE_DIR to rebuild it"
     start=$SECONDS
     verify
     log "verified in $((SECONDS - start)) s"
-    log "if this wheel ever stops working, remove $CACHE_DIR to force a rebuild"
     exit 0
 fi
 
@@ -255,12 +271,17 @@ install_runtime_deps
 # ---------------------------------------------------------------------------------------------
 mkdir -p "$CACHE_DIR"
 BUILD_LOG="$CACHE_ROOT/$CACHE_KEY.build.log"
-WORK_DIR=$(mktemp -d "${TMPDIR:-/tmp}/horovod-build.XXXXXX")
-trap 'rm -rf "$WORK_DIR"' EXIT
-
+# The log ends in pip's traceback; the cause (a CMake or compiler error) is usually well above it,
+# so show the first error and the last lines.
 fail_with_log() {
-    echo "----- last 40 lines of $BUILD_LOG -----" >&2
-    tail -n 40 "$BUILD_LOG" >&2
+    local first
+    first=$(grep -n -m 1 -E 'CMake Error|fatal error|error:|Error [0-9]+' "$BUILD_LOG" | cut -d: -f1 || true)
+    if [[ -n $first ]]; then
+        echo "----- first error in $BUILD_LOG (line $first) -----" >&2
+        sed -n "${first},$((first + 14))p" "$BUILD_LOG" >&2
+    fi
+    echo "----- last 15 lines of $BUILD_LOG -----" >&2
+    tail -n 15 "$BUILD_LOG" >&2
     echo "-----" >&2
     die "$1 (full log: $BUILD_LOG)"
 }
@@ -294,8 +315,10 @@ built=$(compgen -G "$WORK_DIR/dist/horovod-*.whl" | head -n 1) \
 log "built $(basename "$built") in ${build_s} s"
 
 # Into the cache via rename, so a concurrent reader never sees half a wheel.
-cp "$built" "$CACHE_DIR/.incoming.whl"
-mv "$CACHE_DIR/.incoming.whl" "$CACHE_DIR/$(basename "$built")"
+incoming=$(mktemp "$CACHE_DIR/.incoming.XXXXXX")
+cp "$built" "$incoming"
+chmod 0644 "$incoming"  # mktemp creates 0600; a shared cache must be readable by others
+mv "$incoming" "$CACHE_DIR/$(basename "$built")"
 WHEEL="$CACHE_DIR/$(basename "$built")"
 
 # ---------------------------------------------------------------------------------------------
