@@ -116,7 +116,7 @@ class DistributeSpec:
     memory_growth: bool = True
     collective_timeout_s: float = field(default=300.0, metadata=_check(min=0.0, min_exclusive=True))
     port: Optional[int] = field(default=None, metadata=_check(min=1024, max=65535, doc="base port of the workers; default: derived from the job id"))
-    preemption_check_every: int = field(default=1, metadata=_check(min=1, doc="steps between agreements on stopping"))
+    preemption_check_every: int = field(default=10, metadata=_check(min=1, doc="steps between agreements on stopping (preemption, NaN)"))
 
 
 @dataclass(frozen=True)

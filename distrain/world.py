@@ -44,6 +44,7 @@ class World:
     gpus: tuple[str, ...] = ()  # GPU ids the launcher made visible to this process
     job_id: Optional[str] = None
     nodes: tuple[str, ...] = field(default=())
+    tasks_per_node: tuple[int, ...] = ()  # SLURM: tasks on each of ``nodes`` (Horovod's srun bootstrap)
 
     @property
     def is_chief(self) -> bool:
@@ -209,7 +210,7 @@ def scontrol_node_addresses(nodes: Sequence[str]) -> list[str]:
     """
     try:
         out = subprocess.run(["scontrol", "-o", "show", "node", ",".join(nodes)], capture_output=True,
-                             text=True, timeout=30, check=True).stdout
+                             text=True, timeout=15, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return list(nodes)
     addr = {}
@@ -248,7 +249,8 @@ def detect_slurm(env: Mapping[str, str], port_override: Optional[int] = None,
     return World(launcher="slurm", rank=rank, world_size=size, local_rank=local_rank,
                  local_size=tasks[node_index] if node_index < len(tasks) else 1,
                  worker_addresses=addresses, tf_config=tf_config, gpus=visible_gpus(env),
-                 job_id=env.get("SLURM_JOB_ID"), nodes=tuple(nodes))
+                 job_id=env.get("SLURM_JOB_ID"), nodes=tuple(nodes),
+                 tasks_per_node=tuple(tasks))
 
 
 def _cumulative(counts: Sequence[int]) -> list[int]:

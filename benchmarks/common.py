@@ -1,0 +1,97 @@
+"""Shared pieces of the benchmarks: the job, worker processes, machine facts, results in the docs."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PERFORMANCE_MD = REPO / "docs" / "performance.md"
+
+# The course CNN (Conv64 3x3-MaxPool-Flatten-Dense10) on 28x28x1 images. Synthetic data so that the
+# benchmark needs no download; no validation split so an epoch's time is training only.
+JOB = """
+name: bench
+seed: 1
+model: {{name: cnn, params: {{filters: 64}}}}
+data:
+  source: synthetic
+  synthetic: {{shape: [28, 28, 1], classes: 10, examples: {examples}}}
+  batch_size_per_replica: {batch}
+  validation_split: 0.0
+  test_split: 0.05
+train: {{epochs: {epochs}, optimizer: adam, learning_rate: 1e-3, lr_scaling: none}}
+distribute: {{strategy: {strategy}}}
+checkpoint: {{every_epochs: 0, save_best: false, backup_every_steps: 0}}
+logging: {{tensorboard: false, verbose: 0}}
+"""
+
+
+def write_job(path: Path, *, strategy: str = "auto", batch: int = 64, epochs: int = 4, examples: int = 8192) -> Path:
+    path.write_text(JOB.format(strategy=strategy, batch=batch, epochs=epochs, examples=examples))
+    return path
+
+
+def env(threads: int = 1, **extra) -> dict:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "HOROVOD_", "PMI_"))
+         and k != "TF_CONFIG"}
+    e.update({"TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1", "CUDA_VISIBLE_DEVICES": "-1"})
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def run_all(commands: list[list[str]], envs: list[dict], timeout: float = 900) -> None:
+    procs = [subprocess.Popen(c, env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for c, e in zip(commands, envs)]
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        if p.returncode != 0:
+            sys.exit(f"benchmark worker failed ({p.returncode}):\n{out[-3000:]}")
+
+
+def steady_images_per_s(run_dir: Path) -> float:
+    """Median images/s over the epochs after the first (which includes tracing and warm-up)."""
+    epochs = json.loads((run_dir / "history.json").read_text())
+    return statistics.median(e["images_per_s"] for e in epochs[1:])
+
+
+def machine() -> str:
+    import distrain  # noqa: F401
+    import tensorflow as tf
+    import tf_keras
+
+    cpu = "unknown CPU"
+    try:
+        cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1)
+    except (OSError, AttributeError):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, TensorFlow {tf.__version__}, "
+            f"tf-keras {tf_keras.__version__}")
+
+
+def record(section: str, text: str) -> None:
+    """Replaces the section between `<!-- section -->` markers in docs/performance.md."""
+    doc = PERFORMANCE_MD.read_text() if PERFORMANCE_MD.exists() else "# Performance\n"
+    begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    if begin in doc:
+        doc = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    PERFORMANCE_MD.write_text(doc)
