@@ -2,7 +2,9 @@
 
 Keras calls callbacks in list order for every hook, so ``build_callbacks`` fixes the order:
 
-1. ``RunMetrics`` puts the applied LR and the throughput into the logs, for everything after it.
+1. ``RunMetrics`` puts the applied LR and the throughput into the logs, for everything after it;
+   the backend's callbacks (``dist.callbacks()``: Horovod's metric averaging) follow it, so
+   everything after them sees the epoch's metrics over all workers.
 2. ``EarlyStopping`` (if asked for) decides from the metrics in the logs.
 3. ``BackupEvery`` and ``Checkpoints`` save (every worker calls; only the chief's files stay).
 4. ``ChiefLogs`` (history.json, history.csv) and TensorBoard: chief only.
@@ -35,6 +37,7 @@ class RunState:
         self.steps_per_epoch = steps_per_epoch
         self.global_batch = global_batch
         self.signal_received: Optional[str] = None
+        self.train_time_s = 0.0  # epochs' wall time in this process, validation included
 
     def install_signal_handlers(self) -> dict:
         """SIGTERM and SIGUSR1 (SLURM's ``--signal=USR1@90``) ask for a stop at the next agreed step."""
@@ -67,7 +70,6 @@ class RunMetrics(tf.keras.callbacks.Callback):
         self.state = state
         self._epoch_start = 0.0
         self._steps = 0
-        self.train_time_s = 0.0
 
     def _lr(self) -> float:
         # tf-keras keeps the value its schedule gave for the step just applied in
@@ -85,7 +87,7 @@ class RunMetrics(tf.keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         elapsed = time.perf_counter() - self._epoch_start
-        self.train_time_s += elapsed
+        self.state.train_time_s += elapsed
         if logs is not None and self._steps:
             logs["lr"] = self._lr()
             # Includes validation time; the step-level rate in TensorBoard excludes it.
@@ -198,7 +200,7 @@ class ChiefLogs(tf.keras.callbacks.Callback):
 def build_callbacks(*, spec, dist, state: RunState, run_dir: Path, backup, checkpoints,
                     tensorboard_callbacks=(), extra=()) -> list:
     """The run's callback list, in the order documented at the top of this module."""
-    callbacks: list = [RunMetrics(state)]
+    callbacks: list = [RunMetrics(state), *dist.callbacks()]
     es = spec.train.early_stopping
     if es is not None:
         callbacks.append(tf.keras.callbacks.EarlyStopping(

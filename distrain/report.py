@@ -85,7 +85,8 @@ def _read_json(path: Path):
 def _not_a_run_dir(path: Path, why: str) -> UsageError:
     """The error for a directory that is not a run dir, naming run dirs below it (a runs dir?)."""
     below = sorted(p.parent for pattern in ("*/history.json", "*/*/history.json") for p in path.glob(pattern))
-    hint = f"; run dirs below it: {' '.join(str(p) for p in below[:3])}{' ...' if len(below) > 3 else ''}" if below else ""
+    more = " ..." if len(below) > 3 else ""
+    hint = f"; run dirs below it: {' '.join(str(p) for p in below[:3])}{more}" if below else ""
     return UsageError(f"{path}: not a run dir ({why}){hint}")
 
 
@@ -97,8 +98,8 @@ def read_scalars(log_dir: Path) -> dict:
 
     Returns:
         ``{run: {tag: [(step, value), ...]}}``, run being the directory relative to ``log_dir``
-        (``"."``, ``"train"``, ...), steps increasing. Rewritten steps after a resume are resolved
-        the way TensorBoard resolves them (the reader drops the orphaned later steps).
+        (``"."``, ``"train"``, ...), steps increasing. A step written twice (a resumed run redoes
+        the steps after its last backup, in a newer event file) keeps the value written last.
     """
     from tensorboard.backend.event_processing import event_accumulator
     from tensorboard.util import tensor_util
@@ -114,12 +115,18 @@ def read_scalars(log_dir: Path) -> dict:
         for tag in acc.Tags()["tensors"]:
             if acc.SummaryMetadata(tag).plugin_data.plugin_name != "scalars":
                 continue
-            tags[tag] = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+            tags[tag] = _last_per_step((e.step, float(tensor_util.make_ndarray(e.tensor_proto)))
+                                       for e in acc.Tensors(tag))
         for tag in acc.Tags()["scalars"]:  # TF1-style summaries, if someone wrote any
-            tags.setdefault(tag, [(e.step, float(e.value)) for e in acc.Scalars(tag)])
+            tags.setdefault(tag, _last_per_step((e.step, float(e.value)) for e in acc.Scalars(tag)))
         if tags:
             result[str(d.relative_to(log_dir))] = tags
     return result
+
+
+def _last_per_step(points) -> list[tuple[int, float]]:
+    # The accumulator hands events over in file order (files by name, i.e. by creation time).
+    return sorted(dict(points).items())
 
 
 def load_run(path: Path) -> Run:
@@ -131,8 +138,10 @@ def load_run(path: Path) -> Run:
     import yaml
 
     path = Path(path)
-    if not path.is_dir():
+    if not path.exists():
         raise UsageError(f"{path}: no such run dir")
+    if not path.is_dir():
+        raise UsageError(f"{path}: not a run dir (a file)")
     history = path / "history.json"
     if not history.exists():
         if (path / "logs").is_dir() and (path / "job.yaml").exists():  # written when a run starts
@@ -322,7 +331,7 @@ def summary_rows(runs: Sequence[Run]) -> list[dict]:
             "workers": s.get("world_size", "-"),
             "replicas": s.get("replicas", "-"),
             "global batch": s.get("global_batch", "-"),
-            "epochs": f"{len(run.epochs)}" + ("" if s else " (running)"),
+            "epochs": f"{len(run.epochs)}" + ("" if s else " (no summary: running or stopped)"),
             "best epoch": f"{best[0]} ({best[1]} {best[2]:.4f})" if best else "-",
             "train acc": _fmt(last.get("accuracy")),
             "val acc": _fmt(last.get("val_accuracy")),
@@ -374,8 +383,9 @@ def write_report(runs: Sequence[Run], out: Path) -> Report:
     sources = [f"- `{r.label}`: `{r.path}`" + ("" if r.scalars else " (no TensorBoard events: per-epoch values "
                                                                      "from history.json)") for r in runs]
     md = ["# distrain report", "", *sources, "", format_table(rows, markdown=True), "",
-          "Best epoch: highest val_accuracy (else lowest val_loss). images/s: trained images over "
-          "training time, from summary.json; wall time includes start-up and evaluation.", ""]
+          "Best epoch: highest val_accuracy (else lowest val_loss). images/s: trained images over the "
+          "epochs' wall time (validation included), from summary.json; wall time: the whole run, "
+          "start-up and test evaluation included.", ""]
     for name, plot in plots.items():
         md += [f"## {PLOTS[name]}", "", f"![{PLOTS[name]}]({plot.path.name})", ""]
     markdown = out / "report.md"

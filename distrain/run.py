@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -103,7 +102,7 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     from distrain.callbacks import RunState, build_callbacks
     from distrain.checkpoint import Backup, UserCheckpoints, WorkerFiles
     from distrain.models import MODELS, build_model
-    from distrain.tensorboard import tensorboard_callbacks
+    from distrain.tensorboard import tensorboard_callbacks, write_test_metrics
 
     if world.is_chief:
         (run_dir / "job.yaml").write_text(dump_spec(spec))
@@ -134,6 +133,10 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
         optimizer = dist.wrap_optimizer(_optimizer(tf, spec, lr_lib.keras_schedule(plan)))
         model.compile(optimizer=optimizer, loss=tf.keras.losses.SparseCategoricalCrossentropy(),
                       metrics=["accuracy"])
+        # Keras's metric results are already global (computed in a merge_call); its default "auto"
+        # reduction then sums them over MultiWorkerMirroredStrategy's workers, so step logs and the
+        # progress bar would show N x the loss. "first" takes them as they are.
+        model.distribute_reduction_method = "first"
         backup = Backup(model, optimizer, run_dir, files)
         start_step = backup.restore()
     dist.broadcast_initial_state(model, optimizer)
@@ -154,7 +157,7 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     callbacks = build_callbacks(
         spec=spec, dist=dist, state=state, run_dir=run_dir, backup=backup, checkpoints=checkpoints,
         tensorboard_callbacks=tensorboard_callbacks(spec, run_dir, dist, plan, splits) if world.is_chief else (),
-        extra=[*dist.callbacks(), *extra_callbacks])
+        extra=list(extra_callbacks))
     # fit() asks this hook where a recovering run starts; answering with the restored step makes
     # the first epoch run only its remaining steps, so the total step count stays exact.
     model._maybe_load_initial_counters_from_ckpt = lambda *_: (start_epoch, step_in_epoch)
@@ -167,10 +170,9 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
                             callbacks=callbacks, verbose=spec.logging.verbose if world.is_chief else 0)
         test = model.evaluate(test_ds, steps=data_lib.eval_steps(len(splits.y_test), global_batch),
                               verbose=0, return_dict=True)
-        test = dist.average_metrics(test, len(splits.y_test))
-    except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.AbortedError,
-            tf.errors.CancelledError) as err:
-        if world.world_size == 1:
+        test = dist.average_metrics(test, len(range(dist.pipeline_id, len(splits.y_test), dist.num_pipelines)))
+    except tf.errors.OpError as err:
+        if not dist.peer_lost(err):
             raise
         raise TrainingStopped(_peer_lost_message(err, world), EXIT_PEER_LOST) from err
     finally:
@@ -178,8 +180,9 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
             signal.signal(sig, handler)
     backup.save()  # a complete run resumes as "already complete", not from its last periodic backup
 
-    metrics = next((cb for cb in callbacks if type(cb).__name__ == "RunMetrics"))
     steps_done = int(optimizer.iterations.numpy())
+    if world.is_chief:
+        write_test_metrics(run_dir, test, epoch=steps_done // steps)
     trained = (steps_done - start_step) * global_batch
     summary = {
         "job": spec.name, "run_dir": str(run_dir), "world_size": world.world_size,
@@ -189,7 +192,7 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
         "epochs_completed": steps_done // steps, "synthetic_data": splits.synthetic,
         "test": {k: float(v) for k, v in test.items()},
         "history": {k: [float(x) for x in v] for k, v in history.history.items()},
-        "images_per_s": trained / metrics.train_time_s if metrics.train_time_s else None,
+        "images_per_s": trained / state.train_time_s if state.train_time_s else None,
         "wall_time_s": time.time() - started,
         "lr": {"base": plan.base_lr, "peak": plan.peak_lr, "warmup_steps": plan.warmup_steps,
                "schedule": plan.schedule},

@@ -38,8 +38,9 @@ def choose_strategy(requested: str, world: World, num_gpus: int) -> str:
     if requested == "multi_worker" and launched_by_mpi and world.world_size > 1:
         raise UsageError(f"distribute.strategy: multi_worker needs TF_CONFIG or srun, but this process was "
                          f"started by {world.launcher}; use strategy horovod")
-    if requested == "horovod" and world.world_size > 1 and not launched_by_mpi:
-        raise UsageError(f"distribute.strategy: horovod processes must be started by horovodrun or mpirun, "
+    if requested == "horovod" and world.world_size > 1 and not (launched_by_mpi or world.launcher == "slurm"):
+        # srun works too: distrain.horovod bootstraps Gloo from the SLURM layout.
+        raise UsageError(f"distribute.strategy: horovod processes must be started by horovodrun, mpirun or srun, "
                          f"not by {world.launcher}")
     return requested
 
@@ -107,6 +108,18 @@ class Distribution:
     def average_metrics(self, metrics: dict, local_examples: int) -> dict:
         """Metrics over all workers (tf.distribute already aggregates them across replicas)."""
         return metrics
+
+    def peer_lost(self, err: Exception) -> bool:
+        """Whether an error raised while training means another worker is gone.
+
+        A collective whose peer died fails as unavailable/aborted/cancelled, or times out after
+        ``distribute.collective_timeout_s``.
+        """
+        import tensorflow as tf
+
+        return self.world.world_size > 1 and isinstance(err, (
+            tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.AbortedError,
+            tf.errors.CancelledError))
 
     def agree(self, flags: Sequence[bool]) -> list[bool]:
         """Each flag becomes true on every worker when it is true on any (a collective: all call it)."""

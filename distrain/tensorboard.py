@@ -42,9 +42,6 @@ log = logging.getLogger("distrain")
 TB_DIR = "tensorboard"
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 EPOCH_PREFIX, STEP_PREFIX = "epoch_", "batch_"
-# The step-level scalars besides the Keras metrics (loss, accuracy, ...).
-STEP_SCALARS = ("lr", "step_time_s", "images_per_s", "images_per_s_per_replica")
-TEXT_TAGS = ("world", "job_spec", "lr_plan")
 # The hparams the dashboard shows for every run, in this order, with a description.
 HPARAMS = {
     "model": "course model (distrain models)", "data": "data.source", "strategy": "tf.distribute strategy",
@@ -113,28 +110,35 @@ class EpochScalars(tf.keras.callbacks.Callback):
 class StepScalars(tf.keras.callbacks.Callback):
     """Every N global steps: the running metrics, the LR applied, step time and images/s.
 
-    Step time is the mean time between this callback's batch begin and batch end over the steps
-    since the last write: the train step and every callback before this one (the agreement
-    collective, backups), but not validation or epoch-end work. ``lr`` is put into the logs by
+    Step time is the wall time per step over the steps since the last write, measured from one
+    step's end to the next: the train step and every callback (backups, checkpoints, the
+    agreement all-reduce), but not the work between epochs (validation, epoch-end saves); an
+    epoch's first step counts from its own begin. ``lr`` is put into the logs by
     ``callbacks.RunMetrics``, which runs before this callback.
     """
 
-    def __init__(self, writers: Writers, every: int, global_batch: int, replicas: int, workers_summed: int = 1):
+    def __init__(self, writers: Writers, every: int, global_batch: int, replicas: int):
         super().__init__()
         self.writers = writers
         self.every = every
-        self.workers_summed = workers_summed
         self.global_batch = global_batch
         self.replicas = replicas
         self._began = 0.0
+        self._last_end = None
         self._time = 0.0
         self._steps = 0
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._last_end = None
+
     def on_train_batch_begin(self, batch, logs=None):
-        self._began = time.perf_counter()
+        if self._last_end is None:
+            self._began = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        self._time += time.perf_counter() - self._began
+        now = time.perf_counter()
+        self._time += now - (self._began if self._last_end is None else self._last_end)
+        self._last_end = now
         self._steps += 1
         step = _global_step(self.model)
         if step % self.every:
@@ -142,12 +146,8 @@ class StepScalars(tf.keras.callbacks.Callback):
         step_time = self._time / self._steps
         self._time, self._steps = 0.0, 0
         logs = logs or {}
-        # tf-keras reduces a step's outputs with distribute_reduction_method "auto": a SUM across
-        # the workers under MultiWorkerMirroredStrategy, of metric results that are already global
-        # (Keras computes them in a merge_call). So the step logs (and the chief's progress bar)
-        # show N workers x the running mean; the epoch-end logs are read again and are right.
-        factor = self.workers_summed if self.model.distribute_reduction_method in ("auto", "sum") else 1
-        values = {k: float(v) / factor for k, v in logs.items() if k in self.model.metrics_names and _is_number(v)}
+        # The step logs are global: run.train sets distribute_reduction_method = "first".
+        values = {k: float(v) for k, v in logs.items() if k in self.model.metrics_names and _is_number(v)}
         values.update(lr=logs.get("lr"), step_time_s=step_time,
                       images_per_s=self.global_batch / step_time,
                       images_per_s_per_replica=self.global_batch / step_time / self.replicas)
@@ -307,7 +307,6 @@ def hparams_of(spec, dist, plan) -> dict:
         "schedule": plan.schedule, "warmup_steps": plan.warmup_steps, "epochs": spec.train.epochs,
         "steps_per_epoch": plan.steps_per_epoch,
     }
-    assert tuple(values) == tuple(HPARAMS)
     return values
 
 
@@ -339,8 +338,7 @@ def tensorboard_callbacks(spec, run_dir: Path, dist, plan, splits) -> list:
                  EpochScalars(writers)]
     if spec.logging.update_every_steps:
         callbacks.append(StepScalars(writers, spec.logging.update_every_steps,
-                                     spec.data.batch_size_per_replica * dist.replicas, dist.replicas,
-                                     workers_summed=dist.world.world_size if dist.name == "multi_worker" else 1))
+                                     spec.data.batch_size_per_replica * dist.replicas, dist.replicas))
     if spec.logging.profile_steps:
         first, last = spec.logging.profile_steps
         callbacks.append(Profiler(log_dir, first, last))

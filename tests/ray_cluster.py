@@ -26,11 +26,15 @@ Why it is done this way:
   2.60 replaces a loopback node IP with the host's routable one, and the GCS, raylet and agents then
   listen on all interfaces.
 - ``--temp-dir`` is short: Ray's unix sockets live under it and their paths are limited to 107 bytes.
+- Token authentication is on (``RAY_AUTH_MODE=token``, a fresh token in the temp dir): other users
+  of the machine cannot use the head, and the tests show that ``ray job submit`` and
+  ``distrain ray`` work with it, as docs/ray.md recommends.
 """
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -157,7 +161,7 @@ class RayHead:
                        env=self.env, capture_output=True, timeout=30)
 
     def logs(self, tail: int = 60) -> str:
-        """The last lines of the head's and its daemons' logs, for failure messages."""
+        """The last lines of ``ray start``'s output, for failure messages."""
         lines = self.log.read_text(errors="replace").splitlines()[-tail:]
         return "\n".join(lines)
 
@@ -183,6 +187,11 @@ class RayHead:
             time.sleep(0.2)
         else:
             raise RuntimeError(f"Ray head processes still alive after {timeout}s: {sorted(left)}")
+        # The killed daemons were re-parented to init when `ray start` died; wait until it has
+        # reaped them, so that no trace of the head is left in `ps` (best effort: no failure).
+        reap_deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < reap_deadline:
+            time.sleep(0.2)
 
 
 def start_head(num_cpus: int, *, timeout: float = 90) -> RayHead:
@@ -195,8 +204,13 @@ def start_head(num_cpus: int, *, timeout: float = 90) -> RayHead:
     (gcs, dashboard, client, node_manager, object_manager, agent_http, agent_grpc, runtime_env_agent,
      metrics) = free_ports(9)
     token = uuid.uuid4().hex
+    auth_token = temp_dir / "auth_token"
+    auth_token.write_text(secrets.token_hex(32))
+    auth_token.chmod(0o600)
     env = worker_env(**{MARKER: token, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"})
+                        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(auth_token)})
+    env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_ADDRESS", None)
     command = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
@@ -209,20 +223,30 @@ def start_head(num_cpus: int, *, timeout: float = 90) -> RayHead:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=temp_dir,
                                 start_new_session=True)
     head = RayHead(proc, token, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", temp_dir, env, num_cpus, log)
+    try:
+        _wait_until_ready(head, timeout)
+    except BaseException:  # including a pytest timeout: never leave a head behind
+        head.stop()
+        raise
+    return head
+
+
+def _wait_until_ready(head: RayHead, timeout: float) -> None:
+    """Until ``ray start`` reports success and the job API answers (with the token)."""
+    request = urllib.request.Request(f"{head.dashboard_url}/api/version", headers={
+        "Authorization": f"Bearer {Path(head.env['RAY_AUTH_TOKEN_PATH']).read_text().strip()}"})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if head.proc.poll() is not None:
             break
         try:
-            with urllib.request.urlopen(f"{head.dashboard_url}/api/version", timeout=2) as response:
-                if response.status == 200 and "Ray runtime started" in log.read_text(errors="replace"):
-                    return head
+            with urllib.request.urlopen(request, timeout=2) as response:
+                if response.status == 200 and "Ray runtime started" in head.log.read_text(errors="replace"):
+                    return
         except OSError:
             pass
         time.sleep(0.5)
-    output = head.logs()
-    head.stop()
-    raise RuntimeError(f"the Ray head did not start within {timeout}s:\n{output}")
+    raise RuntimeError(f"the Ray head did not start within {timeout}s:\n{head.logs()}")
 
 
 def ray_head_fixture(num_cpus: int = 3):

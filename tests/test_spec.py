@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from distrain.errors import UsageError
 from distrain.spec import JobSpec, dump_spec, load_spec, reference, spec_from_dict

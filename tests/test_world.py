@@ -189,7 +189,7 @@ def test_choose_strategy(requested, launcher, size, gpus, expected):
     ("mirrored", "slurm", "mirrored trains in one process, but the slurm launcher started 4"),
     ("one_device", "tf_config", "one_device trains in one process"),
     ("multi_worker", "horovod", "use strategy horovod"),
-    ("horovod", "slurm", "must be started by horovodrun or mpirun"),
+    ("horovod", "tf_config", "must be started by horovodrun, mpirun or srun"),
 ])
 def test_strategy_conflicts(requested, launcher, match):
     with pytest.raises(UsageError, match=match):

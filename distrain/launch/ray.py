@@ -281,7 +281,7 @@ def _connect():
     address = os.environ.get("RAY_ADDRESS") or "auto"
     try:
         # The driver's own output is the user's; Ray's worker logs still reach it (log_to_driver).
-        ray.init(address=address, logging_level=logging.WARNING, configure_logging=True)
+        ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"ray: no Ray cluster at {address} ({first}); start one with `ray start --head` "
@@ -319,11 +319,12 @@ def failure_exit_code(error: BaseException) -> tuple[int, str]:
             return EXIT_USAGE, f"worker {rank}: {exc}"
     for rank in sorted(failures):
         exc = getattr(failures[rank], "_base_exc", failures[rank])
-        return EXIT_FAILED, f"worker {rank}: {type(exc).__name__}: {_first_line(exc)}"
-    return EXIT_FAILED, f"{type(error).__name__}: {_first_line(error)}"
+        return EXIT_FAILED, f"worker {rank}: {type(exc).__name__}: {_last_line(exc)}"
+    return EXIT_FAILED, f"{type(error).__name__}: {_last_line(error)}"
 
 
-def _first_line(err: BaseException) -> str:
+def _last_line(err: BaseException) -> str:
+    """The line that names the error: Ray's messages put the traceback first and the exception last."""
     lines = [line for line in str(err).strip().splitlines() if line.strip()]
     return lines[-1][:300] if lines else type(err).__name__
 

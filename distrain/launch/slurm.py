@@ -1,0 +1,394 @@
+"""``distrain slurm``: the sbatch script for any job, rendered by one function.
+
+On a SLURM cluster, from the distrain checkout (which every node sees at the same path)::
+
+    sbatch slurm/mobilenet.sh                                     a shipped render: 1 node, 4 GPUs
+    distrain slurm render jobs/cnn.yaml --nodes 4 --gpus-per-node 2 > cnn-4x2.sh && sbatch cnn-4x2.sh
+
+On one machine, with the local SLURM of ``cluster/slurm-local.sh`` (CPU only)::
+
+    cluster/slurm-local.sh start && eval "$(cluster/slurm-local.sh env)"
+    distrain slurm render jobs/quickstart.yaml --nodes 1 --gpus-per-node 0 --tasks-per-node 2 \\
+        --distrain "$PWD/.venv/bin/distrain" > qs.sh && sbatch --wait qs.sh
+
+``render_sbatch`` is the only place a script is written: its keyword arguments are the options of
+``distrain slurm render``, it reads nothing but the job file and returns text (the golden files in
+``tests/golden/`` pin its output, and ``slurm/*.sh`` are renders of ``jobs/*.yaml``). Each script
+holds the ``#SBATCH`` lines and a few settings, then sources ``slurm/distrain-launch.sh``, the
+body every script shares: it runs ``distrain slurm check`` (the job and the allocation, before
+anything starts), prints where TensorBoard's logs are and how to tunnel to them, runs
+``srun ... distrain train``, and turns exit 75 (preempted) and 76 (peer lost) into
+``scontrol requeue``. See docs/slurm.md.
+
+Layouts (``--strategy`` or the job's ``distribute.strategy``; ``auto`` is resolved as the run will):
+
+- one node, one task (``mirrored`` over its GPUs, or ``one_device``);
+- several nodes (or several CPU tasks), ``multi_worker``: one task per node using all its GPUs;
+- ``horovod``: one task per GPU (CPU only: ``--tasks-per-node`` tasks).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from distrain.errors import EXIT_FAILED, UsageError
+
+DEFAULT_TIME = "24:00:00"
+DEFAULT_DISTRAIN = "distrain"
+LAUNCHER = "slurm/distrain-launch.sh"  # relative to the directory sbatch runs in (the checkout)
+CPUS_PER_GPU = 4  # --cpus-per-task default: input pipeline threads per GPU of a task
+MAX_RESTARTS = 3  # requeues after a lost peer (exit 76), counted by SLURM_RESTART_COUNT
+ONE_PROCESS = ("one_device", "mirrored")
+
+_TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
+_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")  # job names, partitions, accounts: one plain word
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def check_layout(strategy: str, *, nodes: int, tasks: int, gpus_per_node: int, source: str,
+                 asked: str) -> str:
+    """The strategy the run will use with this many tasks, or a ``UsageError`` when it cannot work.
+
+    Pure; used for the request at render time and for the real allocation in the batch script
+    (``distrain slurm check``), so both refuse the same things.
+
+    Args:
+        strategy: the requested strategy (``auto`` included).
+        nodes, tasks, gpus_per_node: the layout (``tasks`` in all, over ``nodes`` nodes).
+        source: what set the strategy, for the message (``--strategy``, ``JOB: distribute.strategy``).
+        asked: how the layout was asked for, for the message (``--nodes 2``, ``the allocation``).
+
+    Returns:
+        one_device, mirrored, multi_worker or horovod.
+
+    Raises:
+        UsageError: one process strategies with several tasks; several tasks per node sharing GPUs.
+    """
+    if strategy in ONE_PROCESS and tasks > 1:
+        raise UsageError(f"{source} {strategy} trains in one process, but {asked} makes "
+                         f"{_plural(tasks, 'task')} on {_plural(nodes, 'node')}; use strategy multi_worker "
+                         "(one task per node) or horovod (one per GPU), or one node with one task")
+    if strategy in ("auto", "multi_worker") and gpus_per_node > 0 and tasks > nodes:
+        raise UsageError(f"{source} {strategy}: {asked} makes {_plural(tasks, 'task')} on "
+                         f"{_plural(nodes, 'node')} with GPUs, but a multi_worker task uses every GPU of "
+                         "its node; use one task per node, or strategy horovod for one task per GPU")
+    if strategy != "auto":
+        return strategy
+    if tasks > 1:
+        return "multi_worker"
+    return "mirrored" if gpus_per_node > 1 else "one_device"
+
+
+def _positive(value: Optional[int], flag: str, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise UsageError(f"{flag}: expected {'a positive integer' if minimum == 1 else f'an integer >= {minimum}'}, "
+                         f"got {value}")
+
+
+def _check_word(value: Optional[str], flag: str, what: str) -> None:
+    if value is not None and not _NAME.match(value):
+        raise UsageError(f"{flag}: expected {what} (letters, digits, _ . + -), got {value!r}")
+
+
+def _description(job: Path) -> list[str]:
+    """The job file's leading comment, up to its first indented (command) line."""
+    lines = []
+    for line in job.read_text().splitlines():
+        if not line.startswith("#") or line.startswith("#  ") or not line[1:].strip():
+            break
+        lines.append(line[1:].strip())
+    return lines
+
+
+def _strategy_source(job: str, overrides: Sequence[str], flag: Optional[str] = None) -> str:
+    """Where the run's strategy comes from, for messages: the flag, a --set, or the job file."""
+    if flag:
+        return "--strategy"
+    if any(o.split("=", 1)[0].strip() == "distribute.strategy" for o in overrides):
+        return "--set distribute.strategy"
+    return f"{job}: distribute.strategy"
+
+
+def _q(value: str) -> str:
+    return shlex.quote(str(value))
+
+
+def _row(command: str, comment: str) -> str:
+    """A header line ``#   COMMAND   COMMENT`` with the comments aligned where the commands allow."""
+    return f"#   {command:<56} {comment}"
+
+
+def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: Optional[int] = None,
+                  cpus_per_task: Optional[int] = None, time: str = DEFAULT_TIME,
+                  partition: Optional[str] = None, account: Optional[str] = None,
+                  strategy: Optional[str] = None, job_name: Optional[str] = None,
+                  runs_dir: Optional[str] = None, overrides: Sequence[str] = (), requeue: bool = True,
+                  distrain: str = DEFAULT_DISTRAIN, output: Optional[str] = None) -> str:
+    """The sbatch script that trains JOB with this layout (``distrain slurm render``'s options).
+
+    Reads only the job file (validated with its overrides); the result depends on nothing else.
+
+    Args:
+        job: the job's YAML file, as the script will name it (relative: to the directory sbatch
+            runs in, normally the distrain checkout).
+        nodes: ``--nodes``.
+        gpus_per_node: ``--gres=gpu:G`` (0: CPU only, no gres line).
+        tasks_per_node: tasks per node (default: one per node, one per GPU for horovod).
+        cpus_per_task: ``--cpus-per-task`` (default: 4 per GPU of a task, 1 without GPUs).
+        time: ``--time``, ``HH:MM:SS`` or ``D-HH:MM:SS``.
+        partition, account: ``--partition``/``--account`` (left as a comment when not given).
+        strategy: ``--set distribute.strategy=...`` for the run (default: the job's).
+        job_name: ``--job-name`` (default: the job's name).
+        runs_dir: the run dir is ``RUNS_DIR/NAME/slurm-JOBID`` (default: the job's output_dir).
+        overrides: ``key.path=value`` overrides passed to every ``distrain`` call.
+        requeue: turn exit 75/76 into ``scontrol requeue`` (``--no-requeue``: pass them through).
+        distrain: the ``distrain`` command on the nodes (e.g. a venv's ``bin/distrain``).
+        output: where the script will be (``--output``), for the commands in its header.
+
+    Returns:
+        The script's text.
+
+    Raises:
+        UsageError: the job is invalid or the request cannot work (one line naming the flag).
+
+    Example:
+        >>> print(render_sbatch("jobs/cnn.yaml", nodes=2, gpus_per_node=4))  # doctest: +SKIP
+    """
+    from distrain.spec import STRATEGIES, load_spec
+
+    _positive(nodes, "--nodes")
+    _positive(gpus_per_node, "--gpus-per-node", minimum=0)
+    _positive(tasks_per_node, "--tasks-per-node")
+    _positive(cpus_per_task, "--cpus-per-task")
+    if not _TIME.match(time):
+        raise UsageError(f"--time: expected HH:MM:SS or D-HH:MM:SS, got {time!r}")
+    _check_word(partition, "--partition", "a partition name")
+    _check_word(account, "--account", "an account name")
+    _check_word(job_name, "--job-name", "a job name")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise UsageError(f"--strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if not distrain.strip():
+        raise UsageError("--distrain: expected the distrain command, got ''")
+    run_overrides = [*overrides, *([f"distribute.strategy={strategy}"] if strategy else [])]
+    spec = load_spec(job, run_overrides)
+    requested = spec.distribute.strategy
+    source = _strategy_source(job, overrides, strategy)
+
+    if requested == "horovod":
+        if gpus_per_node and tasks_per_node not in (None, gpus_per_node):
+            raise UsageError(f"--tasks-per-node: horovod runs one task per GPU, so {gpus_per_node} with "
+                             f"--gpus-per-node {gpus_per_node}, got {tasks_per_node} (leave it out)")
+        if not gpus_per_node and tasks_per_node is None:
+            raise UsageError("--tasks-per-node: horovod without GPUs (--gpus-per-node 0) needs the number of "
+                             "CPU tasks per node, e.g. --tasks-per-node 2")
+        per_node = tasks_per_node or gpus_per_node
+    else:
+        per_node = tasks_per_node or 1
+    asked = f"--nodes {nodes}" + (f" --tasks-per-node {tasks_per_node}" if tasks_per_node else "")
+    resolved = check_layout(requested, nodes=nodes, tasks=nodes * per_node, gpus_per_node=gpus_per_node,
+                            source=source, asked=asked)
+    gpus_per_task = gpus_per_node // per_node if requested != "horovod" else min(gpus_per_node, 1)
+    cpus = cpus_per_task or (CPUS_PER_GPU * gpus_per_task if gpus_per_task else 1)
+    if job_name is None and not _NAME.match(spec.name):
+        raise UsageError(f"--job-name: the job's name {spec.name!r} is no SLURM job name (letters, digits, "
+                         "_ . + -); give one")
+    name = job_name or spec.name
+
+    command = ["distrain", "slurm", "render", job, "--nodes", str(nodes), "--gpus-per-node", str(gpus_per_node)]
+    for flag, value, default in (("--tasks-per-node", tasks_per_node, None), ("--cpus-per-task", cpus_per_task, None),
+                                 ("--time", time, DEFAULT_TIME), ("--partition", partition, None),
+                                 ("--account", account, None), ("--strategy", strategy, None),
+                                 ("--job-name", job_name, None), ("--runs-dir", runs_dir, None)):
+        if value != default:
+            command += [flag, str(value)]
+    for override in overrides:
+        command += ["--set", override]
+    if not requeue:
+        command.append("--no-requeue")
+    if distrain != DEFAULT_DISTRAIN:
+        command += ["--distrain", distrain]
+    if output is not None:
+        command += ["--output", output]
+
+    me = _q(output) if output else "SCRIPT"
+    what = f"{_plural(per_node, 'task')} each ({'horovod' if requested == 'horovod' else 'multi_worker'})"
+    if requested in ONE_PROCESS:
+        several = ["#   several nodes need strategy multi_worker (or horovod): render again, e.g.",
+                   f"#     distrain slurm render {_q(job)} --nodes 4 --gpus-per-node {gpus_per_node} "
+                   "--strategy multi_worker --output SCRIPT4"]
+    else:
+        more = 2 * nodes if nodes > 1 else 4
+        several = [_row(f"sbatch --nodes={more} {me}", f"{more} nodes, {what}")]
+    description = [f"#   {line}" for line in _description(Path(job))]
+    gpus = f"{gpus_per_node} GPU{'s' if gpus_per_node > 1 else ''} per node" if gpus_per_node else "CPU only"
+    out = [
+        "#!/bin/bash",
+        f"# {name}: {job} on SLURM: {_plural(nodes, 'node')} x {_plural(per_node, 'task')}, {gpus}, "
+        f"strategy {resolved}{' (auto)' if requested == 'auto' else ''}.",
+        *description,
+        "#",
+        "# Run from the distrain checkout (every node must see it, the job file and the runs dir at the",
+        f"# same paths){'' if output else ', SCRIPT being this file'}:",
+        _row(f"sbatch {me}", f"as rendered ({_plural(nodes, 'node')})"),
+        _row(f"sbatch --nodes=1 {me}", "one node") if nodes > 1 else None,
+        *several,
+        _row(f"DISTRAIN=$PWD/.venv/bin/distrain sbatch {me}", "a distrain not on PATH"),
+        _row(f"distrain train {_q(job)}", "one machine, no SLURM"),
+        "# Output: slurm-<job name>-<job id>.out, with the TensorBoard tunnel command at its top. The run",
+        f"# dir is RUNS_DIR/{spec.name}/slurm-<job id>, the same when the job is requeued, which resumes from",
+        "# the run's backup: exit 75 (preempted) and 76 (peer lost) requeue the job (docs/slurm.md).",
+        "#",
+        f"# Generated by: {shlex.join(command)}",
+        "# Edit the #SBATCH lines and the settings below freely; slurm/regenerate.sh rewrites slurm/*.sh.",
+        f"#SBATCH --job-name={name}",
+        f"#SBATCH --nodes={nodes}",
+        f"#SBATCH --ntasks-per-node={per_node}",
+        f"#SBATCH --gres=gpu:{gpus_per_node}" if gpus_per_node else None,
+        f"#SBATCH --cpus-per-task={cpus}",
+        f"#SBATCH --time={time}",
+        f"#SBATCH --partition={partition}" if partition else "##SBATCH --partition=PARTITION",
+        f"#SBATCH --account={account}" if account else "##SBATCH --account=ACCOUNT",
+        "#SBATCH --output=slurm-%x-%j.out",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --requeue" if requeue else "#SBATCH --no-requeue",
+        "#SBATCH --signal=USR1@90",
+        "",
+        "# Settings (relative paths are from the directory sbatch ran in).",
+        f"JOB={_q(job)}",
+        f"SET=({' '.join(_q(o) for o in run_overrides)})" if run_overrides else
+        "SET=()  # --set overrides for every run, e.g. SET=(train.epochs=3 data.batch_size_per_replica=128)",
+        f"RUNS_DIR={_q(runs_dir or spec.output_dir)}  # the run dir: RUNS_DIR/<job name>/slurm-$SLURM_JOB_ID",
+        f"DISTRAIN=${{DISTRAIN:-{_q(distrain)}}}  # the distrain command on every node",
+        f"REQUEUE={1 if requeue else 0}  # 1: exit 75 (preempted) and 76 (peer lost) requeue the job",
+        f"MAX_RESTARTS={MAX_RESTARTS}  # after a lost peer, requeue only while SLURM_RESTART_COUNT is below this",
+        "SRUN_ARGS=()  # more srun options, e.g. (--mpi=pmix) for an MPI build of Horovod",
+        "",
+        "# The common launcher: checks, TensorBoard hints, srun, requeue (read it for the details).",
+        f"launch=${{DISTRAIN_LAUNCH:-{LAUNCHER}}}",
+        '[[ -f $launch ]] || { echo "$launch: not found in $PWD; sbatch from the distrain checkout" >&2; exit 2; }',
+        f"# shellcheck source={LAUNCHER}",
+        'source "$launch"',
+    ]
+    return "\n".join(line for line in out if line is not None) + "\n"
+
+
+def check_allocation(job: str, *, nodes: int, tasks: int, gpus_per_node: int,
+                     overrides: Sequence[str] = ()) -> dict:
+    """What the batch script needs before ``srun``: the job is valid and fits the allocation.
+
+    Returns:
+        ``{"name", "strategy", "tensorboard"}``: the run's name (its directory), the strategy
+        the run will use, whether it writes TensorBoard logs.
+
+    Raises:
+        UsageError: the job is invalid or cannot run on this allocation.
+    """
+    from distrain.spec import load_spec
+
+    spec = load_spec(job, overrides)
+    asked = f"the allocation (SLURM_NTASKS={tasks}, SLURM_JOB_NUM_NODES={nodes})"
+    strategy = check_layout(spec.distribute.strategy, nodes=nodes, tasks=tasks, gpus_per_node=gpus_per_node,
+                            source=_strategy_source(job, overrides), asked=asked)
+    return {"name": spec.name, "strategy": strategy, "tensorboard": str(spec.logging.tensorboard).lower()}
+
+
+EPILOG = """\
+examples:
+  distrain slurm render jobs/mobilenet.yaml --nodes 1 --gpus-per-node 4 > mobilenet.sh
+  distrain slurm render jobs/cnn.yaml --nodes 4 --gpus-per-node 2 --time 04:00:00 --partition gpu
+  distrain slurm render jobs/mobilenet.yaml --nodes 2 --gpus-per-node 4 --strategy horovod
+  distrain slurm render jobs/quickstart.yaml --nodes 1 --gpus-per-node 0 --tasks-per-node 2   (CPU)
+then: sbatch mobilenet.sh (from the distrain checkout; see docs/slurm.md)
+exit codes: 0 rendered, 1 --check found FILE out of date, 2 an invalid job or an impossible request (one line)
+"""
+
+
+def add_parser(subparsers) -> None:
+    """Registers ``distrain slurm render`` and ``distrain slurm check``."""
+    p = subparsers.add_parser("slurm", help="sbatch scripts for a job (render)",
+                              description="SLURM launch: render an sbatch script for a job.")
+    sub = p.add_subparsers(dest="slurm_command", required=True, metavar="SUBCOMMAND")
+
+    r = sub.add_parser("render", help="print an sbatch script that trains a job",
+                       description="Print a complete sbatch script that trains JOB with this layout.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("job", help="the job's YAML file, as the script will name it (relative: to where sbatch runs)")
+    r.add_argument("--nodes", type=int, required=True, metavar="N")
+    r.add_argument("--gpus-per-node", type=int, required=True, metavar="G", help="GPUs per node (0: CPU only)")
+    r.add_argument("--tasks-per-node", type=int, metavar="T",
+                   help="tasks per node (default: 1; horovod: one per GPU, required without GPUs)")
+    r.add_argument("--cpus-per-task", type=int, metavar="C",
+                   help=f"CPUs per task (default: {CPUS_PER_GPU} per GPU of a task, 1 without GPUs)")
+    r.add_argument("--time", default=DEFAULT_TIME, metavar="HH:MM:SS", help=f"time limit (default: {DEFAULT_TIME})")
+    r.add_argument("--partition", metavar="P")
+    r.add_argument("--account", metavar="A")
+    r.add_argument("--strategy", metavar="S", help="the run's distribute.strategy (default: the job's)")
+    r.add_argument("--job-name", metavar="NAME", help="SLURM job name (default: the job's name)")
+    r.add_argument("--runs-dir", metavar="DIR", help="runs go to DIR/NAME/slurm-JOBID (default: the job's output_dir)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a key of the job in every run of the script (repeatable)")
+    r.add_argument("--no-requeue", dest="requeue", action="store_false",
+                   help="exit 75/76 end the job instead of requeueing it")
+    r.add_argument("--distrain", default=DEFAULT_DISTRAIN, metavar="COMMAND",
+                   help="the distrain command on the nodes, e.g. /path/.venv/bin/distrain (default: distrain)")
+    r.add_argument("--output", metavar="FILE",
+                   help="write the script to FILE (named in its header) instead of printing it")
+    r.add_argument("--check", action="store_true",
+                   help="with --output: write nothing, exit 1 if FILE is not this render (stale)")
+    r.set_defaults(handler=cmd_render)
+
+    c = sub.add_parser("check", help="(used by slurm/distrain-launch.sh) check a job against the allocation",
+                       description="Check JOB and its overrides against a SLURM allocation; print "
+                                   "name=, strategy= and tensorboard= lines. Exit 2 with one line if it cannot run.")
+    c.add_argument("job")
+    c.add_argument("--nodes", type=int, required=True)
+    c.add_argument("--tasks", type=int, required=True)
+    c.add_argument("--gpus-per-node", type=int, default=0)
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    c.set_defaults(handler=cmd_check)
+
+
+def render_from_args(args: argparse.Namespace) -> str:
+    """``render_sbatch`` called with the parsed options of ``distrain slurm render``."""
+    return render_sbatch(args.job, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                         tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, time=args.time,
+                         partition=args.partition, account=args.account, strategy=args.strategy,
+                         job_name=args.job_name, runs_dir=args.runs_dir, overrides=args.overrides,
+                         requeue=args.requeue, distrain=args.distrain, output=args.output)
+
+
+def cmd_render(args) -> int:
+    if args.check and args.output is None:
+        raise UsageError("--check: compares with the file of --output; give --output FILE")
+    text = render_from_args(args)
+    if args.output is None:
+        print(text, end="")
+        return 0
+    out = Path(args.output)
+    if args.check:
+        if not out.is_file() or out.read_text() != text:
+            print(f"distrain: {out} is not the render of its command; rewrite it with: slurm/regenerate.sh",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        return 0
+    if not out.parent.is_dir():
+        raise UsageError(f"--output: no such directory: {out.parent}")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    tmp.replace(out)
+    return 0
+
+
+def cmd_check(args) -> int:
+    info = check_allocation(args.job, nodes=args.nodes, tasks=args.tasks, gpus_per_node=args.gpus_per_node,
+                            overrides=args.overrides)
+    print("\n".join(f"{k}={v}" for k, v in info.items()))
+    return 0

@@ -1,0 +1,151 @@
+# shellcheck shell=bash
+# The body every sbatch script of distrain shares: sourced by slurm/*.sh (renders of
+# `distrain slurm render`) after their #SBATCH lines and settings. Not run on its own.
+#
+#   sbatch slurm/mobilenet.sh                             from the distrain checkout
+#   sbatch --export=ALL,DISTRAIN_RUN_DIR=runs/mobilenet/slurm-812 slurm/mobilenet.sh
+#                                                         continue that run (a new job id)
+#
+# What it does, in the batch script (one process on the first node):
+#   1. checks the job file, its overrides and the allocation (`distrain slurm check`): an invalid
+#      job, or more tasks than the job's strategy can use, ends the job here with one line and
+#      exit 2, before anything starts;
+#   2. prints the run dir and where TensorBoard's logs are, with the `ssh -L` tunnel and the
+#      `tensorboard --logdir ... --host 127.0.0.1` command to view them;
+#   3. srun --kill-on-bad-exit=1 --distribution=block ... $DISTRAIN train JOB --run-dir RUN_DIR
+#      [--set ...] (each task with SIGTERM/SIGUSR1 ignored until distrain's training handles them);
+#   4. maps distrain's exit code (srun returns the largest code of its tasks, so 75 when every
+#      task exits 75):
+#        0        done;
+#        75       preempted, backup written: `scontrol requeue`, then exit 0 (not a failure);
+#        76       a peer was lost: `scontrol requeue` while SLURM_RESTART_COUNT < MAX_RESTARTS,
+#                 else exit 76;
+#        other    passed through (1 failed, 2 bad input, 77 NaN loss, 128+N a task killed by
+#                 signal N).
+#      A requeued job keeps its id, so it runs again in the same run dir and resumes from its backup.
+#
+# Settings it reads (the rendered script sets them): JOB, SET (array of key.path=value), RUNS_DIR,
+# DISTRAIN, REQUEUE (1/0), MAX_RESTARTS, SRUN_ARGS (array). From the environment: DISTRAIN_RUN_DIR
+# (use this run dir instead of RUNS_DIR/NAME/slurm-JOBID), DISTRAIN_TB_PORT (default 6006),
+# DISTRAIN_PORT (the workers' base port; see docs/slurm.md).
+#
+# Exit codes: 0 done or requeued, 2 bad input (nothing started), else distrain's (see above).
+
+distrain_launch() {
+  local me=distrain-launch
+  local job=${JOB:-} runs_dir=${RUNS_DIR:-runs} distrain=${DISTRAIN:-distrain}
+  local requeue=${REQUEUE:-1} max_restarts=${MAX_RESTARTS:-3} restarts=${SLURM_RESTART_COUNT:-0}
+  local -a set_args=() srun_args=()
+  local kv
+
+  if [[ -z ${SLURM_JOB_ID:-} ]]; then
+    echo "$me: not inside a SLURM job; submit the script with sbatch" >&2
+    return 2
+  fi
+  if [[ -z $job ]]; then
+    echo "$me: JOB is not set; the script must set JOB=path/to/job.yaml before sourcing $me" >&2
+    return 2
+  fi
+  if [[ ! -f $job ]]; then
+    echo "$me: JOB=$job: no such job file (relative paths are from $PWD, where sbatch ran)" >&2
+    return 2
+  fi
+  if ! command -v "$distrain" >/dev/null 2>&1; then
+    echo "$me: DISTRAIN=$distrain: command not found on $(hostname); submit with DISTRAIN=/path/to/venv/bin/distrain" >&2
+    return 2
+  fi
+  if [[ ! $max_restarts =~ ^[0-9]+$ ]]; then
+    echo "$me: MAX_RESTARTS=$max_restarts: expected a non-negative integer" >&2
+    return 2
+  fi
+  for kv in ${SET[@]+"${SET[@]}"}; do set_args+=(--set "$kv"); done
+  srun_args=(${SRUN_ARGS[@]+"${SRUN_ARGS[@]}"})
+
+  # 1. The job and the allocation, before anything starts.
+  local info rc name="" strategy="" tensorboard=""
+  local nodes=${SLURM_JOB_NUM_NODES:-1}
+  local tasks=${SLURM_NTASKS:-$nodes}
+  rc=0
+  info=$("$distrain" slurm check "$job" --nodes "$nodes" --tasks "$tasks" \
+         --gpus-per-node "${SLURM_GPUS_ON_NODE:-0}" ${set_args[@]+"${set_args[@]}"}) || rc=$?
+  if ((rc == 2)); then
+    return 2  # distrain printed the one-line reason
+  elif ((rc != 0)); then
+    echo "$me: '$distrain slurm check' failed with exit $rc; not started" >&2
+    return "$rc"
+  fi
+  local key value
+  while IFS='=' read -r key value; do
+    case $key in
+      name) name=$value ;;
+      strategy) strategy=$value ;;
+      tensorboard) tensorboard=$value ;;
+    esac
+  done <<<"$info"
+
+  # 2. The run dir, keyed by the job id so a requeued job finds its backup; TensorBoard.
+  local run_dir=${DISTRAIN_RUN_DIR:-$runs_dir/$name/slurm-$SLURM_JOB_ID}
+  [[ $run_dir == /* ]] || run_dir=$PWD/$run_dir
+  local tb_port=${DISTRAIN_TB_PORT:-6006} login=${SLURM_SUBMIT_HOST:-LOGIN_NODE}
+  echo "$me: job $SLURM_JOB_ID${SLURM_RESTART_COUNT:+ (restart $SLURM_RESTART_COUNT)}: $job," \
+       "$tasks task(s) on ${SLURM_JOB_NODELIST:-$nodes node(s)}, strategy $strategy"
+  echo "$me: run dir $run_dir"
+  if [[ $tensorboard == true ]]; then
+    echo "$me: TensorBoard logs: $run_dir/tensorboard"
+    echo "$me:   on $login: tensorboard --logdir $run_dir/tensorboard --host 127.0.0.1 --port $tb_port"
+    echo "$me:   on your machine: ssh -N -L $tb_port:127.0.0.1:$tb_port ${USER:-$(id -un)}@$login" \
+         "then open http://127.0.0.1:$tb_port"
+  else
+    echo "$me: TensorBoard: off for this job (logging.tensorboard: false)"
+  fi
+  if [[ -e $run_dir/backup/checkpoint ]]; then
+    echo "$me: resuming from $run_dir/backup"
+  fi
+
+  # 3. Every task runs the same command; distrain finds its rank in SLURM's variables.
+  # srun does not take --cpus-per-task from the batch environment in SLURM 22.05: pass it on.
+  # The tasks start with SIGTERM and SIGUSR1 ignored; distrain handles both while it trains (an
+  # agreed stop, a backup, exit 75). Why: when the first task exits 75, --kill-on-bad-exit makes
+  # srun SIGTERM the others, which have taken the same decision but are still exiting; killed by
+  # that signal they would make srun report 143 instead of 75 and the job would not be requeued.
+  # Outside training the signals are then ignored; SLURM's SIGKILL still follows after KillWait.
+  export PYTHONUNBUFFERED=1
+  rc=0
+  srun --kill-on-bad-exit=1 --distribution=block \
+    ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} ${srun_args[@]+"${srun_args[@]}"} \
+    bash -c 'trap "" TERM USR1; exec "$@"' distrain-task \
+    "$distrain" train "$job" --run-dir "$run_dir" ${set_args[@]+"${set_args[@]}"} || rc=$?
+
+  # 4. distrain's exit code.
+  local why resume="sbatch --export=ALL,DISTRAIN_RUN_DIR=$run_dir <this script>"
+  case $rc in
+    0) echo "$me: done; run dir $run_dir"; return 0 ;;
+    75) why="preempted (exit 75), backup written" ;;
+    76)
+      why="a peer was lost (exit 76)"
+      if ((restarts >= max_restarts)); then
+        echo "$me: $why; not requeued: the job has restarted $restarts time(s) (MAX_RESTARTS=$max_restarts)." \
+             "Continue it with: $resume" >&2
+        return "$rc"
+      fi
+      ;;
+    *) echo "$me: distrain exited with $rc; run dir $run_dir" >&2; return "$rc" ;;
+  esac
+  if [[ $requeue != 1 ]]; then
+    echo "$me: $why; REQUEUE=$requeue, so the job ends here." \
+         "Continue it with: $resume" >&2
+    return "$rc"
+  fi
+  echo "$me: $why; requeueing job $SLURM_JOB_ID: it resumes from $run_dir/backup"
+  if ! scontrol requeue "$SLURM_JOB_ID"; then
+    echo "$me: scontrol requeue $SLURM_JOB_ID failed." \
+         "Continue the run with: $resume" >&2
+    return "$rc"
+  fi
+  # Requeued: SLURM ends this run of the script itself; exit 0 if it has not yet, so the run is
+  # not recorded as a failure.
+  return 0
+}
+
+distrain_launch
+exit $?
