@@ -2,6 +2,7 @@
 the text and the hparams come from the chief alone, TensorBoard's own reader and a real
 TensorBoard server read them back, and ``distrain tensorboard`` serves a runs dir."""
 import json
+import math
 import re
 import subprocess
 import time
@@ -139,6 +140,13 @@ def test_every_scalar_per_epoch_and_per_step(run):
     assert [lr[e["step"]] for e in history] == pytest.approx([e["lr"] for e in history], rel=1e-6)
     assert max(lr.values()) == pytest.approx(0.1, rel=1e-6) and lr[4] == pytest.approx(0.1, rel=1e-6)
     assert lr[STEPS] < lr[6] < lr[4]  # cosine decay after the warmup
+    # Each value is the formula's for the step just applied (0-based step s - 1): Goyal's warmup from
+    # the unscaled 0.05 over 3 steps, then cosine from the peak 0.1 down to 0.1 x 0.1 over 9 steps.
+    def formula(step):
+        if step < 3:
+            return 0.05 + (0.1 - 0.05) * step / 3
+        return 0.1 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 3) / 9)))
+    assert lr == pytest.approx({s: formula(s - 1) for s in steps}, rel=1e-6)
     # Keras' running mean at an epoch's last step equals the epoch's value (not 2x: see StepScalars).
     for metric in ("loss", "accuracy"):
         per_step = scalars(train, f"batch_{metric}")
