@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -42,6 +43,11 @@ class RunState:
     def install_signal_handlers(self) -> dict:
         """SIGTERM and SIGUSR1 (SLURM's ``--signal=USR1@90``) ask for a stop at the next agreed step."""
         previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            # Ray Train V2 runs the training function in a thread, where signal.signal raises
+            # ValueError; there Ray's FailureConfig handles lost and preempted workers.
+            log.info("not in the main thread: SIGTERM/SIGUSR1 are left to the launcher")
+            return previous
 
         def handler(signum, _frame):
             self.signal_received = signal.Signals(signum).name

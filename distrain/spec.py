@@ -173,8 +173,12 @@ def _expected(kind: str, meta: dict) -> str:
             return f"a non-negative {kind}"
         lo_s = f"{'>' if meta.get('min_exclusive') else '>='} {lo:g}"
         hi_s = "" if hi is None else f" and {'<' if meta.get('max_exclusive') else '<='} {hi:g}"
-        return f"a {kind} {lo_s}{hi_s}"
-    return f"a {kind}" if kind[0] not in "aeiou" else f"an {kind}"
+        return f"{_article(kind)} {kind} {lo_s}{hi_s}"
+    return f"{_article(kind)} {kind}"
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def _scalar(value: Any, typ: type, meta: dict, path: str) -> Any:

@@ -34,7 +34,7 @@ PORT_RANGE = (20000, 40000)  # where job-derived ports land; above most services
 class World:
     """This process's place in the job."""
 
-    launcher: str  # local | tf_config | slurm | horovod | mpi
+    launcher: str  # local | tf_config | slurm | horovod | mpi (| ray, set by distrain ray)
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0

@@ -45,7 +45,7 @@ MALFORMED = [
     ("data: {augment: {rotation: 2}}", "data.augment.rotation: expected a number >= 0 and <= 1, got 2"),
     ("data: [1, 2]", "data: expected a mapping of keys, got [1, 2]"),
     ("distribute: {strategy: parameter_server}", 'distribute.strategy: expected one of auto, one_device, mirrored, multi_worker, horovod'),
-    ("distribute: {port: 80}", "distribute.port: expected a integer >= 1024 and <= 65535, got 80"),
+    ("distribute: {port: 80}", "distribute.port: expected an integer >= 1024 and <= 65535, got 80"),
     ("distribute: {strategy: one_device, devices: [/gpu:0]}", "distribute.devices: only used with strategy mirrored"),
     ("train: {warmup_epochs: 1, warmup_steps: 10}", "train.warmup_steps: set warmup_epochs or warmup_steps, not both"),
     ("train: {schedule: {name: step, boundaries: [7, 3]}}", "train.schedule.boundaries: expected increasing epochs, got [7.0, 3.0]"),

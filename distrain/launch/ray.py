@@ -20,7 +20,6 @@ cluster's CPUs and GPUs against the request (Ray would otherwise wait forever fo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -31,7 +30,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from distrain.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, TrainingStopped, UsageError
 
@@ -367,8 +366,7 @@ def train_loop(config: dict) -> Optional[dict]:
     (run_dir / f".ray-worker-{world.rank}.pid").write_text(f"{os.getpid()}\n")
 
     reporter = ray_report_callback(run_dir, world.is_chief)
-    with signal_handlers_off_main_thread():
-        summary = train(spec, run_dir, world=world, extra_callbacks=[reporter])
+    summary = train(spec, run_dir, world=world, extra_callbacks=[reporter])
     # A last report with the test metrics: every worker reports as often as the others.
     final = {k: v[-1] for k, v in summary.get("history", {}).items() if v}
     final.update({f"test_{k}": v for k, v in summary.get("test", {}).items()})
@@ -386,29 +384,6 @@ def require_tf_keras() -> None:
         raise RuntimeError(
             f"tf.keras is {tf.keras.Model.__module__}, not tf_keras: TensorFlow was imported before "
             f"TF_USE_LEGACY_KERAS=1 reached this Ray worker (pass it in the runtime_env env_vars)")
-
-
-@contextlib.contextmanager
-def signal_handlers_off_main_thread() -> Iterator[None]:
-    """Lets ``run.train`` run in Ray Train V2's training thread.
-
-    V2 calls the train function in a thread of the worker actor, and ``signal.signal`` raises
-    ``ValueError`` outside the main thread. Off the main thread, ``RunState`` skips installing the
-    SIGTERM/SIGUSR1 handlers; Ray handles node preemption itself (its ``FailureConfig``).
-    """
-    import threading
-
-    from distrain.callbacks import RunState
-
-    if threading.current_thread() is threading.main_thread():
-        yield
-        return
-    original = RunState.install_signal_handlers
-    RunState.install_signal_handlers = lambda self: {}
-    try:
-        yield
-    finally:
-        RunState.install_signal_handlers = original
 
 
 def report_to_ray(metrics: dict, run_dir: Path, is_chief: bool) -> None:
