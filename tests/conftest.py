@@ -109,3 +109,57 @@ def run_distrain(args: list[str], timeout: float = 300, env: dict | None = None,
     """Runs ``distrain ARGS`` in a fresh process; a test fails, not hangs, past the timeout."""
     return subprocess.run([*DISTRAIN, *args], capture_output=True, text=True, timeout=timeout,
                           env=env or worker_env(), cwd=cwd)
+
+
+def model_weights(run_dir: Path) -> list:
+    """The weights of a run's ``model.keras`` (loaded in safe mode, without the optimizer)."""
+    import distrain  # noqa: F401  (tf-keras for tf.keras)
+    import tensorflow as tf
+
+    model = tf.keras.models.load_model(str(run_dir / "model.keras"), safe_mode=True, compile=False)
+    return [w.numpy() for w in model.weights]
+
+
+def assert_same_weights(a: list, b: list, tol: float = 1e-5) -> None:
+    """Each weight tensor of ``a`` within ``tol`` relative (L2) distance of ``b``'s."""
+    import numpy as np
+
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        rel = np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-12)
+        assert rel <= tol, f"relative difference {rel:.2e} > {tol}"
+
+
+def backup_step(run_dir: Path) -> int:
+    """The global step of a run's latest backup (0 without one)."""
+    import re
+
+    try:
+        text = (run_dir / "backup" / "checkpoint").read_text()
+    except OSError:
+        return 0
+    m = re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', text, re.M)
+    return int(m.group(1)) if m else 0
+
+
+def files_written(trace: Path, under: Path | None = None) -> set[str]:
+    """Paths a process opened for writing, created or renamed something to, from its strace log
+    (``strace -f -e trace=open,openat,creat,rename,renameat,renameat2``). With ``under``: only the
+    paths below it, relative to it."""
+    import re
+
+    written = set()
+    for line in trace.read_text(errors="replace").splitlines():
+        if line.rstrip().endswith(("ENOENT (No such file or directory)", "EEXIST (File exists)")):
+            continue
+        m = re.search(r'(?:open|openat|creat)\((?:AT_FDCWD, )?"([^"]+)"(?:, ([A-Z_|]+))?', line)
+        if m and ("creat(" in line or re.search(r"O_WRONLY|O_RDWR|O_CREAT", m.group(2) or "")):
+            written.add(m.group(1))
+            continue
+        m = re.search(r'rename(?:at2?)?\((?:AT_FDCWD, )?"[^"]+", (?:AT_FDCWD, )?"([^"]+)"', line)
+        if m:
+            written.add(m.group(1))
+    if under is None:
+        return written
+    root = str(Path(under).resolve())
+    return {os.path.relpath(p, root) for p in written if p == root or p.startswith(root + os.sep)}

@@ -3,10 +3,10 @@ MultiWorkerMirroredStrategy with 2 real processes, each against one device with 
 batch, the same initial weights and no randomness (no dropout, no augmentation)."""
 import json
 
-import numpy as np
 import pytest
 
-from conftest import DISTRAIN, free_ports, run_distrain, tf_config, worker_env, write_job
+from conftest import (DISTRAIN, assert_same_weights, free_ports, model_weights, run_distrain, tf_config,
+                      worker_env, write_job)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -21,21 +21,6 @@ distribute: {{strategy: {strategy}, cpu_devices: {cpu_devices}}}
 checkpoint: {{every_epochs: 0, save_best: false, backup_every_steps: 0}}
 logging: {{tensorboard: false, verbose: 0}}
 """
-
-
-def weights(run_dir):
-    import distrain  # noqa: F401
-    import tensorflow as tf
-
-    model = tf.keras.models.load_model(str(run_dir / "model.keras"), safe_mode=True, compile=False)
-    return [w.numpy() for w in model.weights]
-
-
-def assert_same_weights(a, b, tol=1e-5):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        rel = np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-12)
-        assert rel <= tol, f"relative difference {rel:.2e} > {tol}"
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +41,7 @@ def test_mirrored_two_logical_cpus_equals_one_device(single_device_run, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["strategy"], summary["replicas"], summary["global_batch"], summary["steps"]) == ("mirrored", 2, 32, STEPS)
-    assert_same_weights(weights(tmp_path / "run"), weights(single_device_run))
+    assert_same_weights(model_weights(tmp_path / "run"), model_weights(single_device_run))
 
 
 @pytest.mark.timeout(300)
@@ -70,7 +55,7 @@ def test_two_worker_processes_equal_one_process(single_device_run, tmp_path, wor
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["strategy"], summary["world_size"], summary["replicas"], summary["global_batch"],
             summary["steps"]) == ("multi_worker", 2, 2, 32, STEPS)
-    assert_same_weights(weights(run_dir), weights(single_device_run))
+    assert_same_weights(model_weights(run_dir), model_weights(single_device_run))
     # Test metrics are aggregated over both workers' shards: equal to one process's.
     single = json.loads((single_device_run / "summary.json").read_text())
     assert summary["test"]["accuracy"] == pytest.approx(single["test"]["accuracy"], abs=1e-6)

@@ -8,11 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import DISTRAIN, free_ports, run_distrain, tf_config, worker_env, write_job
+from conftest import (DISTRAIN, backup_step, files_written, free_ports, run_distrain, tf_config, worker_env,
+                      write_job)
 from distrain.errors import EXIT_NAN, EXIT_PEER_LOST, EXIT_PREEMPTED
 
 pytestmark = pytest.mark.multiprocess
@@ -42,14 +42,6 @@ def start_pair(workers_factory, job_file, run_dir, ports=None, log_dir=None, pyt
     else:
         cmd = [*DISTRAIN, "train", str(job_file), "--run-dir", str(run_dir)]
     return workers_factory([cmd, cmd], [worker_env(TF_CONFIG=tf_config(ports, i)) for i in range(2)], log_dir)
-
-
-def backup_step(run_dir: Path) -> int:
-    index = run_dir / "backup" / "checkpoint"
-    if not index.exists():
-        return 0
-    m = re.search(r'model_checkpoint_path: "ckpt-(\d+)"', index.read_text())
-    return int(m.group(1)) if m else 0
 
 
 def wait_for(predicate, timeout, what):
@@ -218,24 +210,6 @@ def test_nan_loss_ends_the_run_with_exit_77_and_a_clear_message(tmp_path):
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
-def _writes(trace: Path, run_dir: Path) -> set[str]:
-    """Files a process created or wrote under run_dir, from its strace log."""
-    written = set()
-    root = str(run_dir.resolve())
-    for line in trace.read_text(errors="replace").splitlines():
-        m = re.search(r'open(?:at)?\((?:AT_FDCWD, )?"([^"]+)", ([A-Z_|]+)', line)
-        if m and re.search(r"O_WRONLY|O_RDWR|O_CREAT", m.group(2)) and not line.rstrip().endswith("ENOENT (No such file or directory)"):
-            path = m.group(1)
-        else:
-            m = re.search(r'rename(?:at2?)?\((?:AT_FDCWD, )?"[^"]+", (?:AT_FDCWD, )?"([^"]+)"', line)
-            if not m:
-                continue
-            path = m.group(1)
-        if path.startswith(root):
-            written.add(os.path.relpath(path, root))
-    return written
-
-
 @pytest.mark.timeout(300)
 def test_no_two_processes_write_the_same_path(tmp_path, workers_factory):
     if subprocess.run(["strace", "-V"], capture_output=True).returncode != 0:
@@ -247,7 +221,7 @@ def test_no_two_processes_write_the_same_path(tmp_path, workers_factory):
              str(tmp_path / f"trace{i}"), *DISTRAIN, "train", str(job_file), "--run-dir", str(run_dir)] for i in range(2)]
     pair = workers_factory(cmds, [worker_env(TF_CONFIG=tf_config(ports, i)) for i in range(2)])
     assert pair.wait(timeout=240) == [0, 0], pair.output()
-    chief, worker = _writes(tmp_path / "trace0", run_dir), _writes(tmp_path / "trace1", run_dir)
+    chief, worker = (files_written(tmp_path / f"trace{i}", under=run_dir) for i in range(2))
     assert chief and worker
     assert not chief & worker, f"both processes wrote {sorted(chief & worker)}"
     # The worker wrote only its log and its own scratch dir, which is gone.

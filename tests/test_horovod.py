@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import DISTRAIN, Workers, free_ports, run_distrain, worker_env, write_job
+from conftest import (DISTRAIN, Workers, assert_same_weights, backup_step, files_written, free_ports, model_weights,
+                      run_distrain, worker_env, write_job)
 from distrain import horovod as hvd_backend
 from distrain.errors import UsageError
 from distrain.strategy import choose_strategy
@@ -92,44 +91,6 @@ def history(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "history.json").read_text())
 
 
-def weights(run_dir: Path) -> list[np.ndarray]:
-    import distrain  # noqa: F401  (tf-keras for tf.keras)
-    import tensorflow as tf
-
-    model = tf.keras.models.load_model(str(run_dir / "model.keras"), safe_mode=True, compile=False)
-    return [w.numpy() for w in model.weights]
-
-
-def assert_same_weights(a, b, tol=1e-5):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        rel = np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-12)
-        assert rel <= tol, f"relative difference {rel:.2e} > {tol}"
-
-
-def backup_step(run_dir: Path) -> int:
-    index = run_dir / "backup" / "checkpoint"
-    m = re.search(r'model_checkpoint_path: "ckpt-(\d+)"', index.read_text()) if index.exists() else None
-    return int(m.group(1)) if m else 0
-
-
-def written_paths(trace: Path, run_dir: Path) -> set[str]:
-    """Paths under run_dir a process opened for writing or renamed into place (its strace log)."""
-    root, written = str(run_dir.resolve()), set()
-    for line in trace.read_text(errors="replace").splitlines():
-        m = re.search(r'open(?:at)?\((?:AT_FDCWD, )?"([^"]+)", ([A-Z_|]+)', line)
-        if m and re.search(r"O_WRONLY|O_RDWR|O_CREAT", m.group(2)) and "ENOENT" not in line:
-            path = m.group(1)
-        else:
-            m = re.search(r'rename(?:at2?)?\((?:AT_FDCWD, )?"[^"]+", (?:AT_FDCWD, )?"([^"]+)"', line)
-            if not m:
-                continue
-            path = m.group(1)
-        if path.startswith(root):
-            written.add(os.path.relpath(path, root))
-    return written
-
-
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
     """The reference: one process, one replica of 32 (the 2 ranks below have 16 each)."""
@@ -162,7 +123,7 @@ def test_two_ranks_train_the_same_weights_as_one_process(horovod_run, single_run
     result = summary(run_dir)
     assert (result["launcher"], result["strategy"], result["world_size"], result["replicas"], result["global_batch"],
             result["steps"]) == ("horovod", "horovod", 2, 2, 32, STEPS)
-    assert_same_weights(weights(run_dir), weights(single_run))
+    assert_same_weights(model_weights(run_dir), model_weights(single_run))
     assert "rank 1/2" in (run_dir / "logs" / "rank1.log").read_text()
     # Saved with the plain optimizer class: model.keras compiles again without Horovod.
     from distrain.models import load_trained_model
@@ -202,8 +163,8 @@ def test_only_rank_0_writes_the_run_dir(horovod_run):
     assert backup_step(run_dir) == STEPS
     if not shutil.which("strace"):
         pytest.fail("strace is needed to audit each rank's writes (scripts/test.sh installs it)")
-    rank0 = written_paths(horovod_run / "trace.0", run_dir)
-    rank1 = written_paths(horovod_run / "trace.1", run_dir)
+    rank0 = files_written(horovod_run / "trace.0", under=run_dir)
+    rank1 = files_written(horovod_run / "trace.1", under=run_dir)
     assert {"summary.json", "model.keras", "checkpoints/best.weights.h5", "backup/checkpoint"} <= rank0
     assert any(p.startswith("tensorboard/") for p in rank0)
     # Rank 1 saved every checkpoint too, into its own scratch dir, and wrote nothing else but its log.
@@ -250,7 +211,7 @@ def test_a_killed_rank_ends_the_job_and_the_rerun_resumes_exactly(needs_horovod,
     assert result["epochs_completed"] == 2
     assert [e["epoch"] for e in history(run_dir)] == [1, 2]
     # An exact resume: the same weights as the uninterrupted runs.
-    assert_same_weights(weights(run_dir), weights(single_run))
+    assert_same_weights(model_weights(run_dir), model_weights(single_run))
     assert not (run_dir / ".workertemp").exists()
 
 
@@ -285,7 +246,7 @@ def test_srun_tasks_bootstrap_gloo_without_horovodrun(needs_horovod, tmp_path, r
     result = summary(run_dir)
     assert (result["launcher"], result["strategy"], result["world_size"], result["steps"]) == (
         "slurm", "horovod", 2, STEPS)
-    assert_same_weights(weights(run_dir), weights(single_run))
+    assert_same_weights(model_weights(run_dir), model_weights(single_run))
     assert f"Horovod rendezvous on 127.0.0.1:{port} for 2 processes" in (run_dir / "logs" / "rank0.log").read_text()
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_ports, run_distrain, write_job
+from conftest import REPO, backup_step, free_ports, run_distrain, write_job
 from distrain.errors import EXIT_FAILED, EXIT_PEER_LOST, EXIT_USAGE, TrainingStopped, UsageError
 from distrain.launch import ray as ray_launch
 from distrain.spec import spec_from_dict
@@ -340,15 +340,6 @@ def test_submit_trains_with_two_workers(ray_head, tmp_path):
     assert ray_result["summary"]["steps"] == 20  # rank 0's return value
 
 
-def _backup_step(run_dir: Path) -> int:
-    try:
-        text = (run_dir / "backup" / "checkpoint").read_text()
-    except OSError:
-        return 0
-    found = re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', text, re.M)
-    return int(found.group(1)) if found else 0
-
-
 @pytest.mark.ray
 @pytest.mark.multiprocess
 @pytest.mark.timeout(180)
@@ -369,9 +360,9 @@ def test_killed_worker_is_restarted_from_the_backup(ray_head, tmp_path):
         killed = None
         while killed is None and time.monotonic() < deadline and client.poll() is None:
             pid_file = run_dir / ".ray-worker-1.pid"
-            if _backup_step(run_dir) >= 5 and pid_file.exists():
+            if backup_step(run_dir) >= 5 and pid_file.exists():
                 killed = int(pid_file.read_text())
-                killed_at = _backup_step(run_dir)
+                killed_at = backup_step(run_dir)
                 os.kill(killed, signal.SIGKILL)
             time.sleep(0.05)
         assert killed is not None, "no backup appeared in time\n" + log.read_text()[-5000:]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, write_job
+from conftest import REPO, backup_step, write_job
 from slurm_cluster import slurm_fixture
 from distrain.cli import build_parser, main
 from distrain.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE
@@ -447,9 +447,9 @@ def test_one_task_on_each_of_two_nodes(slurm_two_nodes, tmp_path):
     assert result.returncode == 0, result.output
     run_dir = tmp_path / "runs" / "two" / f"slurm-{result.job_id}"
     assert_finished_run(run_dir, result.output, steps=20)
-    assert f"2 task(s) on n[1-2], strategy multi_worker" in result.output
+    assert "2 task(s) on n[1-2], strategy multi_worker" in result.output
     for rank in (0, 1):  # one task on each node: each is the only one on its node
-        assert f"(local 0/1, launcher slurm" in (run_dir / "logs" / f"rank{rank}.log").read_text()
+        assert "(local 0/1, launcher slurm" in (run_dir / "logs" / f"rank{rank}.log").read_text()
 
 
 @pytest.mark.slurm
@@ -512,12 +512,6 @@ def test_workers_are_addressed_by_node_addr_on_two_nodes(slurm_two_nodes, tmp_pa
             assert w["tf_config"]["task"] == {"type": "worker", "index": w["rank"]}
 
 
-def backup_step(run_dir: Path) -> int:
-    index = run_dir / "backup" / "checkpoint"
-    m = re.search(r'model_checkpoint_path: "ckpt-(\d+)"', index.read_text()) if index.exists() else None
-    return int(m.group(1)) if m else 0
-
-
 @pytest.mark.slurm
 @pytest.mark.multiprocess
 @pytest.mark.timeout(420)
@@ -566,7 +560,7 @@ def test_impossible_requests_fail_in_the_script_before_srun(slurm_one_node, tmp_
     if case == "mirrored with 2 tasks":
         script = rendered(tmp_path, job, "--nodes", "1", "--strategy", "mirrored")
         sbatch_args.append("--ntasks-per-node=2")  # more tasks than the rendered layout
-        message = (f"distrain: error: --set distribute.strategy mirrored trains in one process, but the allocation "
+        message = ("distrain: error: --set distribute.strategy mirrored trains in one process, but the allocation "
                    "(SLURM_NTASKS=2, SLURM_JOB_NUM_NODES=1) makes 2 tasks on 1 node")
     elif case == "missing job file":
         script = rendered(tmp_path, job, "--nodes", "1")

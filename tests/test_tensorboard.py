@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DISTRAIN, REPO, Workers, free_ports, tf_config, worker_env, write_job
+from conftest import DISTRAIN, REPO, Workers, files_written, free_ports, tf_config, worker_env, write_job
 
 pytestmark = pytest.mark.multiprocess
 
@@ -69,22 +69,6 @@ def two_worker_run(tmp_path_factory) -> TwoWorkerRun:
         workers.kill()
     done.write_text(str(workers.procs[0].pid))
     return TwoWorkerRun(root / "run", workers.procs[0].pid, root / "worker1.strace")
-
-
-def files_written(trace: Path) -> set[str]:
-    """Paths a traced process opened for writing, created, or renamed something to."""
-    written = set()
-    for line in trace.read_text(errors="replace").splitlines():
-        if line.rstrip().endswith(("ENOENT (No such file or directory)", "EEXIST (File exists)")):
-            continue
-        m = re.search(r'(?:open|openat|creat)\((?:AT_FDCWD, )?"([^"]+)"(?:, ([A-Z_|]+))?', line)
-        if m and ("creat(" in line or re.search(r"O_WRONLY|O_RDWR|O_CREAT", m.group(2) or "")):
-            written.add(m.group(1))
-            continue
-        m = re.search(r'rename(?:at2?)?\((?:AT_FDCWD, )?"[^"]+", (?:AT_FDCWD, )?"([^"]+)"', line)
-        if m:
-            written.add(m.group(1))
-    return written
 
 
 @pytest.fixture(scope="module")
