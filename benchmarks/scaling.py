@@ -94,7 +94,7 @@ def main() -> None:
              + ("" if with_horovod else "\nHorovod is not installed here (scripts/install-horovod.sh): no Horovod column."))
     print(table)
     if args.record:
-        record("scaling", table)
+        record(f"scaling-batch{args.batch}", table)
 
 
 if __name__ == "__main__":

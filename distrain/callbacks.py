@@ -27,16 +27,24 @@ from typing import Optional
 import tensorflow as tf
 
 from distrain.errors import EXIT_NAN, EXIT_PREEMPTED, TrainingStopped
+from distrain.lr import lr_at
 
 log = logging.getLogger("distrain")
 
 
 class RunState:
-    """What the run's callbacks share: the preemption request and the steps per epoch."""
+    """What the run's callbacks share: the global step, the preemption request, the LR plan.
 
-    def __init__(self, steps_per_epoch: int, global_batch: int):
+    ``step`` is the optimizer's step count kept in Python (``RunMetrics``, the first callback,
+    advances it): reading ``optimizer.iterations`` at every step would make Python wait for each
+    step to finish before Keras can queue the next one.
+    """
+
+    def __init__(self, steps_per_epoch: int, global_batch: int, plan, start_step: int = 0):
         self.steps_per_epoch = steps_per_epoch
         self.global_batch = global_batch
+        self.plan = plan
+        self.step = start_step
         self.signal_received: Optional[str] = None
         self.train_time_s = 0.0  # epochs' wall time in this process, validation included
 
@@ -58,29 +66,41 @@ class RunState:
         return previous
 
 
-def _global_step(model) -> int:
-    return int(model.optimizer.iterations.numpy())
-
-
 def _loss_is_finite(logs) -> bool:
-    """False after a NaN/Inf step: such weights must never become a backup or checkpoint."""
+    """False after a NaN/Inf step: such weights must never become a backup or checkpoint.
+
+    Reads the loss (a tensor in batch hooks), so call it only at steps that act anyway."""
     loss = (logs or {}).get("loss")
     return loss is None or math.isfinite(float(loss))
 
 
-class RunMetrics(tf.keras.callbacks.Callback):
-    """Adds ``lr`` (the LR applied at the last step) and ``images_per_s`` / ``step_time_s`` to the logs."""
+class StepCallback(tf.keras.callbacks.Callback):
+    """A callback that leaves Keras's step logs as tensors and counts steps from ``RunState``.
+
+    With every batch-hook callback declaring ``_supports_tf_logs``, Keras does not convert the
+    logs to numbers after each step, so it can queue step k+1 while step k runs; a callback reads
+    a value (``float(logs["loss"])``) only at the steps where it acts.
+    """
 
     def __init__(self, state: RunState):
         super().__init__()
         self.state = state
+        self._supports_tf_logs = True
+
+
+class RunMetrics(StepCallback):
+    """Advances ``state.step`` and adds ``lr`` (the LR applied at the step just taken) and, per
+    epoch, ``images_per_s`` / ``step_time_s`` to the logs."""
+
+    def __init__(self, state: RunState):
+        super().__init__(state)
         self._epoch_start = 0.0
         self._steps = 0
 
     def _lr(self) -> float:
-        # tf-keras keeps the value its schedule gave for the step just applied in
-        # `optimizer.learning_rate`: that is the LR actually used, not the next one.
-        return float(tf.keras.backend.get_value(self.model.optimizer.learning_rate))
+        # The schedule's own formula for the step just applied (optimizer step `step - 1`): the
+        # optimizer's ScheduledLR computes the same value (tests/test_lr.py), without a device read.
+        return lr_at(self.state.plan, self.state.step - 1)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
@@ -88,6 +108,7 @@ class RunMetrics(tf.keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._steps += 1
+        self.state.step += 1
         if logs is not None:
             logs["lr"] = self._lr()
 
@@ -101,7 +122,7 @@ class RunMetrics(tf.keras.callbacks.Callback):
             logs["step_time_s"] = elapsed / self._steps
 
 
-class Agreement(tf.keras.callbacks.Callback):
+class Agreement(StepCallback):
     """One decision for all workers about stopping, taken at the same step on each.
 
     Every ``every`` steps, the workers all-reduce two flags: a preemption signal arrived, the loss
@@ -110,15 +131,14 @@ class Agreement(tf.keras.callbacks.Callback):
     """
 
     def __init__(self, dist, state: RunState, backup, *, every: int, terminate_on_nan: bool):
-        super().__init__()
+        super().__init__(state)
         self.dist = dist
-        self.state = state
         self.backup = backup
         self.every = every
         self.terminate_on_nan = terminate_on_nan
 
     def on_train_batch_end(self, batch, logs=None):
-        step = _global_step(self.model)
+        step = self.state.step
         if step % self.every:
             return  # decided by the global step, so every worker skips the collective together
         nan = self.terminate_on_nan and not _loss_is_finite(logs)
@@ -139,16 +159,16 @@ class Agreement(tf.keras.callbacks.Callback):
         self.model.stop_training = stop
 
 
-class BackupEvery(tf.keras.callbacks.Callback):
+class BackupEvery(StepCallback):
     """Saves the resume state every N steps and at every epoch end."""
 
-    def __init__(self, backup, every_steps: int):
-        super().__init__()
+    def __init__(self, state: RunState, backup, every_steps: int):
+        super().__init__(state)
         self.backup = backup
         self.every_steps = every_steps
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.every_steps and _global_step(self.model) % self.every_steps == 0 and _loss_is_finite(logs):
+        if self.every_steps and self.state.step % self.every_steps == 0 and _loss_is_finite(logs):
             self.backup.save()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -156,19 +176,18 @@ class BackupEvery(tf.keras.callbacks.Callback):
             self.backup.save()
 
 
-class Checkpoints(tf.keras.callbacks.Callback):
+class Checkpoints(StepCallback):
     """Periodic and best-by-metric weights (see ``distrain.checkpoint.UserCheckpoints``)."""
 
     def __init__(self, checkpoints, state: RunState, *, every_epochs: int, every_steps: int, save_best: bool):
-        super().__init__()
+        super().__init__(state)
         self.checkpoints = checkpoints
-        self.state = state
         self.every_epochs = every_epochs
         self.every_steps = every_steps
         self.save_best = save_best
 
     def on_train_batch_end(self, batch, logs=None):
-        step = _global_step(self.model)
+        step = self.state.step
         if self.every_steps and step % self.every_steps == 0 and _loss_is_finite(logs):
             self.checkpoints.save_periodic(f"step-{step:06d}")
 
@@ -178,20 +197,20 @@ class Checkpoints(tf.keras.callbacks.Callback):
         if self.every_epochs and (epoch + 1) % self.every_epochs == 0:
             self.checkpoints.save_periodic(f"epoch-{epoch + 1:04d}")
         if self.save_best:
-            self.checkpoints.consider_best(logs or {}, epoch + 1, _global_step(self.model))
+            self.checkpoints.consider_best(logs or {}, epoch + 1, self.state.step)
 
 
-class ChiefLogs(tf.keras.callbacks.Callback):
+class ChiefLogs(StepCallback):
     """``history.json`` and ``history.csv`` in the run dir, continued across resumes (chief only)."""
 
-    def __init__(self, run_dir: Path):
-        super().__init__()
+    def __init__(self, state: RunState, run_dir: Path):
+        super().__init__(state)
         self.path = Path(run_dir) / "history.json"
         self.csv = Path(run_dir) / "history.csv"
         self.epochs: list[dict] = json.loads(self.path.read_text()) if self.path.exists() else []
 
     def on_epoch_end(self, epoch, logs=None):
-        row = {"epoch": epoch + 1, "step": _global_step(self.model),
+        row = {"epoch": epoch + 1, "step": self.state.step,
                **{k: float(v) for k, v in (logs or {}).items()}}
         self.epochs = [e for e in self.epochs if e["epoch"] < epoch + 1] + [row]
         tmp = self.path.with_suffix(".json.tmp")
@@ -212,12 +231,12 @@ def build_callbacks(*, spec, dist, state: RunState, run_dir: Path, backup, check
         callbacks.append(tf.keras.callbacks.EarlyStopping(
             monitor=es.monitor, patience=es.patience, min_delta=es.min_delta, mode=es.mode,
             restore_best_weights=es.restore_best_weights))
-    callbacks.append(BackupEvery(backup, spec.checkpoint.backup_every_steps))
+    callbacks.append(BackupEvery(state, backup, spec.checkpoint.backup_every_steps))
     c = spec.checkpoint
     callbacks.append(Checkpoints(checkpoints, state, every_epochs=c.every_epochs, every_steps=c.every_steps,
                                  save_best=c.save_best))
     if dist.is_chief:
-        callbacks.append(ChiefLogs(run_dir))
+        callbacks.append(ChiefLogs(state, run_dir))
         callbacks.extend(tensorboard_callbacks)
     callbacks.extend(extra)
     callbacks.append(Agreement(dist, state, backup, every=spec.distribute.preemption_check_every,

@@ -89,8 +89,8 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, world)
-    log.warning("distrain worker %s", world.describe()) if not world.is_chief else log.info(
-        "distrain worker %s", world.describe())
+    # Once per process, also on the terminal of non-chief workers (which show warnings only).
+    log.log(logging.INFO if world.is_chief else logging.WARNING, "distrain worker %s", world.describe())
 
     from distrain import strategy as strategy_lib
 
@@ -151,12 +151,12 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     val_ds = (dist.distribute_datasets(lambda ctx: pipes.evaluation(ctx, "val")) if len(splits.y_val) else None)
     test_ds = dist.distribute_datasets(lambda ctx: pipes.evaluation(ctx, "test"))
 
-    state = RunState(steps, global_batch)
+    state = RunState(steps, global_batch, plan, start_step)
     checkpoints = UserCheckpoints(model, run_dir, files, keep=spec.checkpoint.keep,
                                   monitor=spec.checkpoint.monitor, mode=spec.checkpoint.mode)
     callbacks = build_callbacks(
         spec=spec, dist=dist, state=state, run_dir=run_dir, backup=backup, checkpoints=checkpoints,
-        tensorboard_callbacks=tensorboard_callbacks(spec, run_dir, dist, plan, splits) if world.is_chief else (),
+        tensorboard_callbacks=tensorboard_callbacks(spec, run_dir, dist, plan, splits, state) if world.is_chief else (),
         extra=list(extra_callbacks))
     # fit() asks this hook where a recovering run starts; answering with the restored step makes
     # the first epoch run only its remaining steps, so the total step count stays exact.
@@ -191,7 +191,7 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
         "steps": steps_done, "resumed_from_step": start_step,
         "epochs_completed": steps_done // steps, "synthetic_data": splits.synthetic,
         "test": {k: float(v) for k, v in test.items()},
-        "history": {k: [float(x) for x in v] for k, v in history.history.items()},
+        "history": _history(run_dir, history),
         "images_per_s": trained / state.train_time_s if state.train_time_s else None,
         "wall_time_s": time.time() - started,
         "lr": {"base": plan.base_lr, "peak": plan.peak_lr, "warmup_steps": plan.warmup_steps,
@@ -202,6 +202,17 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     log.info("test accuracy %.4f, loss %.4f (%d examples); run dir %s", test.get("accuracy", float("nan")),
              test.get("loss", float("nan")), len(splits.y_test), run_dir)
     return summary
+
+
+def _history(run_dir: Path, history) -> dict:
+    """Per-metric lists over all epochs of the run: the chief's history.json covers earlier
+    attempts too; Keras's History (other workers) only this one."""
+    history_file = run_dir / "history.json"
+    if history_file.exists():
+        epochs = json.loads(history_file.read_text())
+        keys = [k for k in epochs[-1] if k not in ("epoch", "step")] if epochs else []
+        return {k: [float(e[k]) for e in epochs if k in e] for k in keys}
+    return {k: [float(x) for x in v] for k, v in history.history.items()}
 
 
 def _save_artefacts(model, run_dir: Path, files, summary: dict) -> None:

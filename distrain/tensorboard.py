@@ -35,6 +35,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from distrain.callbacks import StepCallback
 from distrain.spec import dump_spec
 
 log = logging.getLogger("distrain")
@@ -79,10 +80,6 @@ class Writers:
         self._writers.clear()
 
 
-def _global_step(model) -> int:
-    return int(model.optimizer.iterations.numpy())
-
-
 def _scalars(writer, prefix: str, values: dict, step: int) -> None:
     with writer.as_default(step=step):
         for name, value in values.items():
@@ -107,7 +104,7 @@ class EpochScalars(tf.keras.callbacks.Callback):
         self.writers.flush()  # the dashboard sees every epoch at once, and a killed run loses none
 
 
-class StepScalars(tf.keras.callbacks.Callback):
+class StepScalars(StepCallback):
     """Every N global steps: the running metrics, the LR applied, step time and images/s.
 
     Step time is the wall time per step over the steps since the last write, measured from one
@@ -117,8 +114,8 @@ class StepScalars(tf.keras.callbacks.Callback):
     ``callbacks.RunMetrics``, which runs before this callback.
     """
 
-    def __init__(self, writers: Writers, every: int, global_batch: int, replicas: int):
-        super().__init__()
+    def __init__(self, state, writers: Writers, every: int, global_batch: int, replicas: int):
+        super().__init__(state)
         self.writers = writers
         self.every = every
         self.global_batch = global_batch
@@ -140,7 +137,7 @@ class StepScalars(tf.keras.callbacks.Callback):
         self._time += now - (self._began if self._last_end is None else self._last_end)
         self._last_end = now
         self._steps += 1
-        step = _global_step(self.model)
+        step = self.state.step
         if step % self.every:
             return
         step_time = self._time / self._steps
@@ -184,7 +181,7 @@ class RunInfo(tf.keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         hp = self._hp
-        step = _global_step(self.model)
+        step = int(self.model.optimizer.iterations.numpy())  # once, at the start
         with self.writers["."].as_default(step=step):
             for tag, text in self.texts.items():
                 tf.summary.text(tag, text)
@@ -205,7 +202,7 @@ class RunInfo(tf.keras.callbacks.Callback):
         self.writers.flush()
 
 
-class Profiler(tf.keras.callbacks.Callback):
+class Profiler(StepCallback):
     """Profiles global steps ``first``..``last`` (1-based) of this process with TensorFlow's profiler.
 
     Keras' ``TensorBoard(profile_batch=...)`` counts batches from the start of ``fit``, so after a
@@ -215,14 +212,14 @@ class Profiler(tf.keras.callbacks.Callback):
     ``tensorboard-plugin-profile`` package to show it. Only the chief's process is traced.
     """
 
-    def __init__(self, log_dir: Path, first: int, last: int):
-        super().__init__()
+    def __init__(self, state, log_dir: Path, first: int, last: int):
+        super().__init__(state)
         self.log_dir = Path(log_dir)
         self.first, self.last = first, last
         self._running = False
 
     def on_train_batch_begin(self, batch, logs=None):
-        step = _global_step(self.model) + 1  # the step about to run
+        step = self.state.step + 1  # the step about to run
         if not self._running and self.first <= step <= self.last:
             try:
                 tf.profiler.experimental.start(str(self.log_dir))
@@ -233,7 +230,7 @@ class Profiler(tf.keras.callbacks.Callback):
                 self.last = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        if self._running and _global_step(self.model) >= self.last:
+        if self._running and self.state.step >= self.last:
             self._stop()
 
     def on_train_end(self, logs=None):
@@ -310,7 +307,7 @@ def hparams_of(spec, dist, plan) -> dict:
     return values
 
 
-def tensorboard_callbacks(spec, run_dir: Path, dist, plan, splits) -> list:
+def tensorboard_callbacks(spec, run_dir: Path, dist, plan, splits, state) -> list:
     """The chief's TensorBoard callbacks, writing to ``RUN_DIR/tensorboard``.
 
     Args:
@@ -319,6 +316,7 @@ def tensorboard_callbacks(spec, run_dir: Path, dist, plan, splits) -> list:
         dist: the ``strategy.Distribution`` (for the world, replicas and strategy name).
         plan: the ``lr.LRPlan`` (base/peak LR, schedule, steps per epoch).
         splits: the data splits (whether the data is synthetic).
+        state: the run's ``callbacks.RunState`` (the global step, kept in Python).
 
     Returns:
         Keras callbacks to put after ``callbacks.RunMetrics`` (they read its ``lr``), or ``[]``
@@ -337,11 +335,11 @@ def tensorboard_callbacks(spec, run_dir: Path, dist, plan, splits) -> list:
     callbacks = [RunInfo(writers, texts, hparams_of(spec, dist, plan), trial_id=f"{spec.name}/{run_dir.name}"),
                  EpochScalars(writers)]
     if spec.logging.update_every_steps:
-        callbacks.append(StepScalars(writers, spec.logging.update_every_steps,
+        callbacks.append(StepScalars(state, writers, spec.logging.update_every_steps,
                                      spec.data.batch_size_per_replica * dist.replicas, dist.replicas))
     if spec.logging.profile_steps:
         first, last = spec.logging.profile_steps
-        callbacks.append(Profiler(log_dir, first, last))
+        callbacks.append(Profiler(state, log_dir, first, last))
     callbacks.append(CloseWriters(writers))
     return callbacks
 

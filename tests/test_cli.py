@@ -153,3 +153,18 @@ def test_env_json_under_fake_slurm():
     assert info["tf_config"] == {"cluster": {"worker": ["localhost:23456", "localhost:23457"]},
                                  "task": {"type": "worker", "index": 1}}
     assert any("CPU" in d for d in info["devices"])
+
+
+@pytest.mark.timeout(300)
+def test_mixed_precision_trains(tmp_path):
+    job = write_job(tmp_path / "job.yaml", "name: mixed\nmodel: {name: cnn, params: {filters: 16}}\n"
+                    "train: {epochs: 3}\ndistribute: {mixed_precision: true}\nlogging: {tensorboard: false, verbose: 0}\n")
+    result = run_distrain(["train", str(job), "--run-dir", str(tmp_path / "run")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["test"]["accuracy"] > 0.7
+    import distrain  # noqa: F401
+    import tensorflow as tf
+
+    model = tf.keras.models.load_model(str(tmp_path / "run" / "model.keras"), safe_mode=True, compile=False)
+    assert model.layers[1].dtype_policy.name == "mixed_float16"  # the first Conv2D computes in float16
