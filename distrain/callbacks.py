@@ -40,8 +40,7 @@ class RunState:
     step to finish before Keras can queue the next one.
     """
 
-    def __init__(self, steps_per_epoch: int, global_batch: int, plan, start_step: int = 0):
-        self.steps_per_epoch = steps_per_epoch
+    def __init__(self, global_batch: int, plan, start_step: int = 0):
         self.global_batch = global_batch
         self.plan = plan
         self.step = start_step

@@ -151,7 +151,7 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     val_ds = (dist.distribute_datasets(lambda ctx: pipes.evaluation(ctx, "val")) if len(splits.y_val) else None)
     test_ds = dist.distribute_datasets(lambda ctx: pipes.evaluation(ctx, "test"))
 
-    state = RunState(steps, global_batch, plan, start_step)
+    state = RunState(global_batch, plan, start_step)
     checkpoints = UserCheckpoints(model, run_dir, files, keep=spec.checkpoint.keep,
                                   monitor=spec.checkpoint.monitor, mode=spec.checkpoint.mode)
     callbacks = build_callbacks(
