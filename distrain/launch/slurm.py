@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from distrain.errors import EXIT_FAILED, UsageError
+from distrain.strategy import choose_strategy
+from distrain.world import World
 
 DEFAULT_TIME = "24:00:00"
 DEFAULT_DISTRAIN = "distrain"
@@ -79,11 +81,8 @@ def check_layout(strategy: str, *, nodes: int, tasks: int, gpus_per_node: int, s
         raise UsageError(f"{source} {strategy}: {asked} makes {_plural(tasks, 'task')} on "
                          f"{_plural(nodes, 'node')} with GPUs, but a multi_worker task uses every GPU of "
                          "its node; use one task per node, or strategy horovod for one task per GPU")
-    if strategy != "auto":
-        return strategy
-    if tasks > 1:
-        return "multi_worker"
-    return "mirrored" if gpus_per_node > 1 else "one_device"
+    # What `auto` becomes is decided where every run decides it.
+    return choose_strategy(strategy, World(launcher="slurm", world_size=tasks), gpus_per_node)
 
 
 def _positive(value: Optional[int], flag: str, minimum: int = 1) -> None:
