@@ -7,11 +7,12 @@ Keras calls callbacks in list order for every hook, so ``build_callbacks`` fixes
    everything after them sees the epoch's metrics over all workers.
 2. ``EarlyStopping`` (if asked for) decides from the metrics in the logs.
 3. ``BackupEvery`` and ``Checkpoints`` save (every worker calls; only the chief's files stay).
-4. ``ChiefLogs`` (history.json, history.csv) and TensorBoard: chief only.
-5. Extra callbacks (Ray's reporting, a user's).
-6. ``Agreement``, last, so that it sees every callback's ``stop_training``: one decision for all
-   workers to stop early, for NaN or for a preemption signal. A worker that stopped alone would
-   hang the others in their next collective.
+4. ``HistoryFiles`` (history.json, history.csv) and TensorBoard: chief only.
+5. Extra callbacks (Ray's reporting, a user's): after the files above, so an epoch they hear of
+   is already saved, but before ``Agreement``.
+6. ``Agreement``, last, so that it sees every callback's ``stop_training``, the extra ones'
+   included: one decision for all workers to stop early, for NaN or for a preemption signal. A
+   worker that stopped alone would hang the others in their next collective.
 """
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ import math
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Optional
 
 import tensorflow as tf
 
 from distrain.errors import EXIT_NAN, EXIT_PREEMPTED, TrainingStopped
 from distrain.lr import lr_at
+from distrain.rundir import RunDir, write_atomically
 
 log = logging.getLogger("distrain")
 
@@ -199,32 +200,39 @@ class Checkpoints(StepCallback):
             self.checkpoints.consider_best(logs or {}, epoch + 1, self.state.step)
 
 
-class ChiefLogs(StepCallback):
+class HistoryFiles(StepCallback):
     """``history.json`` and ``history.csv`` in the run dir, continued across resumes (chief only)."""
 
-    def __init__(self, state: RunState, run_dir: Path):
+    def __init__(self, state: RunState, run_dir: RunDir):
         super().__init__(state)
-        self.path = Path(run_dir) / "history.json"
-        self.csv = Path(run_dir) / "history.csv"
+        self.path = run_dir.history
+        self.csv = run_dir.history_csv
         self.epochs: list[dict] = json.loads(self.path.read_text()) if self.path.exists() else []
 
     def on_epoch_end(self, epoch, logs=None):
         row = {"epoch": epoch + 1, "step": self.state.step,
                **{k: float(v) for k, v in (logs or {}).items()}}
         self.epochs = [e for e in self.epochs if e["epoch"] < epoch + 1] + [row]
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.epochs, indent=1))
-        tmp.replace(self.path)
+        write_atomically(self.path, json.dumps(self.epochs, indent=1))
         keys = sorted({k for e in self.epochs for k in e} - {"epoch", "step"})
         lines = [",".join(["epoch", "step", *keys])]
         lines += [",".join(str(e.get(k, "")) for k in ["epoch", "step", *keys]) for e in self.epochs]
-        self.csv.write_text("\n".join(lines) + "\n")
+        write_atomically(self.csv, "\n".join(lines) + "\n")
 
 
-def build_callbacks(*, spec, dist, state: RunState, run_dir: Path, backup, checkpoints,
-                    tensorboard_callbacks=(), extra=()) -> list:
-    """The run's callback list, in the order documented at the top of this module."""
-    callbacks: list = [RunMetrics(state), *dist.callbacks()]
+def build_callbacks(ctx, state: RunState, backup, checkpoints, *, tensorboard=(), extra=()) -> list:
+    """The run's callback list, in the order documented at the top of this module.
+
+    Args:
+        ctx: the ``context.RunContext``.
+        state: the run's shared state (the global step, the preemption request).
+        backup: the ``checkpoint.Backup``.
+        checkpoints: the ``checkpoint.UserCheckpoints``.
+        tensorboard: the chief's TensorBoard callbacks (``tensorboard_log.tensorboard_callbacks``).
+        extra: more callbacks (Ray's reporting, a user's), run before ``Agreement``.
+    """
+    spec = ctx.spec
+    callbacks: list = [RunMetrics(state), *ctx.dist.callbacks()]
     es = spec.train.early_stopping
     if es is not None:
         callbacks.append(tf.keras.callbacks.EarlyStopping(
@@ -234,10 +242,10 @@ def build_callbacks(*, spec, dist, state: RunState, run_dir: Path, backup, check
     c = spec.checkpoint
     callbacks.append(Checkpoints(checkpoints, state, every_epochs=c.every_epochs, every_steps=c.every_steps,
                                  save_best=c.save_best))
-    if dist.is_chief:
-        callbacks.append(ChiefLogs(state, run_dir))
-        callbacks.extend(tensorboard_callbacks)
+    if ctx.is_chief:
+        callbacks.append(HistoryFiles(state, ctx.run_dir))
+        callbacks.extend(tensorboard)
     callbacks.extend(extra)
-    callbacks.append(Agreement(dist, state, backup, every=spec.distribute.preemption_check_every,
+    callbacks.append(Agreement(ctx.dist, state, backup, every=spec.distribute.preemption_check_every,
                                terminate_on_nan=spec.train.terminate_on_nan))
     return callbacks

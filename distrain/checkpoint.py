@@ -4,67 +4,63 @@ Under MultiWorkerMirroredStrategy every worker must take part in a save (reading
 a collective), but only the chief's files may be the ones a user sees. ``WorkerFiles`` routes each
 write: the chief writes to a temporary name beside the target and renames it into place (so no
 half-written file is ever the latest); every other worker writes into its own
-``.workertemp/rank<r>/`` directory and deletes what it wrote. No two processes write one path.
+scratch directory (``RunDir.scratch``) and deletes what it wrote. No two processes write one path.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
+from distrain.rundir import RunDir, remove, replacing
+
 log = logging.getLogger("distrain")
 
 
 class WorkerFiles:
-    """Routes a run's file writes by role: real files for the chief, scratch for the others."""
+    """Routes a run's file writes by role: real files for the chief, scratch for the others.
 
-    def __init__(self, run_dir: Path, rank: int, is_chief: bool):
-        self.run_dir = Path(run_dir)
-        self.rank = rank
+    Args:
+        run_dir: the run's ``RunDir``.
+        rank: this worker's rank (names its scratch directory).
+        is_chief: whether this worker's files are the ones a user sees.
+    """
+
+    def __init__(self, run_dir: RunDir, rank: int, is_chief: bool):
+        self.run_dir = run_dir
         self.is_chief = is_chief
-        self.scratch = self.run_dir / ".workertemp" / f"rank{rank}"
+        self.scratch = run_dir.scratch(rank)
 
     @contextlib.contextmanager
     def write(self, path: Path) -> Iterator[Path]:
-        """Yields where to write ``path``; publishes it atomically (chief) or discards it (others)."""
+        """Yields where to write ``path``; publishes it atomically (chief) or discards it (others).
+
+        The path yielded keeps the target's suffix: Keras picks the file format by it, and every
+        worker must save in the same format (the formats read variables differently, and under
+        MultiWorkerMirroredStrategy some reads are collectives).
+        """
         path = Path(path)
         if self.is_chief:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # The temporary name keeps the target's suffix: Keras picks the file format by it, and
-            # every worker must save in the same format (the formats read variables differently,
-            # and under MultiWorkerMirroredStrategy some reads are collectives).
-            tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")
-            try:
+            with replacing(path) as tmp:
                 yield tmp
-                os.replace(tmp, path)
-            finally:
-                _remove(tmp)
-        else:
-            self.scratch.mkdir(parents=True, exist_ok=True)
-            tmp = self.scratch / path.name
-            try:
-                yield tmp
-            finally:
-                _remove(tmp)
+            return
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        tmp = self.scratch / path.name
+        try:
+            yield tmp
+        finally:
+            remove(tmp)
 
     def cleanup(self) -> None:
+        """Removes this worker's scratch (and ``.workertemp`` when it is the last one out)."""
         if not self.is_chief:
             shutil.rmtree(self.scratch, ignore_errors=True)
             with contextlib.suppress(OSError):
-                self.scratch.parent.rmdir()  # the last worker out removes .workertemp
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+                self.scratch.parent.rmdir()
 
 
 class Backup:
@@ -75,14 +71,14 @@ class Backup:
     Non-chief workers save into their scratch directory and delete it at once.
     """
 
-    def __init__(self, model, optimizer, run_dir: Path, files: WorkerFiles):
+    def __init__(self, model, optimizer, run_dir: RunDir, files: WorkerFiles):
         import tensorflow as tf
 
-        self.directory = Path(run_dir) / "backup"
+        self.directory = run_dir.backup
         self.files = files
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
         self.optimizer = optimizer
-        target = self.directory if files.is_chief else files.scratch / "backup"
+        target = self.directory if files.is_chief else files.scratch / RunDir.BACKUP
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(target), max_to_keep=2)
         self.last_saved_step = -1
 
@@ -110,7 +106,7 @@ class Backup:
             return
         self.manager.save(checkpoint_number=step)
         if not self.files.is_chief:
-            shutil.rmtree(self.files.scratch / "backup", ignore_errors=True)
+            shutil.rmtree(self.files.scratch / RunDir.BACKUP, ignore_errors=True)
         self.last_saved_step = step
 
 
@@ -121,9 +117,9 @@ class UserCheckpoints:
     with ``best.json`` (epoch, step, metric and value), and ``index.json`` listing the kept files.
     """
 
-    def __init__(self, model, run_dir: Path, files: WorkerFiles, *, keep: int, monitor: str, mode: str):
+    def __init__(self, model, run_dir: RunDir, files: WorkerFiles, *, keep: int, monitor: str, mode: str):
         self.model = model
-        self.directory = Path(run_dir) / "checkpoints"
+        self.directory = run_dir.checkpoints
         self.files = files
         self.keep = keep
         self.monitor = monitor

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from distrain.errors import EXIT_FAILED, EXIT_USAGE, TrainingStopped, UsageError
+from distrain.rundir import RunDir
 
 EPILOG = """\
 examples:
@@ -30,9 +31,14 @@ def _add_job_args(p: argparse.ArgumentParser, job_required: bool = True) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from distrain import __version__
+
     parser = argparse.ArgumentParser(prog="distrain", description="Train the Keras course models data-parallel, "
                                      "on one machine or a cluster.", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"distrain {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's start-up and C++ log lines (hidden by default; also DISTRAIN_TF_LOG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a job", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -91,7 +97,7 @@ def cmd_train(args) -> int:
     if args.resume:
         if not args.resume.is_dir():
             raise UsageError(f"--resume: no such run dir: {args.resume}")
-        job = job or args.resume / "job.yaml"
+        job = job or RunDir(args.resume).job
         if args.run_dir and args.run_dir != args.resume:
             raise UsageError("--run-dir: give --resume RUN_DIR or --run-dir, not two different dirs")
     if job is None:
@@ -122,15 +128,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from distrain.models import MODELS, build_model
-    import tensorflow as tf
+    from distrain.models import MODELS, REGISTRY_CLASSES
 
-    rows = []
-    for name, entry in MODELS.items():
-        model = build_model(name, entry.default_input_shape, 10)
-        rows.append({"name": name, "input_shape": list(entry.default_input_shape), "classes": 10,
-                     "params": int(model.count_params()), "description": entry.description})
-        tf.keras.backend.clear_session()
+    # Parameter counts come from the registry (checked against the built models by
+    # tests/test_models.py), so listing the models needs no TensorFlow.
+    rows = [{"name": name, "input_shape": list(entry.default_input_shape), "classes": REGISTRY_CLASSES,
+             "params": entry.params, "description": entry.description} for name, entry in MODELS.items()]
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -145,9 +148,10 @@ def cmd_env(args) -> int:
     from distrain.world import detect
 
     world = detect(port_override=args.port)
-    import tensorflow as tf
-
     from distrain.strategy import choose_strategy
+    from distrain.tf_startup import import_tensorflow
+
+    tf = import_tensorflow()
 
     gpus = tf.config.list_physical_devices("GPU")
     try:
@@ -173,6 +177,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        from distrain.tf_startup import VERBOSE_ENV
+
+        # Before TensorFlow loads (it reads both at start-up); workers a launcher starts inherit them.
+        os.environ[VERBOSE_ENV] = "1"
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
     handler = getattr(args, "handler", None) or COMMANDS[args.command]
     try:
         return handler(args)

@@ -51,6 +51,16 @@ class Splits:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    @property
+    def val_size(self) -> int:
+        """Validation examples over all workers."""
+        return len(self.y_val)
+
+    @property
+    def test_size(self) -> int:
+        """Test examples over all workers."""
+        return len(self.y_test)
+
 
 def _split_indices(n: int, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
     """Seeded permutation of ``range(n)`` cut into the given leading fractions plus the rest."""

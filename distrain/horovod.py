@@ -2,7 +2,7 @@
 
 Each process trains its own replica under TensorFlow's default strategy and feeds it its own
 shard of every batch; ``hvd.DistributedOptimizer`` averages the gradients across processes, and
-the hooks of ``HorovodDistribution`` do the rest: rank 0's initial (or restored) state is
+the methods of ``HorovodDistribution`` do the rest: rank 0's initial (or restored) state is
 broadcast, epoch metrics are reduced over all ranks before any callback reads them, and stop
 decisions are agreed with an allreduce. Rank 0 is the chief.
 
@@ -27,13 +27,12 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
 from distrain.errors import UsageError
-from distrain.strategy import Distribution
+from distrain.distribution import Distribution
 from distrain.world import World
 
 log = logging.getLogger("distrain")
@@ -285,13 +284,30 @@ def _tf_keras_optimizer_types() -> tuple:
     return (tf_keras.optimizers.Optimizer, tf_keras.optimizers.legacy.Optimizer)
 
 
-@dataclass
 class HorovodDistribution(Distribution):
-    """``Distribution`` over Horovod: every hook that needs the other ranks uses an allreduce."""
+    """``Distribution`` over Horovod: every hook that needs the other ranks uses an allreduce.
 
-    _model: Any = None
-    _callbacks: list = field(default_factory=list)
-    _rendezvous: Any = None  # srun: rank 0's rendezvous server, kept alive with the run
+    Args:
+        world: this process's place in the job (its rank and size agree with Horovod's).
+        hvd: the initialised ``horovod.tensorflow`` module.
+        rendezvous: under ``srun``, rank 0's rendezvous server, kept alive with the run.
+    """
+
+    def __init__(self, world: World, hvd, rendezvous: Any = None):
+        super().__init__("horovod", tf.distribute.get_strategy(), world, replicas=hvd.size(), local_replicas=1)
+        self._hvd = hvd
+        self.rendezvous = rendezvous
+        # One instance per run, created here so that every call of callbacks() returns it.
+        self._callbacks = [MetricAverage(self.sum)] if self.replicas > 1 else []
+
+    def distribute_datasets(self, dataset_fn):
+        # Horovod has no distributed dataset: each rank feeds its own replica.
+        return dataset_fn(tf.distribute.InputContext(self.num_pipelines, self.pipeline_id, self.replicas))
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        # float64: metric totals are sums over many examples. One name: the calls never overlap.
+        reduced = self._hvd.allreduce(tf.constant(list(values), tf.float64), op=self._hvd.Sum, name="distrain_sum")
+        return reduced.numpy().tolist()
 
     def wrap_optimizer(self, optimizer):
         """``hvd.DistributedOptimizer`` around a tf-keras optimizer.
@@ -318,20 +334,16 @@ class HorovodDistribution(Distribution):
         first step otherwise, too late to broadcast. A restored backup's slot values are applied
         when they are created (TensorFlow's deferred restore), so they are broadcast too.
         """
-        self._model = model
         if hasattr(optimizer, "build"):
             optimizer.build(model.trainable_variables)
         if self.replicas == 1:
             return
-        hvd = _import_hvd()
         variables = list(model.variables) + list(optimizer.variables)
-        hvd.broadcast_variables(variables, root_rank=ROOT_RANK)
+        self._hvd.broadcast_variables(variables, root_rank=ROOT_RANK)
         log.info("broadcast %d variables from rank %d", len(variables), ROOT_RANK)
 
     def callbacks(self) -> list:
-        """The metric averaging, one instance per run (the same list on every call)."""
-        if not self._callbacks and self.replicas > 1:
-            self._callbacks.append(MetricAverage(self._sum_fn))
+        """The metric averaging (the same instance on every call)."""
         return list(self._callbacks)
 
     def peer_lost(self, err: Exception) -> bool:
@@ -339,7 +351,7 @@ class HorovodDistribution(Distribution):
         # fails with this message (as an UnknownError), not with a collective timeout.
         return super().peer_lost(err) or (self.world.world_size > 1 and "Horovod has been shut down" in str(err))
 
-    def average_metrics(self, metrics: dict, local_examples: int) -> dict:
+    def average_metrics(self, model, metrics: dict, local_examples: int) -> dict:
         """Test metrics over all ranks' shards, weighted by examples (a collective).
 
         Reduces Keras's accumulators from the evaluation that produced ``metrics``; a metric
@@ -347,19 +359,10 @@ class HorovodDistribution(Distribution):
         """
         if self.replicas == 1:
             return metrics
-        accs = _accumulators(self._model) if self._model is not None else {}
+        accs = _accumulators(model)
         if "loss" not in accs:
             accs["loss"] = (0.0, float(local_examples))
-        return reduce_metrics(metrics, {k: (k, accs) for k in metrics}, self._sum_fn)
-
-
-def _sum_fn(hvd):
-    def sum_over_ranks(values: list) -> list:
-        # float64: metric totals are sums over many examples. One name: the calls never overlap.
-        reduced = hvd.allreduce(tf.constant(values, tf.float64), op=hvd.Sum, name="distrain_sum")
-        return reduced.numpy().tolist()
-
-    return sum_over_ranks
+        return reduce_metrics(metrics, {k: (k, accs) for k in metrics}, self.sum)
 
 
 def _pin_gpu(gpus: Sequence, local_rank: int, local_size: int) -> None:
@@ -391,10 +394,6 @@ def build(world: World, gpus: Sequence) -> HorovodDistribution:
                          f"{world.launcher} launcher rank {world.rank} of {world.world_size}{mpi}")
     if gpus:
         _pin_gpu(gpus, hvd.local_rank(), hvd.local_size())
-    dist = HorovodDistribution(name="horovod", strategy=tf.distribute.get_strategy(), world=world,
-                               replicas=hvd.size(), local_replicas=1)
-    dist._sum_fn = _sum_fn(hvd)
-    dist._rendezvous = server
     log.info("Horovod rank %d of %d (local %d of %d), %s controller", hvd.rank(), hvd.size(), hvd.local_rank(),
              hvd.local_size(), "Gloo" if hvd.gloo_enabled() else "MPI")
-    return dist
+    return HorovodDistribution(world, hvd, rendezvous=server)

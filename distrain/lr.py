@@ -217,6 +217,36 @@ def lr_at(plan: LRPlan, step: int) -> float:
     return s
 
 
+def scheduled_lr_tensor(tf, p: LRPlan, step):
+    """``lr_at(p, step)`` with TensorFlow ops (float64 inside, float32 out): ``ScheduledLR``'s body."""
+    with tf.name_scope("ScheduledLR"):
+        step_i = tf.maximum(tf.cast(step, tf.int64), 0)
+        step_f = tf.cast(step_i, tf.float64)
+        peak = tf.constant(p.peak_lr, tf.float64)
+        # Python branches: the schedule is fixed when the graph is built.
+        if p.schedule == "constant":
+            s = peak * tf.ones_like(step_f)
+        elif p.schedule == "step":
+            # Integer division, like lr_at: exact at every epoch boundary.
+            epoch = tf.cast(step_i // p.steps_per_epoch, tf.float64)
+            bounds = tf.constant(p.boundaries, tf.float64, shape=[len(p.boundaries)])
+            index = tf.reduce_sum(tf.cast(bounds <= epoch[..., None], tf.int32), axis=-1)
+            s = peak * tf.gather(tf.constant(p.factors, tf.float64), index)
+        elif p.schedule == "cosine":
+            t = step_f - float(p.warmup_steps)
+            span = float(max(p.total_steps - p.warmup_steps, 1))
+            frac = tf.clip_by_value(t / span, 0.0, 1.0)
+            s = peak * (p.min_factor + (1.0 - p.min_factor) * 0.5 * (1.0 + tf.cos(math.pi * frac)))
+        else:
+            t = tf.maximum(step_f - float(p.warmup_steps), 0.0)
+            s = peak * tf.pow(tf.constant(p.decay_rate, tf.float64), t / (p.decay_epochs * p.steps_per_epoch))
+        if p.warmup_steps > 0:
+            base = tf.constant(p.base_lr, tf.float64)
+            warm = base + (s - base) * step_f / float(p.warmup_steps)
+            s = tf.where(step_i < p.warmup_steps, warm, s)
+        return tf.cast(s, tf.float32)
+
+
 @functools.lru_cache(maxsize=None)
 def _scheduled_lr_class() -> type:
     """Creates the Keras schedule class once per process, importing TensorFlow only now."""
@@ -228,10 +258,11 @@ def _scheduled_lr_class() -> type:
         Computes in float64 (the same formulas, in the same order, as ``lr_at``) and returns
         float32, so it agrees with the Python function to float32 rounding.
 
-        A model saved with it reloads with ``custom_objects={"ScheduledLR": distrain.lr.ScheduledLR}``:
-        tf-keras's compile-config loader replaces unknown classes by their name, so without it
-        the optimizer fails to build. The class is deliberately not registered globally: that
-        would only happen once something had touched ``distrain.lr.ScheduledLR`` anyway.
+        The class is registered with Keras as ``distrain>ScheduledLR`` when it is created (on
+        first access of ``distrain.lr.ScheduledLR``): a model saved with it reloads in any process
+        that has touched the class first, as ``distrain.models.load_trained_model`` does, or with
+        ``custom_objects={"ScheduledLR": distrain.lr.ScheduledLR}``. Without either, tf-keras's
+        compile-config loader replaces the unknown class by its name and the optimizer fails to build.
         """
 
         def __init__(self, plan: LRPlan):
@@ -239,34 +270,7 @@ def _scheduled_lr_class() -> type:
             self.plan = plan
 
         def __call__(self, step):
-            p = self.plan
-            with tf.name_scope("ScheduledLR"):
-                step_i = tf.maximum(tf.cast(step, tf.int64), 0)
-                step_f = tf.cast(step_i, tf.float64)
-                peak = tf.constant(p.peak_lr, tf.float64)
-                # Python branches: the schedule is fixed when the graph is built.
-                if p.schedule == "constant":
-                    s = peak * tf.ones_like(step_f)
-                elif p.schedule == "step":
-                    # Integer division, like lr_at: exact at every epoch boundary.
-                    epoch = tf.cast(step_i // p.steps_per_epoch, tf.float64)
-                    bounds = tf.constant(p.boundaries, tf.float64, shape=[len(p.boundaries)])
-                    index = tf.reduce_sum(tf.cast(bounds <= epoch[..., None], tf.int32), axis=-1)
-                    s = peak * tf.gather(tf.constant(p.factors, tf.float64), index)
-                elif p.schedule == "cosine":
-                    t = step_f - float(p.warmup_steps)
-                    span = float(max(p.total_steps - p.warmup_steps, 1))
-                    frac = tf.clip_by_value(t / span, 0.0, 1.0)
-                    s = peak * (p.min_factor + (1.0 - p.min_factor) * 0.5 * (1.0 + tf.cos(math.pi * frac)))
-                else:
-                    t = tf.maximum(step_f - float(p.warmup_steps), 0.0)
-                    s = peak * tf.pow(tf.constant(p.decay_rate, tf.float64),
-                                      t / (p.decay_epochs * p.steps_per_epoch))
-                if p.warmup_steps > 0:
-                    base = tf.constant(p.base_lr, tf.float64)
-                    warm = base + (s - base) * step_f / float(p.warmup_steps)
-                    s = tf.where(step_i < p.warmup_steps, warm, s)
-                return tf.cast(s, tf.float32)
+            return scheduled_lr_tensor(tf, self.plan, step)
 
         def get_config(self) -> dict:
             return self.plan.to_config()

@@ -420,30 +420,29 @@ class ModelEntry:
         builder: ``builder(input_shape, num_classes, *, <params>, kernel_regularizer=None)``.
         default_input_shape: Input shape of the course dataset the model was written for.
         description: One line for ``--help`` and error messages.
+        params: Parameter count at the default input shape, ``REGISTRY_CLASSES`` classes and
+            default parameters (``distrain models`` shows it without building the model;
+            ``tests/test_models.py`` checks it against the built model).
     """
 
     name: str
     builder: Callable
     default_input_shape: tuple[int, ...]
     description: str
+    params: int
 
 
 MODELS: dict[str, ModelEntry] = {
     entry.name: entry
     for entry in (
-        ModelEntry("mlp", build_mlp, (28, 28, 1), "multilayer perceptron (TF 2 quickstart)"),
-        ModelEntry("cnn", build_cnn, (28, 28, 1), "one conv + max-pool block, softmax classifier"),
-        ModelEntry(
-            "residual", build_residual, (32, 32, 3), "residual net of identity basic blocks"
-        ),
-        ModelEntry(
-            "inception", build_inception, (32, 32, 3), "GoogLeNet-style inception modules"
-        ),
-        ModelEntry(
-            "mobilenet_v2", build_mobilenet_v2, (32, 32, 3), "MobileNetV2 (Sandler et al. 2018)"
-        ),
+        ModelEntry("mlp", build_mlp, (28, 28, 1), "multilayer perceptron (TF 2 quickstart)", 101_770),
+        ModelEntry("cnn", build_cnn, (28, 28, 1), "one conv + max-pool block, softmax classifier", 126_090),
+        ModelEntry("residual", build_residual, (32, 32, 3), "residual net of identity basic blocks", 57_386),
+        ModelEntry("inception", build_inception, (32, 32, 3), "GoogLeNet-style inception modules", 562_618),
+        ModelEntry("mobilenet_v2", build_mobilenet_v2, (32, 32, 3), "MobileNetV2 (Sandler et al. 2018)", 2_270_794),
     )
 }
+REGISTRY_CLASSES = 10  # the class count of ModelEntry.params
 
 # Set by build_model from l1/l2, so it is not a user parameter.
 _REGULARIZER_PARAM = "kernel_regularizer"

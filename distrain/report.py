@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from distrain.errors import UsageError
+from distrain.rundir import RunDir
 
-# Kept in step with distrain/tensorboard.py (which imports TensorFlow, so it is not imported here).
-TB_DIR, TRAIN, VALIDATION = "tensorboard", "train", "validation"
+TRAIN, VALIDATION = RunDir.TB_TRAIN, RunDir.TB_VALIDATION
 PLOTS = {"accuracy_loss": "accuracy and loss per epoch, train vs validation",
          "lr": "learning rate applied per step", "throughput": "images/s per step, global and per replica"}
 
@@ -84,7 +84,7 @@ def _read_json(path: Path):
 
 def _not_a_run_dir(path: Path, why: str) -> UsageError:
     """The error for a directory that is not a run dir, naming run dirs below it (a runs dir?)."""
-    below = sorted(p.parent for pattern in ("*/history.json", "*/*/history.json") for p in path.glob(pattern))
+    below = sorted(p.parent for pattern in (f"*/{RunDir.HISTORY}", f"*/*/{RunDir.HISTORY}") for p in path.glob(pattern))
     more = " ..." if len(below) > 3 else ""
     hint = f"; run dirs below it: {' '.join(str(p) for p in below[:3])}{more}" if below else ""
     return UsageError(f"{path}: not a run dir ({why}){hint}")
@@ -142,23 +142,24 @@ def load_run(path: Path) -> Run:
         raise UsageError(f"{path}: no such run dir")
     if not path.is_dir():
         raise UsageError(f"{path}: not a run dir (a file)")
-    history = path / "history.json"
+    run_dir = RunDir(path)
+    history = run_dir.history
     if not history.exists():
-        if (path / "logs").is_dir() and (path / "job.yaml").exists():  # written when a run starts
-            raise UsageError(f"{path}: no epoch has finished yet (no history.json)")
-        raise _not_a_run_dir(path, "no history.json")
+        if run_dir.is_started():
+            raise UsageError(f"{path}: no epoch has finished yet (no {RunDir.HISTORY})")
+        raise _not_a_run_dir(path, f"no {RunDir.HISTORY}")
     epochs = _read_json(history)
     if not isinstance(epochs, list) or not all(isinstance(e, dict) and "epoch" in e for e in epochs):
         raise UsageError(f"{history}: expected a list of epochs, each with an 'epoch' key")
-    summary = _read_json(path / "summary.json") if (path / "summary.json").exists() else {}
+    summary = _read_json(run_dir.summary) if run_dir.summary.exists() else {}
     job = {}
-    if (path / "job.yaml").exists():
+    if run_dir.job.exists():
         try:
-            job = yaml.safe_load((path / "job.yaml").read_text()) or {}
+            job = yaml.safe_load(run_dir.job.read_text()) or {}
         except yaml.YAMLError as err:
-            raise UsageError(f"{path / 'job.yaml'}: not YAML ({str(err).splitlines()[0]})") from None
+            raise UsageError(f"{run_dir.job}: not YAML ({str(err).splitlines()[0]})") from None
     name = summary.get("job") or job.get("name") or path.parent.name
-    scalars = read_scalars(path / TB_DIR) if (path / TB_DIR).is_dir() else {}
+    scalars = read_scalars(run_dir.tensorboard) if run_dir.tensorboard.is_dir() else {}
     return Run(path=path, label=f"{name}/{path.name}", epochs=epochs, summary=summary, job=job, scalars=scalars)
 
 
@@ -451,8 +452,8 @@ def _port_free(port: int) -> bool:
 
 
 def _tensorboard_program() -> str:
-    # The console script of this environment, not `python -m tensorboard.main`: -m puts the
-    # working directory first on sys.path, where distrain/tensorboard.py may shadow TensorBoard.
+    # The console script of this environment, so that TensorBoard runs with this environment's
+    # packages (its plugins, the profile plugin if installed) whatever is first on PATH.
     import shutil
 
     script = Path(sys.executable).with_name("tensorboard")

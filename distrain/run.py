@@ -1,40 +1,141 @@
 """One training run: ``train(spec, run_dir)``. Every launcher ends here.
 
-Order: world → strategy (before any other TensorFlow op) → data → model, optimizer, backup
-restore (inside the strategy scope) → input pipelines from the restored step → callbacks →
-``fit`` → test evaluation → artefacts (chief) → summary.
+A run is a sequence of named stages, each a function below:
+
+1. ``open_run_dir``: the run dir, logging, ``job.yaml`` (chief).
+2. ``strategy.build``: the distribution, before any other TensorFlow op of the process.
+3. ``load_data``: the data source, this worker's share of it.
+4. ``context.resolve``: the ``RunContext`` (batch arithmetic, steps, LR plan, input shape, start step).
+5. ``build_model``: model, optimizer and backup restore, inside the strategy's scope.
+6. ``build_inputs``: the ``tf.data`` pipelines, from the start step.
+7. ``build_run_callbacks``: the callbacks, in their required order.
+8. ``fit_and_evaluate``: ``fit``, then the test evaluation over all workers.
+9. ``finish``: final backup, artefacts (chief), summary.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from distrain.errors import EXIT_PEER_LOST, TrainingStopped, UsageError
+from distrain.context import RunContext
+from distrain.errors import EXIT_PEER_LOST, TrainingStopped
+from distrain.rundir import RunDir, write_atomically
 from distrain.spec import JobSpec, dump_spec
 from distrain.world import World, detect
 
 log = logging.getLogger("distrain")
 
 
-def setup_logging(run_dir: Path, world: World) -> None:
+@dataclass
+class Trainee:
+    """What ``build_model`` makes: the compiled model, its optimizer and the resume state."""
+
+    model: Any
+    optimizer: Any
+    backup: Any
+    files: Any  # checkpoint.WorkerFiles: this worker's way to write run-dir files
+
+
+@dataclass
+class Inputs:
+    """The distributed datasets of a run and how many global steps evaluation takes."""
+
+    train: Any
+    val: Any
+    test: Any
+    val_steps: Optional[int]
+    test_steps: int
+    local_test_examples: int
+
+
+def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_callbacks: Sequence = ()) -> dict:
+    """Trains the job in this process, as one of ``world.world_size`` workers.
+
+    Args:
+        spec: the validated job.
+        run_dir: shared by every worker of the run; a run dir with a backup resumes from it.
+        world: this process's place (default: detected from the environment).
+        extra_callbacks: more Keras callbacks; they run after distrain's saving and logging
+            callbacks and before the agreement on stopping (``callbacks`` module docstring).
+
+    Returns:
+        The run summary (also written to ``RUN_DIR/summary.json`` by the chief).
+
+    Raises:
+        UsageError: bad input found after TensorFlow started (a dataset not in the cache, ...).
+        TrainingStopped: preempted, peer lost or NaN; ``exit_code`` says which.
+    """
+    started = time.time()
+    world = world or detect(port_override=spec.distribute.port)
+    rundir = open_run_dir(spec, run_dir, world)
+    from distrain import context, strategy
+    from distrain import lr as lr_lib
+
+    dist = strategy.build(spec.distribute, world)  # first TensorFlow op of the process
+    data = load_data(spec, dist)
+    ctx = context.resolve(spec, world, dist, data, rundir)
+    log.info("%s", ctx.describe())
+    log.info("%s", lr_lib.describe(ctx.plan))
+    if ctx.is_complete and rundir.summary.exists():
+        log.info("run already complete at step %d", ctx.start_step)
+        return json.loads(rundir.summary.read_text())
+    trainee = build_model(ctx)
+    inputs = build_inputs(ctx, data)
+    from distrain.callbacks import RunState
+
+    state = RunState(ctx.global_batch, ctx.plan, ctx.start_step)
+    callbacks = build_run_callbacks(ctx, trainee, state, data, extra_callbacks)
+    history, test = fit_and_evaluate(ctx, trainee, inputs, callbacks, state)
+    return finish(ctx, trainee, state, history, test, data, started)
+
+
+def open_run_dir(spec: JobSpec, run_dir: Path, world: World) -> RunDir:
+    """Creates the run dir, starts this worker's log and (chief) writes the resolved job."""
+    rundir = RunDir(run_dir)
+    rundir.root.mkdir(parents=True, exist_ok=True)
+    setup_logging(rundir, world)
+    # Once per process, also on the terminal of non-chief workers (which show warnings only).
+    log.log(logging.INFO if world.is_chief else logging.WARNING, "distrain worker %s", world.describe())
+    if world.is_chief:
+        write_atomically(rundir.job, dump_spec(spec))
+    return rundir
+
+
+def setup_logging(run_dir: RunDir, world: World) -> None:
     """Rank-tagged log lines: to ``logs/rank<r>.log`` always, to the terminal from the chief only."""
     fmt = logging.Formatter(f"%(asctime)s [rank {world.rank}] %(levelname)s %(message)s", "%H:%M:%S")
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    run_dir.logs.mkdir(parents=True, exist_ok=True)
     log.handlers.clear()
     log.setLevel(logging.INFO)
     log.propagate = False
-    to_file = logging.FileHandler(run_dir / "logs" / f"rank{world.rank}.log")
+    to_file = logging.FileHandler(run_dir.log_file(world.rank))
     to_file.setFormatter(fmt)
     log.addHandler(to_file)
     to_terminal = logging.StreamHandler(sys.stderr)
     to_terminal.setFormatter(fmt)
     to_terminal.setLevel(logging.INFO if world.is_chief else logging.WARNING)
     log.addHandler(to_terminal)
+
+
+def load_data(spec: JobSpec, dist):
+    """This worker's data (for image folders: its shard of the files), decoded with the model's channels."""
+    from distrain import data as data_lib
+    from distrain.context import image_channels
+    from distrain.models import MODELS
+
+    entry = MODELS.get(spec.model.name)
+    channels = image_channels(spec, entry.default_input_shape if entry else None)
+    data = data_lib.load(spec.data, spec.seed, channels=channels, shard=(dist.pipeline_id, dist.num_pipelines))
+    if data.synthetic:
+        log.warning("data.source synthetic: random images and labels, for throughput only; accuracy means nothing")
+    return data
 
 
 def _optimizer(tf, spec: JobSpec, schedule):
@@ -46,20 +147,107 @@ def _optimizer(tf, spec: JobSpec, schedule):
     return tf.keras.optimizers.Adam(learning_rate=schedule)
 
 
-def _input_shape(spec: JobSpec, data_shape: tuple[int, ...]) -> tuple[int, ...]:
-    if spec.model.input_shape is None:
-        return tuple(data_shape)
-    shape = tuple(spec.model.input_shape)
-    if len(shape) == 2:
-        shape = (*shape, data_shape[-1])
-    if shape[-1] != data_shape[-1]:
-        raise UsageError(f"model.input_shape: {list(shape)} has {shape[-1]} channels, the data has {data_shape[-1]}")
-    return shape
+def build_model(ctx: RunContext) -> Trainee:
+    """The compiled model and optimizer, created in the strategy's scope, restored from the backup.
+
+    Raises:
+        RuntimeError: the backup's index names a step its checkpoint does not hold.
+    """
+    import tensorflow as tf
+
+    from distrain import lr as lr_lib
+    from distrain.checkpoint import Backup, WorkerFiles
+    from distrain.models import build_model as build_course_model
+
+    spec, dist = ctx.spec, ctx.dist
+    files = WorkerFiles(ctx.run_dir, ctx.world.rank, ctx.is_chief)
+    # Same seed on every worker: identical initial weights (MultiWorkerMirroredStrategy also
+    # broadcasts the chief's, Horovod broadcasts rank 0's) and identical augmentation streams.
+    tf.keras.utils.set_random_seed(spec.seed)
+    with dist.scope():
+        model = build_course_model(spec.model.name, ctx.input_shape, ctx.num_classes, l1=spec.train.l1,
+                                   l2=spec.train.l2, **spec.model.params)
+        optimizer = dist.wrap_optimizer(_optimizer(tf, spec, lr_lib.keras_schedule(ctx.plan)))
+        model.compile(optimizer=optimizer, loss=tf.keras.losses.SparseCategoricalCrossentropy(),
+                      metrics=["accuracy"])
+        # Keras's metric results are already global (computed in a merge_call); its default "auto"
+        # reduction then sums them over MultiWorkerMirroredStrategy's workers, so step logs and the
+        # progress bar would show N x the loss. "first" takes them as they are.
+        model.distribute_reduction_method = "first"
+        backup = Backup(model, optimizer, ctx.run_dir, files)
+        restored = backup.restore()
+    if restored != ctx.start_step:
+        raise RuntimeError(f"{ctx.run_dir.backup}: the index names step {ctx.start_step}, the checkpoint holds "
+                           f"step {restored}")
+    dist.broadcast_initial_state(model, optimizer)
+    return Trainee(model, optimizer, backup, files)
 
 
-def _peer_lost_message(err: Exception, world: World) -> str:
-    import re
+def build_inputs(ctx: RunContext, data) -> Inputs:
+    """The distributed train, validation and test datasets; training starts at ``ctx.start_step``."""
+    from distrain import data as data_lib
 
+    spec, dist = ctx.spec, ctx.dist
+    pipes = data_lib.Pipelines(data, ctx.global_batch, ctx.steps_per_epoch, spec.seed, ctx.input_shape,
+                               spec.data.augment)
+    val_size, test_size = data.val_size, data.test_size
+    return Inputs(
+        train=dist.distribute_datasets(lambda ic: pipes.train(ic, spec.train.epochs, ctx.start_step)),
+        val=dist.distribute_datasets(lambda ic: pipes.evaluation(ic, "val")) if val_size else None,
+        test=dist.distribute_datasets(lambda ic: pipes.evaluation(ic, "test")),
+        val_steps=data_lib.eval_steps(val_size, ctx.global_batch) if val_size else None,
+        test_steps=data_lib.eval_steps(test_size, ctx.global_batch),
+        local_test_examples=len(range(dist.pipeline_id, test_size, dist.num_pipelines)))
+
+
+def build_run_callbacks(ctx: RunContext, trainee: Trainee, state, data, extra: Sequence) -> list:
+    """The run's callbacks (``callbacks.build_callbacks``), TensorBoard's on the chief."""
+    from distrain.callbacks import build_callbacks
+    from distrain.checkpoint import UserCheckpoints
+    from distrain.tensorboard_log import tensorboard_callbacks
+
+    c = ctx.spec.checkpoint
+    checkpoints = UserCheckpoints(trainee.model, ctx.run_dir, trainee.files, keep=c.keep, monitor=c.monitor,
+                                  mode=c.mode)
+    tensorboard = tensorboard_callbacks(ctx, state, synthetic=data.synthetic) if ctx.is_chief else ()
+    return build_callbacks(ctx, state, trainee.backup, checkpoints, tensorboard=tensorboard, extra=list(extra))
+
+
+def fit_and_evaluate(ctx: RunContext, trainee: Trainee, inputs: Inputs, callbacks: list, state) -> tuple:
+    """``fit`` from the start step, then the test metrics over all workers.
+
+    Returns:
+        (Keras's ``History``, the test metrics).
+
+    Raises:
+        TrainingStopped: a peer was lost (exit 76), or a callback stopped the run.
+    """
+    import tensorflow as tf
+
+    model, dist = trainee.model, ctx.dist
+    # fit() asks this hook where a recovering run starts; answering with the restored step makes
+    # the first epoch run only its remaining steps, so the total step count stays exact.
+    model._maybe_load_initial_counters_from_ckpt = lambda *_: (ctx.start_epoch, ctx.step_in_start_epoch)
+    previous_handlers = state.install_signal_handlers()
+    try:
+        history = model.fit(inputs.train, epochs=ctx.spec.train.epochs, steps_per_epoch=ctx.steps_per_epoch,
+                            initial_epoch=ctx.start_epoch, validation_data=inputs.val,
+                            validation_steps=inputs.val_steps, callbacks=callbacks,
+                            verbose=ctx.spec.logging.verbose if ctx.is_chief else 0)
+        test = model.evaluate(inputs.test, steps=inputs.test_steps, verbose=0, return_dict=True)
+        test = dist.average_metrics(model, test, inputs.local_test_examples)
+    except tf.errors.OpError as err:
+        if not dist.peer_lost(err):
+            raise
+        raise TrainingStopped(peer_lost_message(err, ctx.world), EXIT_PEER_LOST) from err
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    return history, test
+
+
+def peer_lost_message(err: Exception, world: World) -> str:
+    """One line naming the lost worker (from the collective's error) and how to resume."""
     task = re.search(r"/job:(?:worker|chief)/replica:\d+/task:(\d+)", str(err))
     who = (f"worker {task.group(1)} ({world.worker_addresses[int(task.group(1))]})"
            if task and int(task.group(1)) < len(world.worker_addresses) else
@@ -68,165 +256,62 @@ def _peer_lost_message(err: Exception, world: World) -> str:
     return f"lost {who}: {type(err).__name__}: {first_line}; rerun with the same run dir to resume from the backup"
 
 
-def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_callbacks: Sequence = ()) -> dict:
-    """Trains the job in this process, as one of ``world.world_size`` workers.
+def finish(ctx: RunContext, trainee: Trainee, state, history, test: dict, data, started: float) -> dict:
+    """Final backup, artefacts and the summary; returns the summary."""
+    from distrain.tensorboard_log import write_test_metrics
 
-    Args:
-        spec: the validated job.
-        run_dir: shared by every worker of the run; a run dir with a backup resumes from it.
-        world: this process's place (default: detected from the environment).
-        extra_callbacks: more Keras callbacks, run after distrain's own (Ray's reporting uses it).
-
-    Returns:
-        The run summary (also written to ``RUN_DIR/summary.json`` by the chief).
-
-    Raises:
-        UsageError: bad input found after TensorFlow started (a dataset not in the cache, ...).
-        TrainingStopped: preempted, peer lost or NaN; ``exit_code`` says which.
-    """
-    started = time.time()
-    world = world or detect(port_override=spec.distribute.port)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir, world)
-    # Once per process, also on the terminal of non-chief workers (which show warnings only).
-    log.log(logging.INFO if world.is_chief else logging.WARNING, "distrain worker %s", world.describe())
-
-    from distrain import strategy as strategy_lib
-
-    dist = strategy_lib.build(spec.distribute, world)  # first TensorFlow op of the process
-    import tensorflow as tf
-
-    from distrain import data as data_lib
-    from distrain import lr as lr_lib
-    from distrain.callbacks import RunState, build_callbacks
-    from distrain.checkpoint import Backup, UserCheckpoints, WorkerFiles
-    from distrain.models import MODELS, build_model
-    from distrain.tensorboard import tensorboard_callbacks, write_test_metrics
-
-    if world.is_chief:
-        (run_dir / "job.yaml").write_text(dump_spec(spec))
-    files = WorkerFiles(run_dir, world.rank, world.is_chief)
-
-    channels = (spec.model.input_shape or MODELS[spec.model.name].default_input_shape)
-    splits = data_lib.load(spec.data, spec.seed, channels=channels[-1] if len(channels) == 3 else 3,
-                           shard=(dist.pipeline_id, dist.num_pipelines))
-    if splits.synthetic:
-        log.warning("data.source synthetic: random images and labels, for throughput only; accuracy means nothing")
-    input_shape = _input_shape(spec, splits.input_shape)
-    num_classes = spec.model.num_classes or splits.num_classes
-    global_batch = spec.data.batch_size_per_replica * dist.replicas
-    steps = data_lib.steps_per_epoch(splits.train_size_global, global_batch, spec.train.steps_per_epoch)
-    plan = lr_lib.LRPlan.from_spec(spec.train, global_batch=global_batch,
-                                   per_replica_batch=spec.data.batch_size_per_replica, steps_per_epoch=steps)
-    log.info("strategy %s: %d replicas (%d here), global batch %d = %d per replica x %d, %d steps/epoch",
-             dist.name, dist.replicas, dist.local_replicas, global_batch, spec.data.batch_size_per_replica,
-             dist.replicas, steps)
-    log.info("%s", lr_lib.describe(plan))
-
-    # Same seed on every worker: identical initial weights (MultiWorkerMirroredStrategy also
-    # broadcasts the chief's, Horovod broadcasts rank 0's) and identical augmentation streams.
-    tf.keras.utils.set_random_seed(spec.seed)
-    with dist.scope():
-        model = build_model(spec.model.name, input_shape, num_classes, l1=spec.train.l1, l2=spec.train.l2,
-                            **spec.model.params)
-        optimizer = dist.wrap_optimizer(_optimizer(tf, spec, lr_lib.keras_schedule(plan)))
-        model.compile(optimizer=optimizer, loss=tf.keras.losses.SparseCategoricalCrossentropy(),
-                      metrics=["accuracy"])
-        # Keras's metric results are already global (computed in a merge_call); its default "auto"
-        # reduction then sums them over MultiWorkerMirroredStrategy's workers, so step logs and the
-        # progress bar would show N x the loss. "first" takes them as they are.
-        model.distribute_reduction_method = "first"
-        backup = Backup(model, optimizer, run_dir, files)
-        start_step = backup.restore()
-    dist.broadcast_initial_state(model, optimizer)
-    total_steps = spec.train.epochs * steps
-    if start_step >= total_steps and (run_dir / "summary.json").exists():
-        log.info("run already complete at step %d", start_step)
-        return json.loads((run_dir / "summary.json").read_text())
-    start_epoch, step_in_epoch = divmod(start_step, steps)
-
-    pipes = data_lib.Pipelines(splits, global_batch, steps, spec.seed, input_shape, spec.data.augment)
-    train_ds = dist.distribute_datasets(lambda ctx: pipes.train(ctx, spec.train.epochs, start_step))
-    val_ds = (dist.distribute_datasets(lambda ctx: pipes.evaluation(ctx, "val")) if len(splits.y_val) else None)
-    test_ds = dist.distribute_datasets(lambda ctx: pipes.evaluation(ctx, "test"))
-
-    state = RunState(global_batch, plan, start_step)
-    checkpoints = UserCheckpoints(model, run_dir, files, keep=spec.checkpoint.keep,
-                                  monitor=spec.checkpoint.monitor, mode=spec.checkpoint.mode)
-    callbacks = build_callbacks(
-        spec=spec, dist=dist, state=state, run_dir=run_dir, backup=backup, checkpoints=checkpoints,
-        tensorboard_callbacks=tensorboard_callbacks(spec, run_dir, dist, plan, splits, state) if world.is_chief else (),
-        extra=list(extra_callbacks))
-    # fit() asks this hook where a recovering run starts; answering with the restored step makes
-    # the first epoch run only its remaining steps, so the total step count stays exact.
-    model._maybe_load_initial_counters_from_ckpt = lambda *_: (start_epoch, step_in_epoch)
-
-    previous_handlers = state.install_signal_handlers()
-    try:
-        history = model.fit(train_ds, epochs=spec.train.epochs, steps_per_epoch=steps, initial_epoch=start_epoch,
-                            validation_data=val_ds,
-                            validation_steps=data_lib.eval_steps(len(splits.y_val), global_batch) if val_ds else None,
-                            callbacks=callbacks, verbose=spec.logging.verbose if world.is_chief else 0)
-        test = model.evaluate(test_ds, steps=data_lib.eval_steps(len(splits.y_test), global_batch),
-                              verbose=0, return_dict=True)
-        test = dist.average_metrics(test, len(range(dist.pipeline_id, len(splits.y_test), dist.num_pipelines)))
-    except tf.errors.OpError as err:
-        if not dist.peer_lost(err):
-            raise
-        raise TrainingStopped(_peer_lost_message(err, world), EXIT_PEER_LOST) from err
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-    backup.save()  # a complete run resumes as "already complete", not from its last periodic backup
-
-    steps_done = int(optimizer.iterations.numpy())
-    if world.is_chief:
-        write_test_metrics(run_dir, test, epoch=steps_done // steps)
-    trained = (steps_done - start_step) * global_batch
-    summary = {
-        "job": spec.name, "run_dir": str(run_dir), "world_size": world.world_size,
-        "num_workers": world.num_workers, "launcher": world.launcher, "strategy": dist.name,
-        "replicas": dist.replicas, "global_batch": global_batch, "steps_per_epoch": steps,
-        "steps": steps_done, "resumed_from_step": start_step,
-        "epochs_completed": steps_done // steps, "synthetic_data": splits.synthetic,
-        "test": {k: float(v) for k, v in test.items()},
-        "history": _history(run_dir, history),
-        "images_per_s": trained / state.train_time_s if state.train_time_s else None,
-        "wall_time_s": time.time() - started,
-        "lr": {"base": plan.base_lr, "peak": plan.peak_lr, "warmup_steps": plan.warmup_steps,
-               "schedule": plan.schedule},
-    }
-    _save_artefacts(model, run_dir, files, summary)
-    files.cleanup()
+    # A complete run then resumes as "already complete", not from its last periodic backup.
+    trainee.backup.save()
+    steps_done = int(trainee.optimizer.iterations.numpy())
+    if ctx.is_chief:
+        write_test_metrics(ctx.run_dir, test, epoch=steps_done // ctx.steps_per_epoch)
+    summary = run_summary(ctx, state, history, test, data, steps_done, time.time() - started)
+    save_artefacts(ctx, trainee, summary)
+    trainee.files.cleanup()
     log.info("test accuracy %.4f, loss %.4f (%d examples); run dir %s", test.get("accuracy", float("nan")),
-             test.get("loss", float("nan")), len(splits.y_test), run_dir)
+             test.get("loss", float("nan")), data.test_size, ctx.run_dir)
     return summary
 
 
-def _history(run_dir: Path, history) -> dict:
+def run_summary(ctx: RunContext, state, history, test: dict, data, steps_done: int, wall_time_s: float) -> dict:
+    """The run summary (``summary.json``): the world, the arithmetic, the results."""
+    world, plan = ctx.world, ctx.plan
+    trained = (steps_done - ctx.start_step) * ctx.global_batch
+    return {
+        "job": ctx.spec.name, "run_dir": str(ctx.run_dir), "world_size": world.world_size,
+        "num_workers": world.num_workers, "launcher": world.launcher, "strategy": ctx.dist.name,
+        "replicas": ctx.replicas, "global_batch": ctx.global_batch, "steps_per_epoch": ctx.steps_per_epoch,
+        "steps": steps_done, "resumed_from_step": ctx.start_step,
+        "epochs_completed": steps_done // ctx.steps_per_epoch, "synthetic_data": data.synthetic,
+        "test": {k: float(v) for k, v in test.items()},
+        "history": _history(ctx.run_dir, history),
+        "images_per_s": trained / state.train_time_s if state.train_time_s else None,
+        "wall_time_s": wall_time_s,
+        "lr": {"base": plan.base_lr, "peak": plan.peak_lr, "warmup_steps": plan.warmup_steps,
+               "schedule": plan.schedule},
+    }
+
+
+def _history(run_dir: RunDir, history) -> dict:
     """Per-metric lists over all epochs of the run: the chief's history.json covers earlier
     attempts too; Keras's History (other workers) only this one."""
-    history_file = run_dir / "history.json"
-    if history_file.exists():
-        epochs = json.loads(history_file.read_text())
+    if run_dir.history.exists():
+        epochs = json.loads(run_dir.history.read_text())
         keys = [k for k in epochs[-1] if k not in ("epoch", "step")] if epochs else []
         return {k: [float(e[k]) for e in epochs if k in e] for k in keys}
     return {k: [float(x) for x in v] for k, v in history.history.items()}
 
 
-def _save_artefacts(model, run_dir: Path, files, summary: dict) -> None:
+def save_artefacts(ctx: RunContext, trainee: Trainee, summary: dict) -> None:
     """model.keras on every worker (a collective read), the rest on the chief only."""
-    with files.write(run_dir / "model.keras") as tmp:
-        model.save(str(tmp))
-    if not files.is_chief:
+    run_dir = ctx.run_dir
+    with trainee.files.write(run_dir.model) as tmp:
+        trainee.model.save(str(tmp))
+    if not ctx.is_chief:
         return
     from distrain.report import plot_curves
 
-    history_file = run_dir / "history.json"
-    epochs = json.loads(history_file.read_text()) if history_file.exists() else []
+    epochs = json.loads(run_dir.history.read_text()) if run_dir.history.exists() else []
     if epochs:
-        plot_curves(epochs, run_dir / "curves.png", title=summary["job"])
-    tmp = run_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(run_dir / "summary.json")
+        plot_curves(epochs, run_dir.curves, title=summary["job"])
+    write_atomically(run_dir.summary, json.dumps(summary, indent=1))

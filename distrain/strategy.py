@@ -1,17 +1,18 @@
 """Choosing and building the distribution: a ``tf.distribute`` strategy or Horovod.
 
 ``choose_strategy`` is pure (no TensorFlow) so ``distrain env`` and the unit tests can call it;
-``build`` imports TensorFlow and returns a ``Distribution``, the one object the run talks to for
-scopes, input pipelines and agreement across workers, whichever backend is underneath.
+``build`` imports TensorFlow and returns a ``distribution.Distribution`` (``TFDistribution``, defined
+here, or ``horovod.HorovodDistribution``), the one object the run talks to for scopes, input
+pipelines and agreement across workers, whichever backend is underneath.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
+from distrain.distribution import Distribution
 from distrain.errors import UsageError
 from distrain.world import World
 
@@ -45,87 +46,38 @@ def choose_strategy(requested: str, world: World, num_gpus: int) -> str:
     return requested
 
 
-@dataclass
-class Distribution:
-    """What the run needs from a backend, whichever it is.
+class TFDistribution(Distribution):
+    """A ``tf.distribute`` strategy: one_device (TensorFlow's default strategy), mirrored
+    (one process, several devices) or multi_worker (one process per node, collectives).
 
-    Attributes:
-        name: one_device | mirrored | multi_worker | horovod.
-        strategy: the ``tf.distribute.Strategy`` (the default strategy under Horovod).
+    Args:
+        name: one_device | mirrored | multi_worker.
+        strategy: the strategy, already created.
         world: this process's place in the job.
-        replicas: replicas in sync across the whole job (the global batch is per-replica × this).
-        local_replicas: replicas in this process.
     """
 
-    name: str
-    strategy: Any
-    world: World
-    replicas: int
-    local_replicas: int
-    _sum_fn: Optional[Callable] = None
-
-    @property
-    def is_chief(self) -> bool:
-        return self.world.is_chief
+    def __init__(self, name: str, strategy: Any, world: World):
+        replicas = strategy.num_replicas_in_sync
+        workers = world.world_size if name == "multi_worker" else 1
+        super().__init__(name, strategy, world, replicas=replicas, local_replicas=replicas // max(1, workers))
+        self._sum = _sum_collective(strategy)
 
     @property
     def num_pipelines(self) -> int:
-        """Input pipelines: one per worker process."""
-        return self.world.world_size if self.name in ("multi_worker", "horovod") else 1
+        return self.world.world_size if self.name == "multi_worker" else 1
 
     @property
     def pipeline_id(self) -> int:
-        return self.world.rank if self.name in ("multi_worker", "horovod") else 0
-
-    def scope(self):
-        return self.strategy.scope()
+        return self.world.rank if self.name == "multi_worker" else 0
 
     def distribute_datasets(self, dataset_fn: Callable[[Any], Any]) -> Any:
-        """Builds one input pipeline per worker from ``dataset_fn(input_context)``.
-
-        The function returns per-replica batches and shards by ``input_context`` itself, so
-        TensorFlow's auto-sharding is never involved (and never warns).
-        """
         import tensorflow as tf
 
-        if self.name == "horovod":
-            # Horovod has no distributed dataset: each rank feeds its own replica.
-            return dataset_fn(tf.distribute.InputContext(self.num_pipelines, self.pipeline_id, self.replicas))
         return self.strategy.distribute_datasets_from_function(
             dataset_fn, options=tf.distribute.InputOptions(experimental_fetch_to_device=True))
 
-    def wrap_optimizer(self, optimizer):
-        """The optimizer as this backend needs it (Horovod wraps it for allreduce)."""
-        return optimizer
-
-    def broadcast_initial_state(self, model, optimizer) -> None:
-        """Makes every worker start from rank 0's weights (tf.distribute does this itself)."""
-
-    def callbacks(self) -> list:
-        """Backend callbacks that must run with distrain's own."""
-        return []
-
-    def average_metrics(self, metrics: dict, local_examples: int) -> dict:
-        """Metrics over all workers (tf.distribute already aggregates them across replicas)."""
-        return metrics
-
-    def peer_lost(self, err: Exception) -> bool:
-        """Whether an error raised while training means another worker is gone.
-
-        A collective whose peer died fails as unavailable/aborted/cancelled, or times out after
-        ``distribute.collective_timeout_s``.
-        """
-        import tensorflow as tf
-
-        return self.world.world_size > 1 and isinstance(err, (
-            tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.AbortedError,
-            tf.errors.CancelledError))
-
-    def agree(self, flags: Sequence[bool]) -> list[bool]:
-        """Each flag becomes true on every worker when it is true on any (a collective: all call it)."""
-        if self.world.world_size == 1:
-            return [bool(f) for f in flags]
-        return [v > 0 for v in self._sum_fn([1.0 if f else 0.0 for f in flags])]
+    def sum(self, values: Sequence[float]) -> list[float]:
+        return self._sum(list(values))
 
 
 def _configure_devices(tf, spec_distribute, world: World) -> list:
@@ -148,8 +100,9 @@ def split_cpu(num: int) -> None:
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * num)
 
 
-def _sum_collective(tf, strategy) -> Callable[[list], list]:
+def _sum_collective(strategy) -> Callable[[list], list]:
     """Sums a small vector over all replicas of all workers (compiled once, reused every step)."""
+    import tensorflow as tf
 
     @tf.function
     def reduce(value):
@@ -165,7 +118,9 @@ def build(spec_distribute, world: World) -> Distribution:
     Must run before any other TensorFlow op: MultiWorkerMirroredStrategy and Horovod configure the
     runtime, and device configuration is fixed at the first op.
     """
-    import tensorflow as tf
+    from distrain.tf_startup import import_tensorflow
+
+    tf = import_tensorflow()
 
     gpus = _configure_devices(tf, spec_distribute, world)
     if spec_distribute.cpu_devices > 1 and not gpus:
@@ -199,8 +154,4 @@ def build(spec_distribute, world: World) -> Distribution:
         # first GPU if there is one, else the CPU. OneDeviceStrategy would do the same through a
         # distributed iterator that cost 15-20% throughput here (benchmarks/throughput.py).
         strategy = tf.distribute.get_strategy()
-    replicas = strategy.num_replicas_in_sync
-    dist = Distribution(name=name, strategy=strategy, world=world, replicas=replicas,
-                        local_replicas=replicas // max(1, world.world_size if name == "multi_worker" else 1))
-    dist._sum_fn = _sum_collective(tf, strategy)
-    return dist
+    return TFDistribution(name, strategy, world)

@@ -212,3 +212,11 @@ def test_regularization_adds_one_loss_per_kernel(name):
     model = build_model(name, shape, 10)
     assert model.losses == []
     assert all(getattr(layer, "kernel_regularizer", None) is None for layer in model.layers)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_registry_parameter_count_is_the_built_models(name):
+    from distrain.models import REGISTRY_CLASSES
+
+    entry = MODELS[name]
+    assert build_model(name, entry.default_input_shape, REGISTRY_CLASSES).count_params() == entry.params

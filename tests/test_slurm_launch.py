@@ -232,6 +232,8 @@ def test_regenerate_check_passes_and_covers_every_shipped_script():
 @pytest.mark.timeout(30)
 def test_shell_scripts_pass_shellcheck():
     if subprocess.run(["which", "shellcheck"], capture_output=True).returncode != 0:
+        if os.environ.get("DISTRAIN_REQUIRE_SHELLCHECK") == "1":
+            pytest.fail("shellcheck is not installed but DISTRAIN_REQUIRE_SHELLCHECK=1 (scripts/test.sh installs it)")
         pytest.skip("shellcheck not installed")
     files = [REPO / "slurm" / "distrain-launch.sh", REPO / "slurm" / "regenerate.sh",
              *(REPO / "slurm" / f"{n}.sh" for n in SHIPPED)]

@@ -299,11 +299,12 @@ def test_tunnel_commands():
 
 
 def test_write_test_metrics(tmp_path):
-    from distrain.tensorboard import write_test_metrics
+    from distrain.rundir import RunDir
+    from distrain.tensorboard_log import write_test_metrics
 
-    write_test_metrics(tmp_path, {"loss": 0.5, "accuracy": 0.75}, epoch=3)
+    write_test_metrics(RunDir(tmp_path), {"loss": 0.5, "accuracy": 0.75}, epoch=3)
     assert not (tmp_path / "tensorboard").exists()  # logging.tensorboard false: nothing to add to
     (tmp_path / "tensorboard").mkdir()
-    write_test_metrics(tmp_path, {"loss": 0.5, "accuracy": 0.75}, epoch=3)
+    write_test_metrics(RunDir(tmp_path), {"loss": 0.5, "accuracy": 0.75}, epoch=3)
     test = accumulate(tmp_path / "tensorboard" / "test")
     assert scalars(test, "epoch_loss") == {3: 0.5} and scalars(test, "epoch_accuracy") == {3: 0.75}

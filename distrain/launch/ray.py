@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from distrain.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, TrainingStopped, UsageError
+from distrain.rundir import RunDir, write_atomically
 
 log = logging.getLogger("distrain")
 
@@ -253,9 +254,7 @@ def cmd_ray(args) -> int:
         result, error = None, err
     report = result_report(request, result, error)
     request.experiment_dir.mkdir(parents=True, exist_ok=True)
-    tmp = request.experiment_dir / f".{RESULT_FILE}.tmp"
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    tmp.replace(request.experiment_dir / RESULT_FILE)
+    write_atomically(request.experiment_dir / RESULT_FILE, json.dumps(report, indent=1, default=str))
     if error is not None:
         print(f"distrain ray: failed: {report['error']}", file=sys.stderr)
         print(f"result: {request.experiment_dir / RESULT_FILE}")
@@ -363,7 +362,7 @@ def train_loop(config: dict) -> Optional[dict]:
                            f"{context.get_world_rank()}/{context.get_world_size()}")
     run_dir.mkdir(parents=True, exist_ok=True)
     # Which process is which rank, for people (and the fault-tolerance test) who need to signal one.
-    (run_dir / f".ray-worker-{world.rank}.pid").write_text(f"{os.getpid()}\n")
+    RunDir(run_dir).ray_worker_pid(world.rank).write_text(f"{os.getpid()}\n")
 
     reporter = ray_report_callback(run_dir, world.is_chief)
     summary = train(spec, run_dir, world=world, extra_callbacks=[reporter])
@@ -401,7 +400,7 @@ def report_to_ray(metrics: dict, run_dir: Path, is_chief: bool) -> None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="distrain-ray-") as tmp:
-        pointer = {"run_dir": str(run_dir), "backup": str(run_dir / "backup"),
+        pointer = {"run_dir": str(run_dir), "backup": str(RunDir(run_dir).backup),
                    "step": int(metrics.get("step", 0)), "epoch": int(metrics.get("epoch", 0))}
         (Path(tmp) / POINTER_FILE).write_text(json.dumps(pointer, indent=1))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

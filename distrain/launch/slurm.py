@@ -32,10 +32,12 @@ import argparse
 import re
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from distrain.errors import EXIT_FAILED, UsageError
+from distrain.rundir import write_atomically
 from distrain.strategy import choose_strategy
 from distrain.world import World
 
@@ -124,6 +126,30 @@ def _row(command: str, comment: str) -> str:
     return f"#   {command:<56} {comment}"
 
 
+@dataclass(frozen=True)
+class _Script:
+    """Everything an sbatch script says, resolved from ``render_sbatch``'s options and the job."""
+
+    job: str
+    spec: Any
+    nodes: int
+    per_node: int
+    gpus_per_node: int
+    cpus: int
+    time: str
+    partition: Optional[str]
+    account: Optional[str]
+    requested: str
+    resolved: str
+    name: str
+    runs_dir: Optional[str]
+    run_overrides: tuple
+    requeue: bool
+    distrain: str
+    output: Optional[str]
+    command: tuple
+
+
 def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: Optional[int] = None,
                   cpus_per_task: Optional[int] = None, time: str = DEFAULT_TIME,
                   partition: Optional[str] = None, account: Optional[str] = None,
@@ -160,46 +186,37 @@ def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: O
     Example:
         >>> print(render_sbatch("jobs/cnn.yaml", nodes=2, gpus_per_node=4))  # doctest: +SKIP
     """
-    from distrain.spec import STRATEGIES, load_spec
+    from distrain.spec import load_spec
 
-    _positive(nodes, "--nodes")
-    _positive(gpus_per_node, "--gpus-per-node", minimum=0)
-    _positive(tasks_per_node, "--tasks-per-node")
-    _positive(cpus_per_task, "--cpus-per-task")
-    if not _TIME.match(time):
-        raise UsageError(f"--time: expected HH:MM:SS or D-HH:MM:SS, got {time!r}")
-    _check_word(partition, "--partition", "a partition name")
-    _check_word(account, "--account", "an account name")
-    _check_word(job_name, "--job-name", "a job name")
-    if strategy is not None and strategy not in STRATEGIES:
-        raise UsageError(f"--strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    if not distrain.strip():
-        raise UsageError("--distrain: expected the distrain command, got ''")
+    _check_options(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
+                   cpus_per_task=cpus_per_task, time=time, partition=partition, account=account,
+                   job_name=job_name, strategy=strategy, distrain=distrain)
     run_overrides = [*overrides, *([f"distribute.strategy={strategy}"] if strategy else [])]
     spec = load_spec(job, run_overrides)
     requested = spec.distribute.strategy
-    source = _strategy_source(job, overrides, strategy)
-
-    if requested == "horovod":
-        if gpus_per_node and tasks_per_node not in (None, gpus_per_node):
-            raise UsageError(f"--tasks-per-node: horovod runs one task per GPU, so {gpus_per_node} with "
-                             f"--gpus-per-node {gpus_per_node}, got {tasks_per_node} (leave it out)")
-        if not gpus_per_node and tasks_per_node is None:
-            raise UsageError("--tasks-per-node: horovod without GPUs (--gpus-per-node 0) needs the number of "
-                             "CPU tasks per node, e.g. --tasks-per-node 2")
-        per_node = tasks_per_node or gpus_per_node
-    else:
-        per_node = tasks_per_node or 1
+    per_node = _tasks_per_node(requested, gpus_per_node, tasks_per_node)
     asked = f"--nodes {nodes}" + (f" --tasks-per-node {tasks_per_node}" if tasks_per_node else "")
     resolved = check_layout(requested, nodes=nodes, tasks=nodes * per_node, gpus_per_node=gpus_per_node,
-                            source=source, asked=asked)
-    gpus_per_task = gpus_per_node // per_node if requested != "horovod" else min(gpus_per_node, 1)
-    cpus = cpus_per_task or (CPUS_PER_GPU * gpus_per_task if gpus_per_task else 1)
+                            source=_strategy_source(job, overrides, strategy), asked=asked)
     if job_name is None and not _NAME.match(spec.name):
         raise UsageError(f"--job-name: the job's name {spec.name!r} is no SLURM job name (letters, digits, "
                          "_ . + -); give one")
-    name = job_name or spec.name
+    command = _render_command(job, nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
+                              cpus_per_task=cpus_per_task, time=time, partition=partition, account=account,
+                              strategy=strategy, job_name=job_name, runs_dir=runs_dir, overrides=overrides,
+                              requeue=requeue, distrain=distrain, output=output)
+    script = _Script(job=job, spec=spec, nodes=nodes, per_node=per_node, gpus_per_node=gpus_per_node,
+                     cpus=cpus_per_task or _default_cpus(requested, gpus_per_node, per_node), time=time,
+                     partition=partition, account=account, requested=requested, resolved=resolved,
+                     name=job_name or spec.name, runs_dir=runs_dir, run_overrides=tuple(run_overrides),
+                     requeue=requeue, distrain=distrain, output=output, command=tuple(command))
+    out = [*_header(script), *_directives(script), "", *_settings(script)]
+    return "\n".join(line for line in out if line is not None) + "\n"
 
+
+def _render_command(job: str, *, nodes, gpus_per_node, tasks_per_node, cpus_per_task, time, partition, account,
+                    strategy, job_name, runs_dir, overrides, requeue, distrain, output) -> list:
+    """The ``distrain slurm render`` command that makes the script, for its header (defaults left out)."""
     command = ["distrain", "slurm", "render", job, "--nodes", str(nodes), "--gpus-per-node", str(gpus_per_node)]
     for flag, value, default in (("--tasks-per-node", tasks_per_node, None), ("--cpus-per-task", cpus_per_task, None),
                                  ("--time", time, DEFAULT_TIME), ("--partition", partition, None),
@@ -215,57 +232,110 @@ def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: O
         command += ["--distrain", distrain]
     if output is not None:
         command += ["--output", output]
+    return command
 
-    me = _q(output) if output else "SCRIPT"
-    what = f"{_plural(per_node, 'task')} each ({'horovod' if requested == 'horovod' else 'multi_worker'})"
-    if requested in ONE_PROCESS:
+
+def _check_options(*, nodes, gpus_per_node, tasks_per_node, cpus_per_task, time, partition, account, job_name,
+                   strategy, distrain) -> None:
+    """The flags that can be checked without the job file."""
+    from distrain.spec import STRATEGIES
+
+    _positive(nodes, "--nodes")
+    _positive(gpus_per_node, "--gpus-per-node", minimum=0)
+    _positive(tasks_per_node, "--tasks-per-node")
+    _positive(cpus_per_task, "--cpus-per-task")
+    if not _TIME.match(time):
+        raise UsageError(f"--time: expected HH:MM:SS or D-HH:MM:SS, got {time!r}")
+    _check_word(partition, "--partition", "a partition name")
+    _check_word(account, "--account", "an account name")
+    _check_word(job_name, "--job-name", "a job name")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise UsageError(f"--strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if not distrain.strip():
+        raise UsageError("--distrain: expected the distrain command, got ''")
+
+
+def _default_cpus(requested: str, gpus_per_node: int, per_node: int) -> int:
+    """``--cpus-per-task`` by default: ``CPUS_PER_GPU`` per GPU of a task, 1 without GPUs."""
+    gpus_per_task = gpus_per_node // per_node if requested != "horovod" else min(gpus_per_node, 1)
+    return CPUS_PER_GPU * gpus_per_task if gpus_per_task else 1
+
+
+def _tasks_per_node(requested: str, gpus_per_node: int, tasks_per_node: Optional[int]) -> int:
+    """Tasks per node: as asked; by default one per GPU for horovod, else one."""
+    if requested != "horovod":
+        return tasks_per_node or 1
+    if gpus_per_node and tasks_per_node not in (None, gpus_per_node):
+        raise UsageError(f"--tasks-per-node: horovod runs one task per GPU, so {gpus_per_node} with "
+                         f"--gpus-per-node {gpus_per_node}, got {tasks_per_node} (leave it out)")
+    if not gpus_per_node and tasks_per_node is None:
+        raise UsageError("--tasks-per-node: horovod without GPUs (--gpus-per-node 0) needs the number of "
+                         "CPU tasks per node, e.g. --tasks-per-node 2")
+    return tasks_per_node or gpus_per_node
+
+
+def _header(s: _Script) -> list:
+    """The comment at the top: what the script trains and the commands that run it."""
+    me = _q(s.output) if s.output else "SCRIPT"
+    what = f"{_plural(s.per_node, 'task')} each ({'horovod' if s.requested == 'horovod' else 'multi_worker'})"
+    if s.requested in ONE_PROCESS:
         several = ["#   several nodes need strategy multi_worker (or horovod): render again, e.g.",
-                   f"#     distrain slurm render {_q(job)} --nodes 4 --gpus-per-node {gpus_per_node} "
+                   f"#     distrain slurm render {_q(s.job)} --nodes 4 --gpus-per-node {s.gpus_per_node} "
                    "--strategy multi_worker --output SCRIPT4"]
     else:
-        more = 2 * nodes if nodes > 1 else 4
+        more = 2 * s.nodes if s.nodes > 1 else 4
         several = [_row(f"sbatch --nodes={more} {me}", f"{more} nodes, {what}")]
-    description = [f"#   {line}" for line in _description(Path(job))]
-    gpus = f"{gpus_per_node} GPU{'s' if gpus_per_node > 1 else ''} per node" if gpus_per_node else "CPU only"
-    out = [
+    gpus = f"{s.gpus_per_node} GPU{'s' if s.gpus_per_node > 1 else ''} per node" if s.gpus_per_node else "CPU only"
+    return [
         "#!/bin/bash",
-        f"# {name}: {job} on SLURM: {_plural(nodes, 'node')} x {_plural(per_node, 'task')}, {gpus}, "
-        f"strategy {resolved}{' (auto)' if requested == 'auto' else ''}.",
-        *description,
+        f"# {s.name}: {s.job} on SLURM: {_plural(s.nodes, 'node')} x {_plural(s.per_node, 'task')}, {gpus}, "
+        f"strategy {s.resolved}{' (auto)' if s.requested == 'auto' else ''}.",
+        *[f"#   {line}" for line in _description(Path(s.job))],
         "#",
         "# Run from the distrain checkout (every node must see it, the job file and the runs dir at the",
-        f"# same paths){'' if output else ', SCRIPT being this file'}:",
-        _row(f"sbatch {me}", f"as rendered ({_plural(nodes, 'node')})"),
-        _row(f"sbatch --nodes=1 {me}", "one node") if nodes > 1 else None,
+        f"# same paths){'' if s.output else ', SCRIPT being this file'}:",
+        _row(f"sbatch {me}", f"as rendered ({_plural(s.nodes, 'node')})"),
+        _row(f"sbatch --nodes=1 {me}", "one node") if s.nodes > 1 else None,
         *several,
         _row(f"DISTRAIN=$PWD/.venv/bin/distrain sbatch {me}", "a distrain not on PATH"),
-        _row(f"distrain train {_q(job)}", "one machine, no SLURM"),
+        _row(f"distrain train {_q(s.job)}", "one machine, no SLURM"),
         "# Output: slurm-<job name>-<job id>.out, with the TensorBoard tunnel command at its top. The run",
-        f"# dir is RUNS_DIR/{spec.name}/slurm-<job id>, the same when the job is requeued, which resumes from",
+        f"# dir is RUNS_DIR/{s.spec.name}/slurm-<job id>, the same when the job is requeued, which resumes from",
         "# the run's backup: exit 75 (preempted) and 76 (peer lost) requeue the job (docs/slurm.md).",
         "#",
-        f"# Generated by: {shlex.join(command)}",
+        f"# Generated by: {shlex.join(s.command)}",
         "# Edit the #SBATCH lines and the settings below freely; slurm/regenerate.sh rewrites slurm/*.sh.",
-        f"#SBATCH --job-name={name}",
-        f"#SBATCH --nodes={nodes}",
-        f"#SBATCH --ntasks-per-node={per_node}",
-        f"#SBATCH --gres=gpu:{gpus_per_node}" if gpus_per_node else None,
-        f"#SBATCH --cpus-per-task={cpus}",
-        f"#SBATCH --time={time}",
-        f"#SBATCH --partition={partition}" if partition else "##SBATCH --partition=PARTITION",
-        f"#SBATCH --account={account}" if account else "##SBATCH --account=ACCOUNT",
+    ]
+
+
+def _directives(s: _Script) -> list:
+    """The ``#SBATCH`` lines."""
+    return [
+        f"#SBATCH --job-name={s.name}",
+        f"#SBATCH --nodes={s.nodes}",
+        f"#SBATCH --ntasks-per-node={s.per_node}",
+        f"#SBATCH --gres=gpu:{s.gpus_per_node}" if s.gpus_per_node else None,
+        f"#SBATCH --cpus-per-task={s.cpus}",
+        f"#SBATCH --time={s.time}",
+        f"#SBATCH --partition={s.partition}" if s.partition else "##SBATCH --partition=PARTITION",
+        f"#SBATCH --account={s.account}" if s.account else "##SBATCH --account=ACCOUNT",
         "#SBATCH --output=slurm-%x-%j.out",
         "#SBATCH --open-mode=append",
-        "#SBATCH --requeue" if requeue else "#SBATCH --no-requeue",
+        "#SBATCH --requeue" if s.requeue else "#SBATCH --no-requeue",
         "#SBATCH --signal=USR1@90",
-        "",
+    ]
+
+
+def _settings(s: _Script) -> list:
+    """The shell settings the common launcher reads, and the line that sources it."""
+    return [
         "# Settings (relative paths are from the directory sbatch ran in).",
-        f"JOB={_q(job)}",
-        f"SET=({' '.join(_q(o) for o in run_overrides)})" if run_overrides else
+        f"JOB={_q(s.job)}",
+        f"SET=({' '.join(_q(o) for o in s.run_overrides)})" if s.run_overrides else
         "SET=()  # --set overrides for every run, e.g. SET=(train.epochs=3 data.batch_size_per_replica=128)",
-        f"RUNS_DIR={_q(runs_dir or spec.output_dir)}  # the run dir: RUNS_DIR/<job name>/slurm-$SLURM_JOB_ID",
-        f"DISTRAIN=${{DISTRAIN:-{_q(distrain)}}}  # the distrain command on every node",
-        f"REQUEUE={1 if requeue else 0}  # 1: exit 75 (preempted) and 76 (peer lost) requeue the job",
+        f"RUNS_DIR={_q(s.runs_dir or s.spec.output_dir)}  # the run dir: RUNS_DIR/<job name>/slurm-$SLURM_JOB_ID",
+        f"DISTRAIN=${{DISTRAIN:-{_q(s.distrain)}}}  # the distrain command on every node",
+        f"REQUEUE={1 if s.requeue else 0}  # 1: exit 75 (preempted) and 76 (peer lost) requeue the job",
         f"MAX_RESTARTS={MAX_RESTARTS}  # after a lost peer, requeue only while SLURM_RESTART_COUNT is below this",
         "SRUN_ARGS=()  # more srun options, e.g. (--mpi=pmix) for an MPI build of Horovod",
         "",
@@ -275,7 +345,6 @@ def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: O
         f"# shellcheck source={LAUNCHER}",
         'source "$launch"',
     ]
-    return "\n".join(line for line in out if line is not None) + "\n"
 
 
 def check_allocation(job: str, *, nodes: int, tasks: int, gpus_per_node: int,
@@ -379,10 +448,7 @@ def cmd_render(args) -> int:
         return 0
     if not out.parent.is_dir():
         raise UsageError(f"--output: no such directory: {out.parent}")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    tmp.replace(out)
+    write_atomically(out, text, mode=0o755)
     return 0
 
 

@@ -36,12 +36,12 @@ from pathlib import Path
 import tensorflow as tf
 
 from distrain.callbacks import StepCallback
+from distrain.rundir import RunDir
 from distrain.spec import dump_spec
 
 log = logging.getLogger("distrain")
 
-TB_DIR = "tensorboard"
-TRAIN, VALIDATION, TEST = "train", "validation", "test"
+TRAIN, VALIDATION, TEST = RunDir.TB_TRAIN, RunDir.TB_VALIDATION, RunDir.TB_TEST
 EPOCH_PREFIX, STEP_PREFIX = "epoch_", "batch_"
 # The hparams the dashboard shows for every run, in this order, with a description.
 HPARAMS = {
@@ -114,11 +114,10 @@ class StepScalars(StepCallback):
     ``callbacks.RunMetrics``, which runs before this callback.
     """
 
-    def __init__(self, state, writers: Writers, every: int, global_batch: int, replicas: int):
+    def __init__(self, state, writers: Writers, every: int, replicas: int):
         super().__init__(state)
         self.writers = writers
         self.every = every
-        self.global_batch = global_batch
         self.replicas = replicas
         self._began = 0.0
         self._last_end = None
@@ -143,11 +142,11 @@ class StepScalars(StepCallback):
         step_time = self._time / self._steps
         self._time, self._steps = 0.0, 0
         logs = logs or {}
-        # The step logs are global: run.train sets distribute_reduction_method = "first".
+        # The step logs are global: run.py sets distribute_reduction_method = "first".
         values = {k: float(v) for k, v in logs.items() if k in self.model.metrics_names and _is_number(v)}
         values.update(lr=logs.get("lr"), step_time_s=step_time,
-                      images_per_s=self.global_batch / step_time,
-                      images_per_s_per_replica=self.global_batch / step_time / self.replicas)
+                      images_per_s=self.state.global_batch / step_time,
+                      images_per_s_per_replica=self.state.global_batch / step_time / self.replicas)
         _scalars(self.writers[TRAIN], STEP_PREFIX, values, step)
         self.writers.flush()
 
@@ -256,20 +255,19 @@ class CloseWriters(tf.keras.callbacks.Callback):
         self.writers.close()
 
 
-def world_text(dist, spec, plan, splits) -> str:
+def world_text(ctx, synthetic: bool) -> str:
     """The world of the run as a markdown table (TensorBoard's text plugin renders it)."""
-    world = dist.world
+    world = ctx.world
     rows = [
-        ("strategy", dist.name),
+        ("strategy", ctx.dist.name),
         ("workers", f"{world.world_size} (launcher {world.launcher})"),
-        ("replicas", f"{dist.replicas} ({dist.local_replicas} in the chief's process)"),
-        ("global batch", f"{spec.data.batch_size_per_replica * dist.replicas} = "
-                         f"{spec.data.batch_size_per_replica} per replica x {dist.replicas}"),
-        ("steps per epoch", plan.steps_per_epoch),
+        ("replicas", f"{ctx.replicas} ({ctx.local_replicas} in the chief's process)"),
+        ("global batch", f"{ctx.global_batch} = {ctx.per_replica_batch} per replica x {ctx.replicas}"),
+        ("steps per epoch", ctx.steps_per_epoch),
         ("worker addresses", ", ".join(world.worker_addresses) or "-"),
         ("nodes", ", ".join(world.nodes) or "-"),
         ("job id", world.job_id or "-"),
-        ("synthetic data", splits.synthetic),
+        ("synthetic data", synthetic),
         ("TensorFlow", tf.__version__),
     ]
     return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -293,50 +291,44 @@ def hparam_infos() -> list:
             for name, text in HPARAMS.items()]
 
 
-def hparams_of(spec, dist, plan) -> dict:
+def hparams_of(ctx) -> dict:
     """The key hyperparameters of the run, by the names in ``HPARAMS``."""
-    values = {
-        "model": spec.model.name, "data": spec.data.source, "strategy": dist.name,
-        "workers": dist.world.world_size, "replicas": dist.replicas,
-        "batch_per_replica": spec.data.batch_size_per_replica,
-        "global_batch": spec.data.batch_size_per_replica * dist.replicas,
-        "optimizer": spec.train.optimizer, "base_lr": plan.base_lr, "peak_lr": plan.peak_lr,
-        "schedule": plan.schedule, "warmup_steps": plan.warmup_steps, "epochs": spec.train.epochs,
-        "steps_per_epoch": plan.steps_per_epoch,
+    spec, plan = ctx.spec, ctx.plan
+    return {
+        "model": spec.model.name, "data": spec.data.source, "strategy": ctx.dist.name,
+        "workers": ctx.world.world_size, "replicas": ctx.replicas, "batch_per_replica": ctx.per_replica_batch,
+        "global_batch": ctx.global_batch, "optimizer": spec.train.optimizer, "base_lr": plan.base_lr,
+        "peak_lr": plan.peak_lr, "schedule": plan.schedule, "warmup_steps": plan.warmup_steps,
+        "epochs": spec.train.epochs, "steps_per_epoch": ctx.steps_per_epoch,
     }
-    return values
 
 
-def tensorboard_callbacks(spec, run_dir: Path, dist, plan, splits, state) -> list:
+def tensorboard_callbacks(ctx, state, *, synthetic: bool = False) -> list:
     """The chief's TensorBoard callbacks, writing to ``RUN_DIR/tensorboard``.
 
     Args:
-        spec: the job (``logging.tensorboard``, ``update_every_steps``, ``profile_steps``).
-        run_dir: the run dir.
-        dist: the ``strategy.Distribution`` (for the world, replicas and strategy name).
-        plan: the ``lr.LRPlan`` (base/peak LR, schedule, steps per epoch).
-        splits: the data splits (whether the data is synthetic).
+        ctx: the ``context.RunContext`` (the job, world, batch arithmetic, LR plan, run dir).
         state: the run's ``callbacks.RunState`` (the global step, kept in Python).
+        synthetic: whether the data is synthetic (shown with the world).
 
     Returns:
         Keras callbacks to put after ``callbacks.RunMetrics`` (they read its ``lr``), or ``[]``
         when ``logging.tensorboard`` is false. Call on the chief only.
     """
+    spec = ctx.spec
     if not spec.logging.tensorboard:
         return []
     from distrain import lr as lr_lib
 
-    run_dir = Path(run_dir)
-    log_dir = run_dir / TB_DIR
+    log_dir = ctx.run_dir.tensorboard
     writers = Writers(log_dir)
-    texts = {"world": world_text(dist, spec, plan, splits),
+    texts = {"world": world_text(ctx, synthetic),
              "job_spec": "```yaml\n" + dump_spec(spec) + "```",
-             "lr_plan": lr_lib.describe(plan)}
-    callbacks = [RunInfo(writers, texts, hparams_of(spec, dist, plan), trial_id=f"{spec.name}/{run_dir.name}"),
+             "lr_plan": lr_lib.describe(ctx.plan)}
+    callbacks = [RunInfo(writers, texts, hparams_of(ctx), trial_id=f"{spec.name}/{ctx.run_dir.name}"),
                  EpochScalars(writers)]
     if spec.logging.update_every_steps:
-        callbacks.append(StepScalars(state, writers, spec.logging.update_every_steps,
-                                     spec.data.batch_size_per_replica * dist.replicas, dist.replicas))
+        callbacks.append(StepScalars(state, writers, spec.logging.update_every_steps, ctx.replicas))
     if spec.logging.profile_steps:
         first, last = spec.logging.profile_steps
         callbacks.append(Profiler(state, log_dir, first, last))
@@ -344,13 +336,13 @@ def tensorboard_callbacks(spec, run_dir: Path, dist, plan, splits, state) -> lis
     return callbacks
 
 
-def write_test_metrics(run_dir: Path, metrics: dict, epoch: int) -> None:
+def write_test_metrics(run_dir: RunDir, metrics: dict, epoch: int) -> None:
     """The test metrics after training, as ``test/epoch_*`` at the last epoch (chief only).
 
     They complete the hparams dashboard's final metrics. Does nothing without a TensorBoard dir
     (``logging.tensorboard: false``).
     """
-    log_dir = Path(run_dir) / TB_DIR
+    log_dir = run_dir.tensorboard
     if not log_dir.is_dir():
         return
     writers = Writers(log_dir)

@@ -1,0 +1,73 @@
+"""The run dir's layout lives in RunDir; the shell launcher, report and Ray agree with it."""
+import os
+import re
+
+import pytest
+
+from conftest import REPO
+from distrain.rundir import RunDir, replacing, write_atomically
+
+
+def test_paths():
+    run = RunDir("/runs/cnn/slurm-7")
+    assert run.job == run.root / "job.yaml" and run.summary == run.root / "summary.json"
+    assert run.history.name == "history.json" and run.history_csv.name == "history.csv"
+    assert run.backup_index == run.root / "backup" / "checkpoint"
+    assert run.tensorboard == run.root / "tensorboard" and run.log_file(3) == run.root / "logs" / "rank3.log"
+    assert run.scratch(2) == run.root / ".workertemp" / "rank2"
+    assert os.fspath(run) == "/runs/cnn/slurm-7" and run == RunDir("/runs/cnn/slurm-7")
+
+
+def test_backup_step_reads_the_index(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.backup_step() == 0
+    run.backup.mkdir()
+    run.backup_index.write_text('model_checkpoint_path: "ckpt-120"\nall_model_checkpoint_paths: "ckpt-100"\n'
+                                'all_model_checkpoint_paths: "ckpt-120"\n')
+    assert run.backup_step() == 120
+
+
+def test_write_atomically_replaces_and_never_leaves_a_temporary(tmp_path):
+    target = tmp_path / "sub" / "summary.json"
+    write_atomically(target, "one")
+    write_atomically(target, "two", mode=0o640)
+    assert target.read_text() == "two" and (target.stat().st_mode & 0o777) == 0o640
+    with pytest.raises(RuntimeError):
+        with replacing(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash while writing")
+    assert target.read_text() == "two"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["summary.json"]
+
+
+def test_replacing_keeps_the_suffix(tmp_path):
+    with replacing(RunDir(tmp_path).model) as tmp:
+        assert tmp.suffix == ".keras" and tmp.parent == tmp_path
+        tmp.write_text("model")
+    assert RunDir(tmp_path).model.read_text() == "model"
+
+
+def test_shell_launcher_paths_are_run_dir_paths():
+    """Every ``$run_dir/<path>`` of slurm/distrain-launch.sh is a path RunDir defines."""
+    script = (REPO / "slurm" / "distrain-launch.sh").read_text()
+    used = set(re.findall(r"\$run_dir/([\w./-]+)", script))
+    assert used, "the launcher names no run-dir path any more: update this test"
+    run = RunDir("/r")
+    known = {str(p.relative_to(run.root)) for p in (
+        run.job, run.summary, run.history, run.history_csv, run.curves, run.model, run.checkpoints,
+        run.backup, run.backup_index, run.tensorboard, run.logs, run.scratch_root)}
+    assert used <= known, f"paths the shell launcher uses that RunDir does not define: {used - known}"
+
+
+def test_no_run_dir_name_is_a_literal_outside_rundir():
+    names = [RunDir.JOB, RunDir.SUMMARY, RunDir.HISTORY, RunDir.HISTORY_CSV, RunDir.CURVES, RunDir.MODEL,
+             RunDir.SCRATCH]
+    offenders = []
+    for path in (REPO / "distrain").rglob("*.py"):
+        if path.name == "rundir.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if any(f'"{n}"' in code or f"'{n}'" in code for n in names):
+                offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
