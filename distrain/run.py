@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from distrain.errors import EXIT_PEER_LOST, TrainingStopped, UsageError
+from distrain.rendezvous import meet
 from distrain.spec import JobSpec, dump_spec
 from distrain.world import World, detect
 
@@ -94,6 +95,7 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
 
     from distrain import strategy as strategy_lib
 
+    meet(world, run_dir, spec.distribute.startup_timeout_s)  # every peer present before any TF collective
     dist = strategy_lib.build(spec.distribute, world)  # first TensorFlow op of the process
     import tensorflow as tf
 
