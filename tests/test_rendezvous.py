@@ -264,6 +264,7 @@ def test_secret_files_others_can_read_or_do_not_own_are_refused(tmp_path):
     assert (tmp_path / rdv.SECRET_FILE).stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.timeout(10)
 def test_missing_message_is_one_line_naming_rank_and_address():
     text = rdv.missing_message([1, 3], ["h0:1", "h1:2", "h2:3", "h3:4"], 120)
     assert text.startswith("start-up: workers 1 (h1:2), 3 (h3:4) did not join the rendezvous within 120 s "
