@@ -3,7 +3,8 @@
 A run is a sequence of named stages, each a function below:
 
 1. ``open_run_dir``: the run dir, logging, ``job.yaml`` (chief).
-2. ``strategy.build``: the distribution, before any other TensorFlow op of the process.
+2. ``rendezvous.meet``: every worker present (or exit 76 naming the missing), before TensorFlow.
+   ``strategy.build``: the distribution, before any other TensorFlow op of the process.
 3. ``load_data``: the data source, this worker's share of it.
 4. ``context.resolve``: the ``RunContext`` (batch arithmetic, steps, LR plan, input shape, start step).
 5. ``build_model``: model, optimizer and backup restore, inside the strategy's scope.
@@ -77,7 +78,9 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     rundir = open_run_dir(spec, run_dir, world)
     from distrain import context, strategy
     from distrain import lr as lr_lib
+    from distrain.rendezvous import meet
 
+    meet(world, rundir.root, spec.distribute.startup_timeout_s)  # every peer present before any TF collective
     dist = strategy.build(spec.distribute, world)  # first TensorFlow op of the process
     data = load_data(spec, dist)
     ctx = context.resolve(spec, world, dist, data, rundir)

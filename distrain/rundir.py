@@ -14,6 +14,7 @@ layout is defined here and nowhere else; ``report``, the launchers and the SLURM
     tensorboard/        TensorBoard event files (chief)
     logs/rank<r>.log    every worker's log
     .ray-worker-<r>.pid under distrain ray: the pid of each rank's process
+    .rendezvous-secret  the start-up rendezvous's per-run secret (chief, mode 0600)
     .workertemp/rank<r> scratch of a non-chief worker, deleted as it goes
 
 Nothing here imports TensorFlow.
@@ -84,6 +85,7 @@ class RunDir:
     TB_TRAIN, TB_VALIDATION, TB_TEST = "train", "validation", "test"
     LOGS = "logs"
     SCRATCH = ".workertemp"
+    RENDEZVOUS_SECRET = ".rendezvous-secret"
 
     def __init__(self, root: PathLike):
         self.root = Path(root)
@@ -162,6 +164,11 @@ class RunDir:
     def scratch(self, rank: int) -> Path:
         """Where a non-chief worker writes what only the chief's copy of should exist."""
         return self.scratch_root / f"rank{rank}"
+
+    @property
+    def rendezvous_secret(self) -> Path:
+        """The per-run secret of the start-up rendezvous (chief-created, mode 0600; ``rendezvous``)."""
+        return self.root / self.RENDEZVOUS_SECRET
 
     def ray_worker_pid(self, rank: int) -> Path:
         """``.ray-worker-<rank>.pid``: which process is which rank under ``distrain ray``."""

@@ -115,6 +115,7 @@ class DistributeSpec:
     mixed_precision: bool = False
     memory_growth: bool = True
     collective_timeout_s: float = field(default=300.0, metadata=_check(min=0.0, min_exclusive=True))
+    startup_timeout_s: float = field(default=300.0, metadata=_check(min=0.0, min_exclusive=True, doc="how long workers wait for each other at start-up, before the strategy is built; then exit 76 naming the missing ones"))
     port: Optional[int] = field(default=None, metadata=_check(min=1024, max=65535, doc="base port of the workers; default: derived from the job id"))
     preemption_check_every: int = field(default=10, metadata=_check(min=1, doc="steps between agreements on stopping (preemption, NaN)"))
 
