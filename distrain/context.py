@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from distrain import lr as lr_lib
+from distrain.accumulation import accumulation_for
 from distrain.data import steps_per_epoch
 from distrain.errors import UsageError
 from distrain.rundir import RunDir
@@ -35,8 +36,9 @@ class RunContext:
         is_chief: whether this process writes the files a user sees (rank 0).
         replicas: replicas in sync over the whole job.
         local_replicas: replicas in this process.
-        per_replica_batch: examples per replica per step.
-        global_batch: examples per optimizer step (per-replica batch × replicas).
+        per_replica_batch: examples per replica per micro-batch.
+        accumulation_steps: micro-batches per optimizer step (k; ``accumulation`` module).
+        global_batch: examples per optimizer step (per-replica batch × replicas × k).
         steps_per_epoch: optimizer steps per epoch.
         total_steps: optimizer steps of the whole run (epochs × steps per epoch).
         start_step: the global step training starts from (the backup's; 0 for a new run).
@@ -53,6 +55,7 @@ class RunContext:
     replicas: int
     local_replicas: int
     per_replica_batch: int
+    accumulation_steps: int
     global_batch: int
     steps_per_epoch: int
     total_steps: int
@@ -76,11 +79,16 @@ class RunContext:
         """Whether the backup already holds every step of the run."""
         return self.start_step >= self.total_steps
 
+    @property
+    def batch_arithmetic(self) -> str:
+        """``64 = 8 per replica x 2`` (and ``x 4 micro-batches`` with accumulation)."""
+        k = f" x {self.accumulation_steps} micro-batches" if self.accumulation_steps > 1 else ""
+        return f"{self.global_batch} = {self.per_replica_batch} per replica x {self.replicas}{k}"
+
     def describe(self) -> str:
         """One log line: the distribution and the batch arithmetic."""
         return (f"strategy {self.dist.name}: {self.replicas} replicas ({self.local_replicas} here), global batch "
-                f"{self.global_batch} = {self.per_replica_batch} per replica x {self.replicas}, "
-                f"{self.steps_per_epoch} steps/epoch")
+                f"{self.batch_arithmetic}, {self.steps_per_epoch} steps/epoch")
 
 
 def image_channels(spec: JobSpec, default_input_shape: Optional[Sequence[int]] = None) -> int:
@@ -112,6 +120,17 @@ def input_shape(spec: JobSpec, data_shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+def global_batch_of(spec: JobSpec, replicas: int, run_dir: RunDir, start_step: int) -> int:
+    """The run's global batch: the one recorded in ``segments.json`` once the run has trained
+    (a resume on another number of replicas keeps it), else the job's arithmetic
+    (``batch_size_per_replica × replicas × train.accumulation_steps``)."""
+    if start_step > 0:
+        recorded = [s.get("global_batch") for s in run_dir.read_segments() if s.get("start_step", 0) < start_step]
+        if recorded and isinstance(recorded[-1], int):
+            return recorded[-1]
+    return spec.data.batch_size_per_replica * replicas * spec.train.accumulation_steps
+
+
 def resolve(spec: JobSpec, world: World, dist, data, run_dir: RunDir) -> RunContext:
     """Resolves the run: batch arithmetic, steps, LR plan, input shape and start step.
 
@@ -123,16 +142,19 @@ def resolve(spec: JobSpec, world: World, dist, data, run_dir: RunDir) -> RunCont
         run_dir: the run dir; its backup, if any, gives the start step.
 
     Raises:
-        UsageError: the global batch does not fit the data, or the model's input shape does not.
+        UsageError: the global batch does not fit the data or this number of replicas, or the
+            model's input shape does not fit the data.
     """
     per_replica = spec.data.batch_size_per_replica
-    global_batch = per_replica * dist.replicas
+    start_step = run_dir.backup_step()
+    global_batch = global_batch_of(spec, dist.replicas, run_dir, start_step)
+    accumulation = accumulation_for(global_batch, per_replica, dist.replicas)
     steps = steps_per_epoch(data.train_size_global, global_batch, spec.train.steps_per_epoch)
     plan = lr_lib.LRPlan.from_spec(spec.train, global_batch=global_batch, per_replica_batch=per_replica,
                                    steps_per_epoch=steps)
     return RunContext(
         spec=spec, world=world, dist=dist, run_dir=run_dir, is_chief=world.is_chief,
         replicas=dist.replicas, local_replicas=dist.local_replicas, per_replica_batch=per_replica,
-        global_batch=global_batch, steps_per_epoch=steps, total_steps=spec.train.epochs * steps,
-        start_step=run_dir.backup_step(), plan=plan, input_shape=input_shape(spec, data.input_shape),
+        accumulation_steps=accumulation, global_batch=global_batch, steps_per_epoch=steps,
+        total_steps=spec.train.epochs * steps, start_step=start_step, plan=plan, input_shape=input_shape(spec, data.input_shape),
         num_classes=spec.model.num_classes or data.num_classes)

@@ -64,6 +64,14 @@ class Distribution:
         """The optimizer as this backend needs it (Horovod wraps it for allreduce)."""
         return optimizer
 
+    def reduce_gradients(self, gradients: list) -> list:
+        """Gradients of this replica, made ready for ``optimizer.apply_gradients`` (accumulation).
+
+        tf.distribute's optimizers sum the replicas' gradients inside ``apply_gradients``, so
+        here they pass through; Horovod averages them over the ranks first.
+        """
+        return gradients
+
     def broadcast_initial_state(self, model, optimizer) -> None:
         """Makes every worker start from rank 0's weights and optimizer state
         (tf.distribute does this itself when variables are created)."""

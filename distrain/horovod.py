@@ -327,6 +327,13 @@ class HorovodDistribution(Distribution):
         type(wrapped).__module__ = type(optimizer).__module__
         return wrapped
 
+    def reduce_gradients(self, gradients: list) -> list:
+        """The mean over all ranks, in one grouped allreduce (what ``hvd.DistributedOptimizer``
+        does inside ``compute_gradients``, which accumulation does not call)."""
+        if self.replicas == 1:
+            return gradients
+        return self._hvd.grouped_allreduce(list(gradients), op=self._hvd.Average)
+
     def broadcast_initial_state(self, model, optimizer) -> None:
         """Rank 0's weights and optimizer state (slots, ``iterations``) on every rank.
 

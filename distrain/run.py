@@ -89,6 +89,7 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     if ctx.is_complete and rundir.summary.exists():
         log.info("run already complete at step %d", ctx.start_step)
         return json.loads(rundir.summary.read_text())
+    record_segment(ctx)
     trainee = build_model(ctx)
     inputs = build_inputs(ctx, data)
     from distrain.callbacks import RunState
@@ -127,6 +128,27 @@ def setup_logging(run_dir: RunDir, world: World) -> None:
     log.addHandler(to_terminal)
 
 
+def record_segment(ctx: RunContext) -> None:
+    """Appends this start of the run to ``segments.json`` (chief): its step, world and batch arithmetic.
+
+    A segment that started at or after this start step is replaced: its steps past the backup are
+    being trained again. The recorded global batch is what a resume on another world keeps.
+    """
+    segments = ctx.run_dir.read_segments()
+    previous = [s for s in segments if s.get("start_step", 0) < ctx.start_step]
+    if previous and ctx.accumulation_steps != previous[-1].get("accumulation_steps"):
+        log.warning("resumed at step %d with %d replica(s) (was %s): %d micro-batch(es) per step keep the global "
+                    "batch %d", ctx.start_step, ctx.replicas, previous[-1].get("replicas"), ctx.accumulation_steps,
+                    ctx.global_batch)
+    if not ctx.is_chief:
+        return
+    segment = {"start_step": ctx.start_step, "workers": ctx.world.world_size, "replicas": ctx.replicas,
+               "per_replica_batch": ctx.per_replica_batch, "accumulation_steps": ctx.accumulation_steps,
+               "global_batch": ctx.global_batch, "strategy": ctx.dist.name, "launcher": ctx.world.launcher,
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_atomically(ctx.run_dir.segments, json.dumps(previous + [segment], indent=1))
+
+
 def load_data(spec: JobSpec, dist):
     """This worker's data (for image folders: its shard of the files), decoded with the model's channels."""
     from distrain import data as data_lib
@@ -158,6 +180,7 @@ def build_model(ctx: RunContext) -> Trainee:
     """
     import tensorflow as tf
 
+    from distrain import accumulation
     from distrain import lr as lr_lib
     from distrain.checkpoint import Backup, WorkerFiles
     from distrain.models import build_model as build_course_model
@@ -177,6 +200,7 @@ def build_model(ctx: RunContext) -> Trainee:
         # reduction then sums them over MultiWorkerMirroredStrategy's workers, so step logs and the
         # progress bar would show N x the loss. "first" takes them as they are.
         model.distribute_reduction_method = "first"
+        accumulation.enable(model, ctx.accumulation_steps, dist.reduce_gradients)
         backup = Backup(model, optimizer, ctx.run_dir, files)
         restored = backup.restore()
     if restored != ctx.start_step:
@@ -283,7 +307,8 @@ def run_summary(ctx: RunContext, state, history, test: dict, data, steps_done: i
     return {
         "job": ctx.spec.name, "run_dir": str(ctx.run_dir), "world_size": world.world_size,
         "num_workers": world.num_workers, "launcher": world.launcher, "strategy": ctx.dist.name,
-        "replicas": ctx.replicas, "global_batch": ctx.global_batch, "steps_per_epoch": ctx.steps_per_epoch,
+        "replicas": ctx.replicas, "global_batch": ctx.global_batch, "per_replica_batch": ctx.per_replica_batch,
+        "accumulation_steps": ctx.accumulation_steps, "steps_per_epoch": ctx.steps_per_epoch,
         "steps": steps_done, "resumed_from_step": ctx.start_step,
         "epochs_completed": steps_done // ctx.steps_per_epoch, "synthetic_data": data.synthetic,
         "test": {k: float(v) for k, v in test.items()},
@@ -292,6 +317,7 @@ def run_summary(ctx: RunContext, state, history, test: dict, data, steps_done: i
         "wall_time_s": wall_time_s,
         "lr": {"base": plan.base_lr, "peak": plan.peak_lr, "warmup_steps": plan.warmup_steps,
                "schedule": plan.schedule},
+        "segments": ctx.run_dir.read_segments(),
     }
 
 

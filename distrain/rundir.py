@@ -5,6 +5,7 @@ layout is defined here and nowhere else; ``report``, the launchers and the SLURM
 (``slurm/distrain-launch.sh``, checked by ``tests/test_rundir.py``) read the same names::
 
     job.yaml            the resolved job (chief, at start)
+    segments.json       each start of the run: its step, world size and batch arithmetic (chief)
     summary.json        the run summary (chief, at the end)
     history.json/.csv   one row per finished epoch (chief)
     curves.png          accuracy and loss per epoch (chief, at the end)
@@ -72,6 +73,7 @@ class RunDir:
     """The paths of one run dir (see the module docstring for the layout)."""
 
     JOB = "job.yaml"
+    SEGMENTS = "segments.json"
     SUMMARY = "summary.json"
     HISTORY = "history.json"
     HISTORY_CSV = "history.csv"
@@ -112,6 +114,25 @@ class RunDir:
     @property
     def job(self) -> Path:
         return self.root / self.JOB
+
+    @property
+    def segments(self) -> Path:
+        return self.root / self.SEGMENTS
+
+    def read_segments(self) -> list[dict]:
+        """The run's segments (``segments.json``): one per start, oldest first; [] for a new run."""
+        import json
+
+        try:
+            segments = json.loads(self.segments.read_text())
+        except FileNotFoundError:
+            return []
+        except ValueError:
+            from distrain.errors import UsageError
+
+            raise UsageError(f"{self.segments}: not JSON; it records the run's global batch: restore it, or "
+                             "remove it to take the job's batch arithmetic") from None
+        return segments if isinstance(segments, list) else []
 
     @property
     def summary(self) -> Path:

@@ -105,6 +105,7 @@ class TrainSpec:
     l2: float = field(default=0.0, metadata=_check(min=0.0, doc="kernel L2 regularization"))
     early_stopping: Optional[EarlyStoppingSpec] = None
     terminate_on_nan: bool = True
+    accumulation_steps: int = field(default=1, metadata=_check(min=1, doc="micro-batches per optimizer step: the global batch is batch_size_per_replica x replicas x this; a resumed run keeps its global batch and sets this itself"))
 
 
 @dataclass(frozen=True)
