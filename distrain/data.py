@@ -51,6 +51,14 @@ class Splits:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    @property
+    def val_size(self) -> int:
+        return len(self.y_val)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.y_test)
+
 
 def _split_indices(n: int, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
     """Seeded permutation of ``range(n)`` cut into the given leading fractions plus the rest."""
@@ -187,6 +195,10 @@ def load(data, seed: int, *, channels: int = 3, shard: tuple[int, int] = (0, 1))
         channels: image channels for image folders (the model's input channels).
         shard: (this worker's pipeline index, number of pipelines), for file-level sharding.
     """
+    if ":" in data.source:  # an import reference to the user's loader (distrain.user_data)
+        from distrain import user_data
+
+        return user_data.load(data, seed)
     if data.source == "digits":
         splits = _load_digits(data, seed)
     elif data.source == "synthetic":

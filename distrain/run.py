@@ -101,14 +101,16 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     from distrain import lr as lr_lib
     from distrain.callbacks import RunState, build_callbacks
     from distrain.checkpoint import Backup, UserCheckpoints, WorkerFiles
-    from distrain.models import MODELS, build_model
+    from distrain.models import build_model, default_input_shape
+    from distrain.user_code import compile_args
+    from distrain.user_data import make_pipelines
     from distrain.tensorboard import tensorboard_callbacks, write_test_metrics
 
     if world.is_chief:
         (run_dir / "job.yaml").write_text(dump_spec(spec))
     files = WorkerFiles(run_dir, world.rank, world.is_chief)
 
-    channels = (spec.model.input_shape or MODELS[spec.model.name].default_input_shape)
+    channels = spec.model.input_shape or default_input_shape(spec.model.name) or ()
     splits = data_lib.load(spec.data, spec.seed, channels=channels[-1] if len(channels) == 3 else 3,
                            shard=(dist.pipeline_id, dist.num_pipelines))
     if splits.synthetic:
@@ -131,8 +133,8 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
         model = build_model(spec.model.name, input_shape, num_classes, l1=spec.train.l1, l2=spec.train.l2,
                             **spec.model.params)
         optimizer = dist.wrap_optimizer(_optimizer(tf, spec, lr_lib.keras_schedule(plan)))
-        model.compile(optimizer=optimizer, loss=tf.keras.losses.SparseCategoricalCrossentropy(),
-                      metrics=["accuracy"])
+        loss, metrics = compile_args(spec.train)
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
         # Keras's metric results are already global (computed in a merge_call); its default "auto"
         # reduction then sums them over MultiWorkerMirroredStrategy's workers, so step logs and the
         # progress bar would show N x the loss. "first" takes them as they are.
@@ -146,9 +148,9 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
         return json.loads((run_dir / "summary.json").read_text())
     start_epoch, step_in_epoch = divmod(start_step, steps)
 
-    pipes = data_lib.Pipelines(splits, global_batch, steps, spec.seed, input_shape, spec.data.augment)
+    pipes = make_pipelines(splits, global_batch, steps, spec.seed, input_shape, spec.data.augment)
     train_ds = dist.distribute_datasets(lambda ctx: pipes.train(ctx, spec.train.epochs, start_step))
-    val_ds = (dist.distribute_datasets(lambda ctx: pipes.evaluation(ctx, "val")) if len(splits.y_val) else None)
+    val_ds = (dist.distribute_datasets(lambda ctx: pipes.evaluation(ctx, "val")) if splits.val_size else None)
     test_ds = dist.distribute_datasets(lambda ctx: pipes.evaluation(ctx, "test"))
 
     state = RunState(global_batch, plan, start_step)
@@ -166,11 +168,11 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     try:
         history = model.fit(train_ds, epochs=spec.train.epochs, steps_per_epoch=steps, initial_epoch=start_epoch,
                             validation_data=val_ds,
-                            validation_steps=data_lib.eval_steps(len(splits.y_val), global_batch) if val_ds else None,
+                            validation_steps=data_lib.eval_steps(splits.val_size, global_batch) if val_ds else None,
                             callbacks=callbacks, verbose=spec.logging.verbose if world.is_chief else 0)
-        test = model.evaluate(test_ds, steps=data_lib.eval_steps(len(splits.y_test), global_batch),
+        test = model.evaluate(test_ds, steps=data_lib.eval_steps(splits.test_size, global_batch),
                               verbose=0, return_dict=True)
-        test = dist.average_metrics(test, len(range(dist.pipeline_id, len(splits.y_test), dist.num_pipelines)))
+        test = dist.average_metrics(test, len(range(dist.pipeline_id, splits.test_size, dist.num_pipelines)))
     except tf.errors.OpError as err:
         if not dist.peer_lost(err):
             raise
@@ -200,7 +202,7 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     _save_artefacts(model, run_dir, files, summary)
     files.cleanup()
     log.info("test accuracy %.4f, loss %.4f (%d examples); run dir %s", test.get("accuracy", float("nan")),
-             test.get("loss", float("nan")), len(splits.y_test), run_dir)
+             test.get("loss", float("nan")), splits.test_size, run_dir)
     return summary
 
 
