@@ -344,10 +344,13 @@ def loss_object(train, tf, instantiate: bool = True):
         raise UsageError(f"train.from_logits: only for the crossentropy losses ({', '.join(CROSSENTROPIES)}), "
                          f"got train.loss {name}")
     try:
-        return tf.keras.losses.get(name)
+        loss = tf.keras.losses.get(name)
     except (ValueError, TypeError):
-        raise UsageError(f"train.loss: unknown Keras loss {name!r}; expected a name such as "
-                         f"{', '.join(CROSSENTROPIES)}, mean_squared_error, or {EXPECTED}") from None
+        loss = None
+    if callable(loss):
+        return loss
+    raise UsageError(f"train.loss: unknown Keras loss {name!r}; expected a name such as "
+                     f"{', '.join(CROSSENTROPIES)}, mean_squared_error, or {EXPECTED}")
 
 
 def metric_objects(train, tf, instantiate: bool = True) -> list:
@@ -359,10 +362,12 @@ def metric_objects(train, tf, instantiate: bool = True) -> list:
             out.append(_keras_object(resolve(name, key), tf, tf.keras.metrics.Metric, key, name, instantiate))
             continue
         try:
-            tf.keras.metrics.get(name)
+            known = callable(tf.keras.metrics.get(name))  # tf-keras hands unknown names back as strings
         except (ValueError, TypeError):
+            known = False
+        if not known:
             raise UsageError(f"{key}: unknown Keras metric {name!r}; expected a name such as accuracy, "
-                             f"sparse_top_k_categorical_accuracy, or {EXPECTED}") from None
+                             f"sparse_top_k_categorical_accuracy, or {EXPECTED}")
         out.append(name)
     return out
 
