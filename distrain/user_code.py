@@ -403,6 +403,38 @@ def references(spec) -> dict[str, str]:
     return found
 
 
+def code_to_ship(spec) -> dict[str, str]:
+    """The user's code a launcher must copy to nodes that may not see it: ``{local path: module name}``.
+
+    A file reference gives its file; a module reference its top-level package (or single-file
+    module) unless it is installed (site-packages) or part of distrain. Pass the paths to Ray's
+    ``py_modules``; on the worker, ``ship(path, name)`` maps file references to the copies.
+    """
+    import sysconfig
+
+    installed = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")}
+    shipped = {}
+    for key, text in references(spec).items():
+        ref = parse(text)
+        if ref.file is not None:
+            shipped[os.path.abspath(ref.file)] = Path(ref.file).stem
+            continue
+        top = ref.module.split(".")[0]
+        try:
+            found = importlib.util.find_spec(top)
+        except (ImportError, ValueError):
+            found = None
+        if found is None or top == "distrain":
+            continue
+        locations = list(found.submodule_search_locations or []) or ([found.origin] if found.origin else [])
+        if len(locations) != 1 or not os.path.exists(locations[0]):
+            continue  # a namespace package or a built-in: nothing to copy
+        path = os.path.realpath(locations[0])
+        if not any(path.startswith(root + os.sep) for root in installed):
+            shipped[path] = top
+    return shipped
+
+
 def check_spec(spec, source: str = "") -> None:
     """Imports every reference of a job and checks it against its contract, before anything starts.
 

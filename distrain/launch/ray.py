@@ -136,13 +136,15 @@ def check_strategy(spec, request: RayRequest) -> None:
 
 
 def trainer_arguments(request: RayRequest, *, keep_checkpoints: Optional[int] = None,
-                      env: Optional[Mapping[str, str]] = None) -> dict[str, dict]:
+                      env: Optional[Mapping[str, str]] = None, py_modules: Sequence[str] = ()) -> dict[str, dict]:
     """Keyword arguments of Ray Train's config objects for this request (pure, tested without Ray).
 
     Args:
         request: the validated request.
         keep_checkpoints: how many of Ray's (pointer) checkpoints to keep; None keeps all.
         env: the driver's environment; its ``TF_CPP_MIN_LOG_LEVEL`` is passed on to the workers.
+        py_modules: the user's code to copy to every worker (``user_code.code_to_ship``): Ray's
+            ``py_modules``, so a job's own model or loader reaches nodes without the files.
 
     Returns:
         ``{"scaling": ScalingConfig kwargs, "failure": FailureConfig kwargs,
@@ -161,7 +163,8 @@ def trainer_arguments(request: RayRequest, *, keep_checkpoints: Optional[int] = 
         "run": {"name": request.name, "storage_path": request.storage_path,
                 "worker_runtime_env": {"env_vars": {
                     **WORKER_ENV_VARS,
-                    "TF_CPP_MIN_LOG_LEVEL": env.get("TF_CPP_MIN_LOG_LEVEL", DEFAULT_TF_CPP_MIN_LOG_LEVEL)}}},
+                    "TF_CPP_MIN_LOG_LEVEL": env.get("TF_CPP_MIN_LOG_LEVEL", DEFAULT_TF_CPP_MIN_LOG_LEVEL)},
+                    **({"py_modules": sorted(py_modules)} if py_modules else {})}},
     }
 
 
@@ -228,6 +231,10 @@ def cmd_ray(args) -> int:
     from distrain.spec import load_spec, spec_to_dict
 
     spec = load_spec(args.job, args.overrides)
+    from distrain.user_code import check_spec, code_to_ship
+
+    check_spec(spec, args.job)  # the user's code imports here, before Ray starts a worker
+    shipped = code_to_ship(spec)
     request = make_request(workers=args.workers, spec_name=spec.name, gpus_per_worker=args.gpus_per_worker,
                            cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
                            storage_path=args.storage_path, name=args.name)
@@ -238,10 +245,11 @@ def cmd_ray(args) -> int:
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
-    kwargs = trainer_arguments(request, keep_checkpoints=spec.checkpoint.keep, env=os.environ)
+    kwargs = trainer_arguments(request, keep_checkpoints=spec.checkpoint.keep, env=os.environ, py_modules=list(shipped))
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_loop,
-        train_loop_config={"spec": spec_to_dict(spec), "run_dir": str(request.run_dir)},
+        train_loop_config={"spec": spec_to_dict(spec), "run_dir": str(request.run_dir),
+                           "shipped": {path: name for path, name in shipped.items() if path.endswith(".py")}},
         scaling_config=ray.train.ScalingConfig(**kwargs["scaling"]),
         run_config=ray.train.RunConfig(failure_config=ray.train.FailureConfig(**kwargs["failure"]),
                                        checkpoint_config=ray.train.CheckpointConfig(**kwargs["checkpoint"]),
@@ -354,6 +362,12 @@ def train_loop(config: dict) -> Optional[dict]:
     from distrain.spec import spec_from_dict
     from distrain.world import detect
 
+    from distrain import user_code
+
+    # The user's files arrived through py_modules: where their paths do not exist on this node,
+    # their references import the copies.
+    for path, module_name in config.get("shipped", {}).items():
+        user_code.ship(path, module_name)
     context = ray.train.get_context()
     spec = spec_from_dict(config["spec"], source="distrain ray")
     run_dir = Path(config["run_dir"])

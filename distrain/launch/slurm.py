@@ -226,6 +226,11 @@ def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: O
         more = 2 * nodes if nodes > 1 else 4
         several = [_row(f"sbatch --nodes={more} {me}", f"{more} nodes, {what}")]
     description = [f"#   {line}" for line in _description(Path(job))]
+    from distrain.user_code import references
+
+    # The user's code is imported by every task: `distrain slurm check` tries it on the first node
+    # before srun; files must be on storage every node sees, modules on the PYTHONPATH sbatch passes on.
+    description += [f"#   your code, imported on every node: {key} {ref}" for key, ref in references(spec).items()]
     gpus = f"{gpus_per_node} GPU{'s' if gpus_per_node > 1 else ''} per node" if gpus_per_node else "CPU only"
     out = [
         "#!/bin/bash",
@@ -292,6 +297,10 @@ def check_allocation(job: str, *, nodes: int, tasks: int, gpus_per_node: int,
     from distrain.spec import load_spec
 
     spec = load_spec(job, overrides)
+    # On the node, before srun: the user's code (model.name, data.source, ...) must import here.
+    from distrain.user_code import check_spec
+
+    check_spec(spec, job)
     asked = f"the allocation (SLURM_NTASKS={tasks}, SLURM_JOB_NUM_NODES={nodes})"
     strategy = check_layout(spec.distribute.strategy, nodes=nodes, tasks=tasks, gpus_per_node=gpus_per_node,
                             source=_strategy_source(job, overrides), asked=asked)
