@@ -84,6 +84,7 @@ def test_trainer_arguments_cpu():
         "checkpoint": {"num_to_keep": 3},
         "run": {"name": "a", "storage_path": "/shared/runs",
                 "worker_runtime_env": {"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}}},
+        "init": {},
     }
 
 
@@ -382,9 +383,10 @@ def test_trainer_arguments_ship_the_users_code(tmp_path):
     shipped = code_to_ship(spec)
     assert shipped == {str(model_file): "net"}
     request = ray_launch.make_request(workers=2, spec_name="job", storage_path="/shared/runs", name="a")
-    runtime_env = ray_launch.trainer_arguments(request, py_modules=list(shipped))["run"]["worker_runtime_env"]
-    assert runtime_env["py_modules"] == [str(model_file)]
-    assert "py_modules" not in ray_launch.trainer_arguments(request)["run"]["worker_runtime_env"]
+    # Ray uploads local code only for the whole job (ray.init); the train workers inherit it.
+    assert ray_launch.trainer_arguments(request, py_modules=list(shipped))["init"] == {
+        "runtime_env": {"py_modules": [str(model_file)]}}
+    assert ray_launch.trainer_arguments(request)["init"] == {}
     # Installed packages and distrain itself are not shipped.
     assert code_to_ship(spec_from_dict({"data": {"source": "numpy.random:default_rng"}})) == {}
 
