@@ -301,6 +301,12 @@ def test_bad_reference_exits_2_from_a_real_process_before_training(tmp_path):
 # ----------------------------------------------------------------------------- describe, loss, shipping
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("job", ["inception.yaml", "npy_folder.yaml"])
+def test_example_jobs_validate(job, capsys):
+    assert main(["validate", str(REPO / "jobs" / "examples" / job), "--quiet"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
 def test_models_describe_a_reference(tmp_path, capsys):
     assert main(["models", "--describe", str(REPO / "jobs/examples/inception_module.py") + ":build",
                  "--input-shape", "8,8,1", "--json"]) == 0

@@ -79,3 +79,12 @@ def test_user_model_and_data_two_worker_processes_equal_one_process(single_devic
     assert_same_weights(model_weights(run_dir), model_weights(single_device_run))
     single = json.loads((single_device_run / "summary.json").read_text())
     assert summary["test"]["accuracy"] == pytest.approx(single["test"]["accuracy"], abs=1e-6)
+
+
+@pytest.mark.timeout(200)
+def test_resume_finds_the_users_code_through_the_run_dirs_job_yaml(single_device_run, npy_env, tmp_path):
+    # From another directory: the run dir's job.yaml names the files absolutely.
+    result = run_distrain(["train", "--resume", str(single_device_run)], timeout=180, env=worker_env(**npy_env),
+                          cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "run already complete at step 4" in result.stderr
