@@ -88,3 +88,40 @@ def test_resume_finds_the_users_code_through_the_run_dirs_job_yaml(single_device
                           cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "run already complete at step 4" in result.stderr
+
+
+DATASET_FN = '''
+import numpy as np
+import tensorflow as tf
+from sklearn.datasets import load_digits
+
+
+def digits(input_context, split):
+    """Unbatched (image, label) examples, sharded by position: what docs/own-model-and-data.md asks."""
+    d = load_digits()
+    x, y = d.images.astype(np.float32) / 16, d.target.astype(np.int64)
+    part = {"train": slice(0, 1200), "validation": slice(1200, 1520), "test": slice(1520, 1776)}[split]
+    ds = tf.data.Dataset.from_tensor_slices((x[part], y[part]))
+    return ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+'''
+
+
+@pytest.mark.timeout(300)
+def test_tf_data_source_sharded_by_position_two_workers_equal_one(tmp_path, workers_factory):
+    """The tf.data contract: with position sharding and a training split of an even size, 2 worker
+    processes train the weights of one (the guarantee the docs state for it)."""
+    (tmp_path / "user_digits_ds.py").write_text(DATASET_FN)
+    text = JOB.replace(f"{EXAMPLES / 'npy_folder.py'}:load_data", f"{tmp_path / 'user_digits_ds.py'}:digits").replace(
+        ", limit: 256", "")
+    one = write_job(tmp_path / "one.yaml", text.format(per_replica=32, strategy="one_device", cpu_devices=0))
+    result = run_distrain(["train", str(one), "--run-dir", str(tmp_path / "one")], timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = write_job(tmp_path / "two.yaml", text.format(per_replica=16, strategy="multi_worker", cpu_devices=0))
+    ports = free_ports(2)
+    cmd = [*DISTRAIN, "train", str(two), "--run-dir", str(tmp_path / "two")]
+    workers = workers_factory([cmd, cmd], [worker_env(TF_CONFIG=tf_config(ports, i)) for i in range(2)])
+    assert workers.wait(timeout=240) == [0, 0], workers.output()
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("one", "two")]
+    assert [(s["world_size"], s["global_batch"], s["steps"]) for s in summaries] == [(1, 32, STEPS), (2, 32, STEPS)]
+    assert_same_weights(model_weights(tmp_path / "two"), model_weights(tmp_path / "one"))
+    assert summaries[1]["test"]["accuracy"] == pytest.approx(summaries[0]["test"]["accuracy"], abs=1e-6)
