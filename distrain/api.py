@@ -22,7 +22,7 @@ import os
 import sys
 import types
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 from distrain.errors import UsageError
 

@@ -17,7 +17,6 @@ The contract is told by the function's signature:
 from __future__ import annotations
 
 import inspect
-import logging
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
@@ -25,8 +24,6 @@ import numpy as np
 
 from distrain.errors import UsageError
 from distrain.user_code import check_call, defined_at, resolve
-
-log = logging.getLogger("distrain")
 
 KEY = "data.source"
 ARRAYS, DATASET = "arrays", "dataset"
@@ -156,9 +153,8 @@ def _context(tf, pipelines: int = 1, pipeline: int = 0, replicas: int = 1):
     return tf.distribute.InputContext(pipelines, pipeline, replicas)
 
 
-def _dataset(tf, splits_or_fn, text: str, ctx, split: str):
+def _dataset(tf, fn, text: str, ctx, split: str):
     """``fn(ctx, split)``, checked: a Dataset of (image, label) examples, or None for validation."""
-    fn = splits_or_fn
     where = f"{getattr(fn, '__name__', text)} ({defined_at(fn)})"
     ds = fn(ctx, split)
     if ds is None and split == "validation":
