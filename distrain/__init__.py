@@ -4,6 +4,9 @@ Importing distrain selects tf-keras (Keras 2) for ``tf.keras`` by setting
 ``TF_USE_LEGACY_KERAS=1``. It must happen before TensorFlow is first imported:
 Keras 3's ``fit`` fails under MultiWorkerMirroredStrategy (keras-team/keras#20585)
 and Horovod's Keras glue needs Keras 2.
+
+``distrain.train(job, model=..., data=...)`` is the Python API (``distrain.api``); it is
+imported on first use, so ``import distrain`` stays cheap.
 """
 import os as _os
 
@@ -12,3 +15,12 @@ _os.environ["TF_USE_LEGACY_KERAS"] = "1"
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __version__ = "0.1.0"
+__all__ = ["train"]
+
+
+def __getattr__(name):
+    if name == "train":
+        from distrain.api import train
+
+        return train
+    raise AttributeError(f"module 'distrain' has no attribute {name!r}")

@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the models: name, input shape, parameter count")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--describe", metavar="MODEL", help="one model, a course model or your own "
+                   "(package.module:function or path/to/file.py:function): its parameters and size")
+    p.add_argument("--input-shape", metavar="H,W,C", help="with --describe: build it for this input shape")
+    p.add_argument("--classes", type=int, default=10, help="with --describe: build it for this many classes")
 
     p = sub.add_parser("env", help="print what the launcher gave this process and the strategy auto picks")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -103,6 +107,9 @@ def cmd_train(args) -> int:
     if job is None:
         raise UsageError("train: give a job file (e.g. jobs/quickstart.yaml) or --resume RUN_DIR")
     spec = load_spec(job, args.overrides)
+    from distrain.user_code import check_spec
+
+    check_spec(spec, str(job))  # the user's code imports and fits its contract, before any worker starts
     world = detect(port_override=spec.distribute.port)
     run_dir = args.resume or resolve_run_dir(spec, run_dir=args.run_dir, run_id=args.run_id,
                                              world_size=world.world_size)
@@ -121,6 +128,9 @@ def cmd_validate(args) -> int:
     from distrain.spec import dump_spec, load_spec
 
     spec = load_spec(args.job, args.overrides)
+    from distrain.user_code import check_spec
+
+    check_spec(spec, args.job)
     if not args.quiet:
         print(dump_spec(spec), end="")
         print(f"# {args.job}: valid", file=sys.stderr)
@@ -128,6 +138,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_models(args) -> int:
+    if args.describe:
+        return _describe_model(args)
     from distrain.models import MODELS, REGISTRY_CLASSES
 
     # Parameter counts come from the registry (checked against the built models by
@@ -141,6 +153,43 @@ def cmd_models(args) -> int:
         for r in rows:
             shape = "x".join(map(str, r["input_shape"]))
             print(f"{r['name']:<14}{shape:<14}{r['params']:>12,}  {r['description']}")
+    return 0
+
+
+def _describe_model(args) -> int:
+    from distrain.models import MODELS, describe, is_user_model
+
+    if not is_user_model(args.describe) and args.describe not in MODELS:
+        raise UsageError(f"--describe: expected one of {', '.join(MODELS)} or package.module:function or "
+                         f"path/to/file.py:function, got {args.describe!r}")
+    shape = None
+    if args.input_shape:
+        try:
+            shape = tuple(int(v) for v in args.input_shape.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) not in (2, 3) or min(shape) < 1:
+            raise UsageError(f"--input-shape: expected H,W or H,W,C of positive integers, got {args.input_shape!r}")
+        shape = shape if len(shape) == 3 else (*shape, 1)
+    if args.classes < 2:
+        raise UsageError(f"--classes: expected an integer >= 2, got {args.classes}")
+    name = args.describe
+    from distrain.tf_startup import import_tensorflow
+
+    import_tensorflow()  # before the user's module imports it, so that its start-up notices stay quiet
+    if is_user_model(name):  # relative files are relative to here, as on the command line
+        from distrain import user_code
+
+        name = user_code.absolute(name, Path.cwd())
+    info = describe(name, shape, args.classes)
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    print(f"{info['name']}: {info.get('description') or info.get('defined_at')}")
+    print(f"  input shape {'x'.join(map(str, info['input_shape']))}, {info['classes']} classes: "
+          f"{info['params']:,} parameters")
+    params = info["parameters"]
+    print("  model.params: " + (", ".join(f"{k}={v!r}" for k, v in params.items()) if params else "none"))
     return 0
 
 

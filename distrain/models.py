@@ -448,6 +448,16 @@ REGISTRY_CLASSES = 10  # the class count of ModelEntry.params
 _REGULARIZER_PARAM = "kernel_regularizer"
 
 
+def is_user_model(name: str) -> bool:
+    """Whether ``name`` is an import reference to the user's builder rather than a course model."""
+    return ":" in name
+
+
+def default_input_shape(name: str) -> tuple[int, ...] | None:
+    """The course dataset's input shape of a built-in model; None for a user's model (no default)."""
+    return None if is_user_model(name) else _entry(name).default_input_shape
+
+
 def _entry(name: str) -> ModelEntry:
     try:
         return MODELS[name]
@@ -459,7 +469,8 @@ def model_params(name: str) -> dict[str, object]:
     """Returns the parameters a model accepts and their defaults, without importing TensorFlow.
 
     Args:
-        name: A key of ``MODELS``.
+        name: A key of ``MODELS``, or an import reference to the user's builder (which is
+            imported: its parameters after ``(input_shape, num_classes)``, None for required ones).
 
     Returns:
         The builder's keyword-only parameters (except ``kernel_regularizer``, which
@@ -468,7 +479,12 @@ def model_params(name: str) -> dict[str, object]:
 
     Raises:
         ValueError: If ``name`` is not a registered model.
+        UsageError: A reference that does not import.
     """
+    if is_user_model(name):
+        from distrain import user_code
+
+        return user_code.keyword_params(user_code.resolve(name, "model.name"))
     signature = inspect.signature(_entry(name).builder)
     return {
         param.name: param.default
@@ -489,7 +505,9 @@ def build_model(
     """Builds a registered model, uncompiled.
 
     Args:
-        name: A key of ``MODELS``; also the Keras model's name.
+        name: A key of ``MODELS`` (also the Keras model's name), or an import reference to the
+            user's builder, ``package.module:function`` or ``path/file.py:function``, called as
+            ``fn(input_shape, num_classes, **params)`` (with ``kernel_regularizer=`` if it takes it).
         input_shape: Shape of one example, without the batch axis.
         num_classes: Number of output classes.
         l1: L1 penalty on every Conv/Dense kernel (see each builder for exceptions).
@@ -502,10 +520,17 @@ def build_model(
     Raises:
         ValueError: If ``name`` is not a registered model, or a parameter value is out of range.
         TypeError: If ``params`` holds a name the model does not accept.
+        UsageError: A user's builder that does not import, does not take these arguments, or does
+            not return a Keras model with ``num_classes`` outputs.
 
     Example:
         >>> model = build_model("mlp", (28, 28, 1), 10, l2=1e-4, units=64)
+        >>> model = build_model("models/inception.py:build", (32, 32, 3), 10)  # doctest: +SKIP
     """
+    if is_user_model(name):
+        from distrain import user_code
+
+        return user_code.build_user_model(name, tuple(input_shape), num_classes, l1=l1, l2=l2, **params)
     entry = _entry(name)
     valid = model_params(name)
     unknown = sorted(set(params) - set(valid))
@@ -521,6 +546,31 @@ def build_model(
     return entry.builder(
         tuple(input_shape), num_classes, kernel_regularizer=regularizer, **params
     )
+
+
+def describe(name: str, input_shape: tuple[int, ...] | None = None, num_classes: int = 10) -> dict:
+    """What ``distrain models --describe NAME`` prints: parameters, input shape, parameter count.
+
+    Args:
+        name: a course model or a reference to the user's builder.
+        input_shape: the shape to build it for (default: the course dataset's, 32x32x3 for a
+            user's model).
+        num_classes: classes to build it for.
+    """
+    import tensorflow as tf
+
+    shape = tuple(input_shape or default_input_shape(name) or (32, 32, 3))
+    model = build_model(name, shape, num_classes)
+    info = {"name": name, "model": model.name, "input_shape": list(shape), "classes": num_classes,
+            "params": int(model.count_params()), "parameters": model_params(name)}
+    if is_user_model(name):
+        from distrain import user_code
+
+        info["defined_at"] = user_code.defined_at(user_code.resolve(name, "model.name"))
+    else:
+        info["description"] = MODELS[name].description
+    tf.keras.backend.clear_session()
+    return info
 
 
 def load_trained_model(path, *, compile: bool = True):

@@ -153,11 +153,16 @@ def load_data(spec: JobSpec, dist):
     """This worker's data (for image folders: its shard of the files), decoded with the model's channels."""
     from distrain import data as data_lib
     from distrain.context import image_channels
-    from distrain.models import MODELS
+    from distrain.models import default_input_shape
+    from distrain.user_code import is_reference
 
-    entry = MODELS.get(spec.model.name)
-    channels = image_channels(spec, entry.default_input_shape if entry else None)
-    data = data_lib.load(spec.data, spec.seed, channels=channels, shard=(dist.pipeline_id, dist.num_pipelines))
+    channels = image_channels(spec, default_input_shape(spec.model.name))
+    if is_reference(spec.data.source):  # the user's loader (distrain.user_data)
+        from distrain import user_data
+
+        data = user_data.load(spec.data, spec.seed)
+    else:
+        data = data_lib.load(spec.data, spec.seed, channels=channels, shard=(dist.pipeline_id, dist.num_pipelines))
     if data.synthetic:
         log.warning("data.source synthetic: random images and labels, for throughput only; accuracy means nothing")
     return data
@@ -184,6 +189,7 @@ def build_model(ctx: RunContext) -> Trainee:
     from distrain import lr as lr_lib
     from distrain.checkpoint import Backup, WorkerFiles
     from distrain.models import build_model as build_course_model
+    from distrain.user_code import compile_args
 
     spec, dist = ctx.spec, ctx.dist
     files = WorkerFiles(ctx.run_dir, ctx.world.rank, ctx.is_chief)
@@ -194,8 +200,8 @@ def build_model(ctx: RunContext) -> Trainee:
         model = build_course_model(spec.model.name, ctx.input_shape, ctx.num_classes, l1=spec.train.l1,
                                    l2=spec.train.l2, **spec.model.params)
         optimizer = dist.wrap_optimizer(_optimizer(tf, spec, lr_lib.keras_schedule(ctx.plan)))
-        model.compile(optimizer=optimizer, loss=tf.keras.losses.SparseCategoricalCrossentropy(),
-                      metrics=["accuracy"])
+        loss, metrics = compile_args(spec.train)
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
         # Keras's metric results are already global (computed in a merge_call); its default "auto"
         # reduction then sums them over MultiWorkerMirroredStrategy's workers, so step logs and the
         # progress bar would show N x the loss. "first" takes them as they are.
@@ -213,10 +219,10 @@ def build_model(ctx: RunContext) -> Trainee:
 def build_inputs(ctx: RunContext, data) -> Inputs:
     """The distributed train, validation and test datasets; training starts at ``ctx.start_step``."""
     from distrain import data as data_lib
+    from distrain.user_data import make_pipelines
 
     spec, dist = ctx.spec, ctx.dist
-    pipes = data_lib.Pipelines(data, ctx.global_batch, ctx.steps_per_epoch, spec.seed, ctx.input_shape,
-                               spec.data.augment)
+    pipes = make_pipelines(data, ctx.global_batch, ctx.steps_per_epoch, spec.seed, ctx.input_shape, spec.data.augment)
     val_size, test_size = data.val_size, data.test_size
     return Inputs(
         train=dist.distribute_datasets(lambda ic: pipes.train(ic, spec.train.epochs, ctx.start_step)),

@@ -35,7 +35,9 @@ def _check(*, choices: Sequence[Any] = (), min: float | None = None, max: float 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str = field(default="mlp", metadata=_check(choices=tuple(MODELS), doc="which course model"))
+    name: str = field(default="mlp", metadata=_check(doc="a course model (" + ", ".join(MODELS) + ") or your own: "
+                                                          "package.module:function or path/to/file.py:function "
+                                                          "(docs/own-model-and-data.md)"))
     params: dict = field(default_factory=dict, metadata=_check(doc="keyword parameters of the model builder (see `distrain models`)"))
     input_shape: Optional[list[int]] = field(default=None, metadata=_check(min=1, doc="default: the data's shape"))
     num_classes: Optional[int] = field(default=None, metadata=_check(min=2, doc="default: the data's class count"))
@@ -57,7 +59,8 @@ class SyntheticSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    source: str = field(default="digits", metadata=_check(choices=DATA_SOURCES))
+    source: str = field(default="digits", metadata=_check(doc="one of " + ", ".join(DATA_SOURCES) + ", or your loader: "
+                                                               "package.module:function or path/to/file.py:function"))
     path: Optional[str] = field(default=None, metadata=_check(doc="image_folder: a directory of class_name/image files"))
     batch_size_per_replica: int = field(default=32, metadata=_check(min=1))
     validation_split: float = field(default=0.2, metadata=_check(min=0.0, max=1.0, max_exclusive=True))
@@ -106,6 +109,9 @@ class TrainSpec:
     early_stopping: Optional[EarlyStoppingSpec] = None
     terminate_on_nan: bool = True
     accumulation_steps: int = field(default=1, metadata=_check(min=1, doc="micro-batches per optimizer step: the global batch is batch_size_per_replica x replicas x this; a resumed run keeps its global batch and sets this itself"))
+    loss: str = field(default="sparse_categorical_crossentropy", metadata=_check(doc="a Keras loss name or your own: package.module:function"))
+    metrics: list[str] = field(default_factory=lambda: ["accuracy"], metadata=_check(doc="Keras metric names or references"))
+    from_logits: bool = field(default=False, metadata=_check(doc="the model ends without a softmax (crossentropy losses)"))
 
 
 @dataclass(frozen=True)
@@ -258,8 +264,44 @@ def _build(cls: type, raw: Any, path: str) -> Any:
     return cls(**values)
 
 
+def _check_references(spec: JobSpec, base_dir: Path) -> JobSpec:
+    """Names that are import references: their syntax, their files (relative ones made absolute
+    against the job's directory, so the run dir's job.yaml names the same file). The import itself
+    and the signature are checked by ``distrain.user_code.check_spec`` (it needs TensorFlow)."""
+    from distrain import user_code
+
+    def checked(value: str, path: str, builtins: Sequence[str], what: str) -> str:
+        if not user_code.is_reference(value):
+            if builtins and value not in builtins:
+                raise _Invalid(path, f"expected one of {', '.join(builtins)}, or {what} as "
+                                     f"{user_code.EXPECTED}, got {_show(value)}")
+            return value
+        try:
+            ref = user_code.parse(value)
+        except ValueError as err:
+            raise _Invalid(path, f"{err}, got {_show(value)}") from None
+        value = user_code.absolute(value, base_dir)
+        if ref.file is not None:
+            file = user_code.parse(value).file
+            if not Path(file).is_file() and not user_code.is_shipped(file):
+                raise _Invalid(path, f"{value}: no such file {file} (a relative path is relative to the job file)")
+        return value
+
+    model = checked(spec.model.name, "model.name", tuple(MODELS), "your model")
+    source = checked(spec.data.source, "data.source", DATA_SOURCES, "your loader")
+    loss = checked(spec.train.loss, "train.loss", (), "")
+    metrics = [checked(m, f"train.metrics[{i}]", (), "") for i, m in enumerate(spec.train.metrics)]
+    return dataclasses.replace(spec, model=dataclasses.replace(spec.model, name=model),
+                               data=dataclasses.replace(spec.data, source=source),
+                               train=dataclasses.replace(spec.train, loss=loss, metrics=metrics))
+
+
 def _check_model_params(spec: JobSpec) -> JobSpec:
-    """Checks ``model.params`` against the builder's keyword parameters; returns them converted."""
+    """Checks ``model.params`` against the builder's keyword parameters; returns them converted.
+
+    A user's model's parameters are checked against its signature by ``user_code.check_spec``."""
+    if spec.model.name not in MODELS:
+        return spec
     allowed = model_params(spec.model.name)
     converted = {}
     for key, value in spec.model.params.items():
@@ -330,13 +372,16 @@ def _apply_override(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def spec_from_dict(raw: Any, *, source: str = "(job)", overrides: Sequence[str] = ()) -> JobSpec:
+def spec_from_dict(raw: Any, *, source: str = "(job)", overrides: Sequence[str] = (),
+                   base_dir: str | os.PathLike | None = None) -> JobSpec:
     """Validates a job given as a mapping (as read from YAML) plus ``--set`` overrides.
 
     Args:
         raw: The parsed YAML document.
         source: How the job is named in error messages, usually its file path.
         overrides: ``key.path=value`` strings, applied in order after the file.
+        base_dir: where relative file references (``model.name: my_model.py:build``) are found:
+            the job file's directory (default: the current directory).
 
     Returns:
         The frozen, fully-defaulted ``JobSpec``.
@@ -355,7 +400,7 @@ def spec_from_dict(raw: Any, *, source: str = "(job)", overrides: Sequence[str] 
         _apply_override(raw, key, value)
         overridden.append(key)
     try:
-        spec = _check_model_params(_build(JobSpec, raw, ""))
+        spec = _check_model_params(_check_references(_build(JobSpec, raw, ""), Path(base_dir or ".")))
         _check_cross_fields(spec)
     except _Invalid as err:
         flag = next((k for k in overridden if err.path == k or err.path.startswith(k + ".")
@@ -381,10 +426,15 @@ def load_spec(path: str | os.PathLike, overrides: Sequence[str] = ()) -> JobSpec
         >>> spec = load_spec("jobs/quickstart.yaml", ["train.epochs=2"])  # doctest: +SKIP
     """
     path = Path(path)
+    return spec_from_dict(read_job(path), source=str(path), overrides=overrides, base_dir=path.parent)
+
+
+def read_job(path: Path) -> Any:
+    """A job file's YAML document, unvalidated (``UsageError`` for a missing or unreadable file)."""
     if not path.is_file():
         raise UsageError(f"{path}: no such job file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -392,7 +442,6 @@ def load_spec(path: str | os.PathLike, overrides: Sequence[str] = ()) -> JobSpec
         raise UsageError(f"{path}: not valid YAML{where}: {problem}") from None
     except UnicodeDecodeError:
         raise UsageError(f"{path}: not a text file") from None
-    return spec_from_dict(raw, source=str(path), overrides=overrides)
 
 
 def spec_to_dict(spec: JobSpec) -> dict:

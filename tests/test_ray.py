@@ -84,6 +84,7 @@ def test_trainer_arguments_cpu():
         "checkpoint": {"num_to_keep": 3},
         "run": {"name": "a", "storage_path": "/shared/runs",
                 "worker_runtime_env": {"env_vars": {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}}},
+        "init": {},
     }
 
 
@@ -338,6 +339,56 @@ def test_submit_trains_with_two_workers(ray_head, tmp_path):
     pointer = json.loads((Path(ray_result["checkpoint"]) / ray_launch.POINTER_FILE).read_text())
     assert pointer == {"run_dir": str(run_dir), "backup": str(run_dir / "backup"), "step": 20, "epoch": 2}
     assert ray_result["summary"]["steps"] == 20  # rank 0's return value
+
+
+RAY_USER_MODEL = """
+import tensorflow as tf
+
+
+def build(input_shape, num_classes, *, units=8):
+    inputs = tf.keras.Input(shape=input_shape)
+    x = tf.keras.layers.Dense(units, activation="relu")(tf.keras.layers.Flatten()(inputs))
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(num_classes, activation="softmax")(x), name="ray_user_net")
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.multiprocess
+@pytest.mark.timeout(150)
+def test_submit_with_a_user_model_file(ray_head, tmp_path):
+    """The model file (outside the working dir) goes to the workers with py_modules; the run dir's
+    job.yaml keeps the reference."""
+    model_file = tmp_path / "code" / "ray_user_net.py"
+    model_file.parent.mkdir()
+    model_file.write_text(RAY_USER_MODEL)
+    job = write_job(tmp_path / "job.yaml", JOB.format(epochs=1, steps=4).replace(
+        "model: {name: cnn, params: {filters: 8}}", "model: {name: code/ray_user_net.py:build, params: {units: 6}}"))
+    storage = tmp_path / "storage"
+    result = ray_head.submit(_entrypoint(job, "--workers", 2, "--storage-path", storage, "--name", "mine"), timeout=140)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "succeeded" in output, output[-5000:]
+    run_dir = storage / "mine" / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["world_size"], summary["launcher"], summary["steps"]) == (2, "ray", 4)
+    assert f"name: {model_file}:build" in (run_dir / "job.yaml").read_text()
+
+
+@pytest.mark.timeout(30)
+def test_trainer_arguments_ship_the_users_code(tmp_path):
+    model_file = tmp_path / "net.py"
+    model_file.write_text("def build(input_shape, num_classes):\n    pass\n")
+    spec = spec_from_dict({"model": {"name": "net.py:build"}}, base_dir=tmp_path)
+    from distrain.user_code import code_to_ship
+
+    shipped = code_to_ship(spec)
+    assert shipped == {str(model_file): "net"}
+    request = ray_launch.make_request(workers=2, spec_name="job", storage_path="/shared/runs", name="a")
+    # Ray uploads local code only for the whole job (ray.init); the train workers inherit it.
+    assert ray_launch.trainer_arguments(request, py_modules=list(shipped))["init"] == {
+        "runtime_env": {"py_modules": [str(model_file)]}}
+    assert ray_launch.trainer_arguments(request)["init"] == {}
+    # Installed packages and distrain itself are not shipped.
+    assert code_to_ship(spec_from_dict({"data": {"source": "numpy.random:default_rng"}})) == {}
 
 
 @pytest.mark.ray

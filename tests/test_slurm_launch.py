@@ -479,6 +479,50 @@ def test_horovod_render_runs_one_task_per_slot_on_two_nodes(slurm_two_nodes, tmp
     assert not [p for p in run_dir.rglob("*") if "workertemp" in p.name]
 
 
+USER_MODEL = """
+import tensorflow as tf
+
+
+def build(input_shape, num_classes, *, filters=4):
+    inputs = tf.keras.Input(shape=input_shape)
+    x = tf.keras.layers.Conv2D(filters, 3, activation="relu")(inputs)
+    x = tf.keras.layers.GlobalAveragePooling2D()(x)
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(num_classes, activation="softmax")(x), name="slurm_user_net")
+"""
+
+
+@pytest.mark.slurm
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_user_model_file_two_tasks_and_a_reference_refused_before_srun(slurm_one_node, tmp_path):
+    """A job naming its own model file, as rendered; a reference that does not import stops on the
+    node in `distrain slurm check`, before srun starts a task."""
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "slurm_user_net.py").write_text(USER_MODEL)
+    text = JOB.format(name="mine", epochs=1, steps=4, tensorboard="false").replace(
+        "model: {name: cnn, params: {filters: 8}}", "model: {name: code/slurm_user_net.py:build, params: {filters: 4}}")
+    job = write_job(tmp_path / "mine.yaml", text)
+    script = rendered(tmp_path, job, "--nodes", "1", "--tasks-per-node", "2")
+    model_file = tmp_path / "code" / "slurm_user_net.py"
+    assert f"#   your code, imported on every node: model.name {model_file}:build\n" in script.read_text()
+    result = slurm_one_node.sbatch_wait(script, exports(), timeout=250, cwd=REPO)
+    assert result.returncode == 0, result.output
+    run_dir = tmp_path / "runs" / "mine" / f"slurm-{result.job_id}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["world_size"], summary["launcher"], summary["strategy"], summary["steps"]) == (
+        2, "slurm", "multi_worker", 4), summary
+    assert f"name: {model_file}:build" in (run_dir / "job.yaml").read_text()
+
+    bad = write_job(tmp_path / "bad.yaml", text.replace("name: mine", "name: bad").replace(":build", ":biuld"))
+    result = slurm_one_node.sbatch_wait(rendered(tmp_path, bad, "--nodes", "1", "--tasks-per-node", "2"), exports(),
+                                        timeout=120, cwd=REPO)
+    assert result.returncode == EXIT_USAGE, result.output
+    assert (f"distrain: error: {bad}: model.name: {model_file}:biuld: {model_file} has no biuld; it defines: build"
+            in result.output.splitlines()), result.output
+    assert "distrain-launch: run dir" not in result.output  # stopped before srun
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
 WORLD = """#!/bin/bash
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1

@@ -30,7 +30,8 @@ MALFORMED = [
     ("train: {optimizer: adamw}", 'train.optimizer: expected one of adam, sgd, rmsprop, got "adamw"'),
     ("train: {epoch: 3}", "train.epoch: unknown key; valid keys here: epochs,"),
     ("trian: {epochs: 3}", "trian: unknown key; valid keys here: name, seed, model,"),
-    ("model: {name: resnet152}", 'model.name: expected one of mlp, cnn, residual, inception, mobilenet_v2, got "resnet152"'),
+    ("model: {name: resnet152}", 'model.name: expected one of mlp, cnn, residual, inception, mobilenet_v2, or your '
+                                 'model as package.module:function or path/to/file.py:function, got "resnet152"'),
     ("model: {name: cnn, params: {filterz: 3}}", "model.params.filterz: unknown parameter of model cnn; valid: filters=64"),
     ("model: {name: cnn, params: {filters: many}}", 'model.params.filters: expected an integer, got "many"'),
     ("model: {name: mlp, input_shape: [28, 28, 1, 1]}", "model.input_shape: expected [height, width] or [height, width, channels]"),

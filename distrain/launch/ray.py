@@ -137,17 +137,21 @@ def check_strategy(spec, request: RayRequest) -> None:
 
 
 def trainer_arguments(request: RayRequest, *, keep_checkpoints: Optional[int] = None,
-                      env: Optional[Mapping[str, str]] = None) -> dict[str, dict]:
+                      env: Optional[Mapping[str, str]] = None, py_modules: Sequence[str] = ()) -> dict[str, dict]:
     """Keyword arguments of Ray Train's config objects for this request (pure, tested without Ray).
 
     Args:
         request: the validated request.
         keep_checkpoints: how many of Ray's (pointer) checkpoints to keep; None keeps all.
         env: the driver's environment; its ``TF_CPP_MIN_LOG_LEVEL`` is passed on to the workers.
+        py_modules: the user's code to copy to every worker (``user_code.code_to_ship``): Ray's
+            ``py_modules``, so a job's own model or loader reaches nodes without the files. Ray
+            uploads local paths only for the job (``ray.init``), whose workers inherit them.
 
     Returns:
         ``{"scaling": ScalingConfig kwargs, "failure": FailureConfig kwargs,
-        "checkpoint": CheckpointConfig kwargs, "run": RunConfig kwargs (without the three configs)}``.
+        "checkpoint": CheckpointConfig kwargs, "run": RunConfig kwargs (without the three configs),
+        "init": ray.init kwargs}``.
     """
     env = env or {}
     resources: dict[str, float] = {"CPU": request.cpus_per_worker}
@@ -163,6 +167,7 @@ def trainer_arguments(request: RayRequest, *, keep_checkpoints: Optional[int] = 
                 "worker_runtime_env": {"env_vars": {
                     **WORKER_ENV_VARS,
                     "TF_CPP_MIN_LOG_LEVEL": env.get("TF_CPP_MIN_LOG_LEVEL", DEFAULT_TF_CPP_MIN_LOG_LEVEL)}}},
+        "init": {"runtime_env": {"py_modules": sorted(py_modules)}} if py_modules else {},
     }
 
 
@@ -229,20 +234,25 @@ def cmd_ray(args) -> int:
     from distrain.spec import load_spec, spec_to_dict
 
     spec = load_spec(args.job, args.overrides)
+    from distrain.user_code import check_spec, code_to_ship
+
+    check_spec(spec, args.job)  # the user's code imports here, before Ray starts a worker
+    shipped = code_to_ship(spec)
     request = make_request(workers=args.workers, spec_name=spec.name, gpus_per_worker=args.gpus_per_worker,
                            cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
                            storage_path=args.storage_path, name=args.name)
     check_strategy(spec, request)
-    ray = _connect()
+    kwargs = trainer_arguments(request, keep_checkpoints=spec.checkpoint.keep, env=os.environ, py_modules=list(shipped))
+    ray = _connect(**kwargs["init"])
     check_resources(request, [node["Resources"] for node in ray.nodes() if node.get("Alive")])
 
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
-    kwargs = trainer_arguments(request, keep_checkpoints=spec.checkpoint.keep, env=os.environ)
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_loop,
-        train_loop_config={"spec": spec_to_dict(spec), "run_dir": str(request.run_dir)},
+        train_loop_config={"spec": spec_to_dict(spec), "run_dir": str(request.run_dir),
+                           "shipped": {path: name for path, name in shipped.items() if path.endswith(".py")}},
         scaling_config=ray.train.ScalingConfig(**kwargs["scaling"]),
         run_config=ray.train.RunConfig(failure_config=ray.train.FailureConfig(**kwargs["failure"]),
                                        checkpoint_config=ray.train.CheckpointConfig(**kwargs["checkpoint"]),
@@ -267,8 +277,10 @@ def cmd_ray(args) -> int:
     return EXIT_OK
 
 
-def _connect():
-    """Imports Ray and joins the cluster: ``RAY_ADDRESS`` (set by ``ray job submit``) or a local head."""
+def _connect(runtime_env: Optional[dict] = None):
+    """Imports Ray and joins the cluster: ``RAY_ADDRESS`` (set by ``ray job submit``) or a local head.
+
+    ``runtime_env`` (the user's code as ``py_modules``) is merged with the submitted job's."""
     try:
         import ray
         from ray.train.v2._internal.constants import is_v2_enabled
@@ -279,7 +291,7 @@ def _connect():
     address = os.environ.get("RAY_ADDRESS") or "auto"
     try:
         # The driver's own output is the user's; Ray's worker logs still reach it (log_to_driver).
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, **({"runtime_env": runtime_env} if runtime_env else {}))
     except (ConnectionError, RuntimeError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"ray: no Ray cluster at {address} ({first}); start one with `ray start --head` "
@@ -353,6 +365,12 @@ def train_loop(config: dict) -> Optional[dict]:
     from distrain.spec import spec_from_dict
     from distrain.world import detect
 
+    from distrain import user_code
+
+    # The user's files arrived through py_modules: where their paths do not exist on this node,
+    # their references import the copies.
+    for path, module_name in config.get("shipped", {}).items():
+        user_code.ship(path, module_name)
     context = ray.train.get_context()
     spec = spec_from_dict(config["spec"], source="distrain ray")
     run_dir = Path(config["run_dir"])

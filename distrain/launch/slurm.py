@@ -286,11 +286,17 @@ def _header(s: _Script) -> list:
         more = 2 * s.nodes if s.nodes > 1 else 4
         several = [_row(f"sbatch --nodes={more} {me}", f"{more} nodes, {what}")]
     gpus = f"{s.gpus_per_node} GPU{'s' if s.gpus_per_node > 1 else ''} per node" if s.gpus_per_node else "CPU only"
+    from distrain.user_code import references
+
+    # The user's code is imported by every task: `distrain slurm check` tries it on the first node
+    # before srun; files must be on storage every node sees, modules on the PYTHONPATH sbatch passes on.
+    yours = [f"#   your code, imported on every node: {key} {ref}" for key, ref in references(s.spec).items()]
     return [
         "#!/bin/bash",
         f"# {s.name}: {s.job} on SLURM: {_plural(s.nodes, 'node')} x {_plural(s.per_node, 'task')}, {gpus}, "
         f"strategy {s.resolved}{' (auto)' if s.requested == 'auto' else ''}.",
         *[f"#   {line}" for line in _description(Path(s.job))],
+        *yours,
         "#",
         "# Run from the distrain checkout (every node must see it, the job file and the runs dir at the",
         f"# same paths){'' if s.output else ', SCRIPT being this file'}:",
@@ -361,6 +367,10 @@ def check_allocation(job: str, *, nodes: int, tasks: int, gpus_per_node: int,
     from distrain.spec import load_spec
 
     spec = load_spec(job, overrides)
+    # On the node, before srun: the user's code (model.name, data.source, ...) must import here.
+    from distrain.user_code import check_spec
+
+    check_spec(spec, job)
     asked = f"the allocation (SLURM_NTASKS={tasks}, SLURM_JOB_NUM_NODES={nodes})"
     strategy = check_layout(spec.distribute.strategy, nodes=nodes, tasks=tasks, gpus_per_node=gpus_per_node,
                             source=_strategy_source(job, overrides), asked=asked)

@@ -1,0 +1,281 @@
+"""The user's own data: ``data.source`` as an import reference, in one of two contracts.
+
+The contract is told by the function's signature:
+
+- ``fn()`` → ``(x_train, y_train), (x_test, y_test)``, NumPy arrays like ``tf.keras.datasets.*.load_data()``
+  (images ``N×H×W`` or ``N×H×W×C``, integer labels ``0 .. classes-1``). The arrays go through
+  distrain's in-memory path (``distrain.data``): the validation split is cut from the training
+  arrays with the job's seed, every worker takes its positions of the seeded index stream, and
+  resume is exact. Everything distrain guarantees for ``mnist`` holds for it. ``data.rescale``
+  defaults to 1/255 for ``uint8`` images and 1 (as given) for float images.
+- ``fn(input_context, split)`` → a ``tf.data.Dataset`` of unbatched ``(image, label)`` examples,
+  ``split`` being ``"train"``, ``"validation"`` or ``"test"`` (``None`` for validation: none).
+  distrain batches, repeats and distributes it (``DatasetPipelines``) but cannot see inside it:
+  the function must shard by ``input_context`` itself, and N workers equal one worker and resume
+  is exact only as far as the function is deterministic (docs/own-model-and-data.md).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from distrain.errors import UsageError
+from distrain.user_code import ARRAYS, DATASET, check_call, data_function, defined_at, resolve
+
+KEY = "data.source"
+SPLITS = ("train", "validation", "test")
+
+
+# ----------------------------------------------------------------------------- arrays
+
+def _shape(a: Any) -> str:
+    return "x".join(map(str, a.shape)) if isinstance(a, np.ndarray) else type(a).__name__
+
+
+def check_arrays(text: str, where: str, result: Any, num_classes: Optional[int] = None):
+    """The arrays of a ``load_data``-style function, checked and normalised.
+
+    Returns:
+        ``(x_train, y_train, x_test, y_test, classes)``: images with a channel axis, ``int32``
+        labels, and the class count (``num_classes`` if given, else the largest label + 1).
+
+    Raises:
+        UsageError: one line naming the reference, its file and what was expected.
+    """
+    expected = "(x_train, y_train), (x_test, y_test) of NumPy arrays"
+
+    def bad(what: str) -> UsageError:
+        return UsageError(f"{KEY}: {text}: {where} returned {what}; expected {expected}")
+
+    try:
+        (x_train, y_train), (x_test, y_test) = result
+    except (TypeError, ValueError):
+        return_type = type(result).__name__
+        raise bad(f"a {return_type}" + (f" of {len(result)}" if hasattr(result, "__len__") else "")) from None
+    out = []
+    for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
+            raise bad(f"x_{name} {type(x).__name__}, y_{name} {type(y).__name__}")
+        if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 2, 3, 4)):
+            raise bad(f"x_{name} of shape {_shape(x)}: images must be N x H x W or N x H x W x C (C 1 to 4)")
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y.reshape(-1)  # CIFAR's labels come as N x 1
+        if y.ndim != 1:
+            raise bad(f"y_{name} of shape {_shape(y)}: labels must be one integer class per image (N or N x 1)")
+        if len(x) != len(y):
+            raise bad(f"{len(x)} x_{name} images but {len(y)} y_{name} labels")
+        if not len(x):
+            raise bad(f"no {name} images")
+        if not np.issubdtype(y.dtype, np.integer):
+            if not (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y))):
+                raise bad(f"y_{name} of dtype {y.dtype}: labels must be integer classes 0 .. classes-1 "
+                          "(not one-hot, not text)")
+        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)) or (
+                np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x))):
+            raise bad(f"x_{name} of dtype {x.dtype}: images must be finite numbers")
+        out.append((x[..., None] if x.ndim == 3 else x, y.astype(np.int64)))
+    (x_train, y_train), (x_test, y_test) = out
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise bad(f"train images of {_shape(x_train[0])} but test images of {_shape(x_test[0])}")
+    low = int(min(y_train.min(), y_test.min()))
+    high = int(max(y_train.max(), y_test.max()))
+    classes = num_classes or high + 1
+    if low < 0 or high >= classes:
+        raise UsageError(f"{KEY}: {text}: {where} returned labels from {low} to {high}; expected classes "
+                         f"0 .. {classes - 1}" + (" (model.num_classes)" if num_classes else ""))
+    if classes < 2:
+        raise bad(f"labels of one class only ({low})")
+    return x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32), classes
+
+
+def load_arrays(data, seed: int, fn: Callable, text: str, num_classes: Optional[int] = None):
+    """A ``load_data``-style function's arrays as ``distrain.data.Splits`` (validation cut by the seed)."""
+    from distrain import data as data_lib
+
+    result = fn()  # the user's exceptions keep their own traceback
+    x_train, y_train, x_test, y_test, classes = check_arrays(
+        text, f"{getattr(fn, '__name__', text)} ({defined_at(fn)})", result, num_classes)
+    rescale = data.rescale or (1 / 255 if x_train.dtype == np.uint8 else 1.0)
+    val, train = data_lib._split_indices(len(x_train), (data.validation_split,), seed)
+    splits = data_lib.Splits(x_train[train], y_train[train], x_train[val], y_train[val], x_test, y_test,
+                             classes, rescale)
+    if data.limit:
+        n = data.limit
+        splits = replace(splits, x_train=splits.x_train[:n], y_train=splits.y_train[:n], x_val=splits.x_val[:n],
+                         y_val=splits.y_val[:n], x_test=splits.x_test[:n], y_test=splits.y_test[:n])
+    return replace(splits, train_size_global=len(splits.x_train))
+
+
+# ----------------------------------------------------------------------------- tf.data
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """What a run needs to know of a ``fn(input_context, split)`` source (the attributes of ``Splits``
+    that ``run.py`` reads), found from the unsharded datasets once at start."""
+
+    fn: Callable
+    text: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    train_size_global: int
+    val_size: int
+    test_size: int
+    synthetic: bool = False
+    sharded: bool = True
+
+    def pipelines(self, global_batch: int, steps: int, seed: int, input_shape, augment) -> "DatasetPipelines":
+        return DatasetPipelines(self, global_batch, steps)
+
+
+def _context(tf, pipelines: int = 1, pipeline: int = 0, replicas: int = 1):
+    return tf.distribute.InputContext(pipelines, pipeline, replicas)
+
+
+def _dataset(tf, fn, text: str, ctx, split: str):
+    """``fn(ctx, split)``, checked: a Dataset of (image, label) examples, or None for validation."""
+    where = f"{getattr(fn, '__name__', text)} ({defined_at(fn)})"
+    ds = fn(ctx, split)
+    if ds is None and split == "validation":
+        return None
+    if not isinstance(ds, tf.data.Dataset):
+        raise UsageError(f"{KEY}: {text}: {where} returned {type(ds).__name__} for split {split!r}; expected a "
+                         "tf.data.Dataset of (image, label) examples" + (" (None: no validation)" if split == "validation" else ""))
+    spec = ds.element_spec
+    if not (isinstance(spec, tuple) and len(spec) == 2):
+        raise UsageError(f"{KEY}: {text}: {where} split {split!r} gives elements {spec}; expected (image, label) pairs")
+    image, label = spec
+    if image.shape.rank not in (2, 3) or label.shape.rank != 0 or not label.dtype.is_integer:
+        raise UsageError(f"{KEY}: {text}: {where} split {split!r} gives images {image.shape} and labels "
+                         f"{label.shape} {label.dtype.name}; expected unbatched examples: an H x W (x C) image and "
+                         "one integer label (do not batch: distrain batches)")
+    if not image.shape.is_fully_defined():
+        raise UsageError(f"{KEY}: {text}: {where} split {split!r} gives images of shape {image.shape}; expected a "
+                         "fixed H x W (x C) (resize in your pipeline)")
+    return ds
+
+
+def _count(tf, ds) -> tuple[int, int]:
+    """(examples, largest label) of a finite split: one pass over it."""
+    def step(acc, example):
+        return acc[0] + 1, tf.maximum(acc[1], tf.cast(example[1], tf.int64))
+
+    count, top = ds.reduce((np.int64(0), np.int64(-1)), step)
+    return int(count), int(top)
+
+
+def _size(tf, ds) -> int:
+    n = int(ds.cardinality())
+    return n if n >= 0 else _count(tf, ds)[0]
+
+
+def load_datasets(data, fn: Callable, text: str) -> DatasetSplits:
+    """Inspects a ``fn(input_context, split)`` source: shapes, classes and split sizes.
+
+    Validation and test are read once (their sizes and largest label); the training split only
+    when its cardinality is unknown. The class count is the largest validation or test label + 1
+    (``model.num_classes`` overrides it).
+    """
+    import tensorflow as tf
+
+    for key, value, default in (("data.augment", data.augment, type(data.augment)()),
+                                ("data.rescale", data.rescale, None), ("data.limit", data.limit, None)):
+        if value != default:
+            raise UsageError(f"{key}: not applied to a tf.data source ({KEY} {text}); do it in your pipeline")
+    one = _context(tf)
+    train = _dataset(tf, fn, text, one, "train")
+    shape = tuple(train.element_spec[0].shape.as_list())
+    shape = (*shape, 1) if len(shape) == 2 else shape
+    sizes, top = {}, -1
+    for split in ("validation", "test"):
+        ds = _dataset(tf, fn, text, one, split)
+        if ds is None:
+            sizes[split] = 0
+            continue
+        if tuple(ds.element_spec[0].shape.as_list()[:2]) != shape[:2]:
+            raise UsageError(f"{KEY}: {text}: split {split!r} has images of {ds.element_spec[0].shape}, "
+                             f"the training split of {list(shape)}")
+        if int(ds.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
+            raise UsageError(f"{KEY}: {text}: split {split!r} is infinite; expected every example once (no repeat())")
+        sizes[split], split_top = _count(tf, ds)
+        top = max(top, split_top)
+    if not sizes["test"]:
+        raise UsageError(f"{KEY}: {text}: split 'test' is empty; expected every test example once")
+    if int(train.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
+        raise UsageError(f"{KEY}: {text}: split 'train' is infinite; expected one pass (distrain repeats it)")
+    return DatasetSplits(fn, text, max(top + 1, 2), shape, _size(tf, train), sizes["validation"], sizes["test"])
+
+
+class DatasetPipelines:
+    """Per-pipeline datasets of a ``fn(input_context, split)`` source, with ``data.Pipelines``' methods.
+
+    Training: this pipeline's examples, repeated, batched to the per-replica batch (whole batches
+    only), the steps already done skipped. Evaluation: this pipeline's examples once, checked to be
+    its share of the split by position, so metrics over all workers cover every example once.
+    """
+
+    def __init__(self, splits: DatasetSplits, global_batch: int, steps: int) -> None:
+        self.splits = splits
+        self.global_batch = global_batch
+        self.steps = steps
+
+    def _images(self, tf, image, label):
+        image = tf.cast(image, tf.float32)
+        return (image[..., None] if image.shape.rank == 2 else image), label
+
+    @staticmethod
+    def _options(tf):
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        options.deterministic = True
+        return options
+
+    def train(self, ctx, epochs: int, start_step: int = 0):
+        """Training batches for global steps ``start_step ..`` of this pipeline."""
+        import tensorflow as tf
+
+        s = self.splits
+        per_replica = ctx.get_per_replica_batch_size(self.global_batch)
+        per_pipeline = self.global_batch // ctx.num_input_pipelines
+        ds = _dataset(tf, s.fn, s.text, ctx, "train").repeat()
+        ds = ds.map(lambda x, y: self._images(tf, x, y), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(per_replica, drop_remainder=True).skip(start_step * (per_pipeline // per_replica))
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(self._options(tf))
+
+    def evaluation(self, ctx, which: str):
+        """Validation (``"val"``) or test batches of this pipeline."""
+        import tensorflow as tf
+
+        s = self.splits
+        split, size = ("validation", s.val_size) if which == "val" else ("test", s.test_size)
+        ds = _dataset(tf, s.fn, s.text, ctx, split)
+        expected = len(range(ctx.input_pipeline_id, size, ctx.num_input_pipelines))
+        got = _size(tf, ds)
+        if got != expected:
+            raise UsageError(f"{KEY}: {s.text}: split {split!r} of input pipeline {ctx.input_pipeline_id} of "
+                             f"{ctx.num_input_pipelines} has {got} examples, expected {expected} of {size}; shard it "
+                             "with ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)")
+        ds = ds.map(lambda x, y: self._images(tf, x, y), num_parallel_calls=tf.data.AUTOTUNE)
+        per_replica = ctx.get_per_replica_batch_size(self.global_batch)
+        return ds.batch(per_replica).prefetch(tf.data.AUTOTUNE).with_options(self._options(tf))
+
+
+def load(data, seed: int):
+    """``data.source`` as a reference: ``Splits`` for ``fn()``, ``DatasetSplits`` for ``fn(ctx, split)``."""
+    import distrain  # noqa: F401  (tf-keras before the user's module imports TensorFlow)
+
+    fn, kind = data_function(data.source)
+    if kind == ARRAYS:
+        return load_arrays(data, seed, fn, data.source)
+    return load_datasets(data, fn, data.source)
+
+
+def make_pipelines(splits, global_batch: int, steps: int, seed: int, input_shape, augment):
+    """The input pipelines of a run: ``data.Pipelines`` for arrays, ``DatasetPipelines`` for tf.data."""
+    if isinstance(splits, DatasetSplits):
+        return splits.pipelines(global_batch, steps, seed, input_shape, augment)
+    from distrain import data as data_lib
+
+    return data_lib.Pipelines(splits, global_batch, steps, seed, input_shape, augment)
