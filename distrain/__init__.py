@@ -14,7 +14,7 @@ _os.environ["TF_USE_LEGACY_KERAS"] = "1"
 # TensorFlow's C++ INFO/WARNING lines drown a user's terminal on every worker; errors still show.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["train"]
 
 

@@ -16,9 +16,11 @@ replaces the model's ``train_step`` when ``train.accumulation_steps`` is above 1
   optimizer steps of the whole global batch.
 - Metrics accumulate over the k micro-batches, so a step's loss and accuracy cover all its examples.
 - BatchNorm's moving statistics are updated once per micro-batch, in sequence (k updates per
-  step), where k replicas would each update once and the strategy averages their updates; with
-  momentum μ the two differ by O((1-μ)²) per step. Trainable weights are unaffected (training uses
-  the batch statistics, which agree); evaluation uses the moving statistics.
+  step), where k replicas would each update once and the strategy averages their updates. They
+  then move as with momentum μ^k per optimizer step instead of μ: k times as fast while they are
+  far from the batch statistics (early in training), alike once they have settled. Trainable
+  weights are unaffected (training uses the batch statistics, which agree); evaluation uses the
+  moving statistics.
 
 The k micro-batches are unrolled in the step's graph (k is small and fixed; a ``tf.while_loop``
 would put BatchNorm's cross-replica variable updates inside a loop, which ``MirroredStrategy``
