@@ -9,7 +9,7 @@ import ipaddress
 import os
 import socket
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 WILDCARD = "all interfaces"
 
@@ -75,20 +75,25 @@ def listening(pids: Iterable[int]) -> list[Listener]:
         for inode in _socket_inodes(pid):
             owner.setdefault(inode, pid)
     found = set()
+    for fields in tcp_sockets():
+        if fields[3] != "0A":  # LISTEN
+            continue
+        inode = int(fields[9])
+        if inode in owner:
+            hex_address, hex_port = fields[1].rsplit(":", 1)
+            found.add(Listener(_address(hex_address), int(hex_port, 16), owner[inode]))
+    return sorted(found, key=lambda l: (l.port, l.address))
+
+
+def tcp_sockets() -> Iterator[list[str]]:
+    """The fields of every row of /proc/net/tcp and /proc/net/tcp6 (IPv4 and IPv6 sockets)."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
         for line in lines:
-            fields = line.split()
-            if fields[3] != "0A":  # LISTEN
-                continue
-            inode = int(fields[9])
-            if inode in owner:
-                hex_address, hex_port = fields[1].rsplit(":", 1)
-                found.add(Listener(_address(hex_address), int(hex_port, 16), owner[inode]))
-    return sorted(found, key=lambda l: (l.port, l.address))
+            yield line.split()
 
 
 def environ_has(pid: int, name: str) -> bool:

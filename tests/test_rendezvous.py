@@ -66,17 +66,9 @@ def secret_file(path: Path, text: str, mode: int = 0o600) -> Path:
 
 def listen_states(port: int) -> list[str]:
     """TCP states (hex, /proc/net/tcp) of every IPv4/IPv6 socket whose local port is ``port``."""
-    states = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port:
-                states.append(fields[3])
-    return states
+    from listeners import tcp_sockets
+
+    return [fields[3] for fields in tcp_sockets() if int(fields[1].rsplit(":", 1)[1], 16) == port]
 
 
 # ----------------------------------------------------------------------------- in-process
