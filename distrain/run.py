@@ -148,7 +148,7 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
 
     pipes = data_lib.Pipelines(splits, global_batch, steps, spec.seed, input_shape, spec.data.augment)
     train_ds = dist.distribute_datasets(lambda ctx: pipes.train(ctx, spec.train.epochs, start_step))
-    val_ds = (dist.distribute_datasets(lambda ctx: pipes.evaluation(ctx, "val")) if len(splits.y_val) else None)
+    val_ds = (dist.distribute_datasets(lambda ctx: pipes.evaluation(ctx, "val")) if splits.val_size else None)
     test_ds = dist.distribute_datasets(lambda ctx: pipes.evaluation(ctx, "test"))
 
     state = RunState(global_batch, plan, start_step)
@@ -166,11 +166,11 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     try:
         history = model.fit(train_ds, epochs=spec.train.epochs, steps_per_epoch=steps, initial_epoch=start_epoch,
                             validation_data=val_ds,
-                            validation_steps=data_lib.eval_steps(len(splits.y_val), global_batch) if val_ds else None,
+                            validation_steps=data_lib.eval_steps(splits.val_size, global_batch) if val_ds else None,
                             callbacks=callbacks, verbose=spec.logging.verbose if world.is_chief else 0)
-        test = model.evaluate(test_ds, steps=data_lib.eval_steps(len(splits.y_test), global_batch),
+        test = model.evaluate(test_ds, steps=data_lib.eval_steps(splits.test_size, global_batch),
                               verbose=0, return_dict=True)
-        test = dist.average_metrics(test, len(range(dist.pipeline_id, len(splits.y_test), dist.num_pipelines)))
+        test = dist.average_metrics(test, len(range(dist.pipeline_id, splits.test_size, dist.num_pipelines)))
     except tf.errors.OpError as err:
         if not dist.peer_lost(err):
             raise
@@ -200,7 +200,7 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     _save_artefacts(model, run_dir, files, summary)
     files.cleanup()
     log.info("test accuracy %.4f, loss %.4f (%d examples); run dir %s", test.get("accuracy", float("nan")),
-             test.get("loss", float("nan")), len(splits.y_test), run_dir)
+             test.get("loss", float("nan")), splits.test_size, run_dir)
     return summary
 
 
