@@ -246,16 +246,18 @@ class Pipelines:
         seed: shuffle seed.
         input_shape: the model's input shape; images are resized to it when the data differs.
         augment: the ``AugmentSpec`` (training only).
+        watch: an ``inputwatch.InputWatch`` to note when each training batch is ready (optional).
     """
 
     def __init__(self, splits: Splits, global_batch: int, steps: int, seed: int,
-                 input_shape: tuple[int, ...], augment) -> None:
+                 input_shape: tuple[int, ...], augment, watch=None) -> None:
         self.splits = splits
         self.global_batch = global_batch
         self.steps = steps
         self.seed = seed
         self.input_shape = tuple(input_shape)
         self.augment = augment
+        self.watch = watch
         self._cache = None
 
     def _prepare(self, tf, x):
@@ -324,8 +326,8 @@ class Pipelines:
 
             ds = tfrecord.train_dataset(tf, s.records, self, ctx, epochs, start_epoch,
                                         skip=step_in_epoch * per_pipeline, per_pipeline=per_pipeline)
-            ds = ds.batch(per_replica, drop_remainder=True)
-            return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
+            ds = ds.batch(per_replica, drop_remainder=True).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+            return self._ready(tf, ds)
 
         n, take = len(s.x_train), self.steps * self.global_batch
         positions = tf.constant(s.x_train if s.files is not None else np.arange(n))
@@ -344,6 +346,11 @@ class Pipelines:
             x, y = tf.constant(s.x_train), tf.constant(s.y_train)
             ds = ds.batch(per_replica, drop_remainder=True).map(
                 lambda idx: finish(tf.gather(x, idx), tf.gather(y, idx)), num_parallel_calls=tf.data.AUTOTUNE)
+        return self._ready(tf, ds)
+
+    def _ready(self, tf, ds):
+        if self.watch is not None:
+            ds = self.watch.stamp(tf, ds)
         return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
 
     def evaluation(self, ctx, which: str):

@@ -134,6 +134,16 @@ def read_header(path: str) -> ImageInfo:
     return ImageInfo(info.format, info.height, info.width, info.channels, st.st_size, st.st_mtime_ns, info.problem)
 
 
+def _images_under(folder: str) -> list[str]:
+    """Image files below ``folder`` (os.walk: several times faster than Path.rglob on big folders)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in filenames
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return found
+
+
 def list_image_folder(path: str) -> tuple[list[str], np.ndarray, list[str]]:
     """Files and labels of a ``class_name/image.jpg`` folder, classes in sorted order.
 
@@ -150,8 +160,7 @@ def list_image_folder(path: str) -> tuple[list[str], np.ndarray, list[str]]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(str(f) for f in (root / name).rglob("*")
-                       if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
+        found = sorted(_images_under(str(root / name)))
         if not found:
             raise UsageError(f"data.path: class folder {root / name} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                              f"add images or remove the folder")

@@ -146,7 +146,10 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
         return json.loads((run_dir / "summary.json").read_text())
     start_epoch, step_in_epoch = divmod(start_step, steps)
 
-    pipes = data_lib.Pipelines(splits, global_batch, steps, spec.seed, input_shape, spec.data.augment)
+    from distrain.inputwatch import InputWatch
+
+    watch = InputWatch(batches_per_step=dist.local_replicas)
+    pipes = data_lib.Pipelines(splits, global_batch, steps, spec.seed, input_shape, spec.data.augment, watch=watch)
     train_ds = dist.distribute_datasets(lambda ctx: pipes.train(ctx, spec.train.epochs, start_step))
     val_ds = (dist.distribute_datasets(lambda ctx: pipes.evaluation(ctx, "val")) if splits.val_size else None)
     test_ds = dist.distribute_datasets(lambda ctx: pipes.evaluation(ctx, "test"))
@@ -158,6 +161,7 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
         spec=spec, dist=dist, state=state, run_dir=run_dir, backup=backup, checkpoints=checkpoints,
         tensorboard_callbacks=tensorboard_callbacks(spec, run_dir, dist, plan, splits, state) if world.is_chief else (),
         extra=list(extra_callbacks))
+    callbacks.insert(1, watch)  # before the history and TensorBoard callbacks, which log what it adds
     # fit() asks this hook where a recovering run starts; answering with the restored step makes
     # the first epoch run only its remaining steps, so the total step count stays exact.
     model._maybe_load_initial_counters_from_ckpt = lambda *_: (start_epoch, step_in_epoch)
