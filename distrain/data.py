@@ -159,6 +159,7 @@ def _load_image_folder(data, seed: int, channels: int) -> Splits:
     test, val, train = _split_indices(len(files), (data.test_split, data.validation_split * (1 - data.test_split)), seed)
     image_shape = (*data.image_size, channels)
     cache_key = imagefiles.cache_key(files, infos, data.image_size, channels) if data.cache != "none" else None
+    imagefiles.check_cache_room(data.cache, len(files), image_shape)
     log.info("data.path %s: %d images in %d classes (train %d, validation %d, test %d), streamed",
              data.path, len(files), len(classes), len(train), len(val), len(test))
     # x_* are positions in ``files``: the index stream deals positions, the pipeline decodes them.

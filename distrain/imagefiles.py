@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import socket
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -236,6 +237,33 @@ def cache_key(files: list[str], infos: list[ImageInfo], image_size, channels: in
     for f, info in zip(files, infos):
         h.update(f"{f}\0{info.size}\0{info.mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+def check_cache_room(where: str, count: int, shape) -> None:
+    """Fails early when ``data.cache`` cannot hold every example it may be asked to keep.
+
+    Raises:
+        UsageError: ``memory`` beyond this node's RAM, or a directory without the disk space.
+    """
+    if where == "none":
+        return
+    need = count * int(np.prod(shape))
+    gib = 2 ** 30
+    if where == "memory":
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > 0.8 * ram:
+            raise UsageError(f"data.cache: memory would need {need / gib:.1f} GiB for {count} decoded examples of "
+                             f"{list(shape)}; this node has {ram / gib:.1f} GiB: use a node-local directory or none")
+        return
+    folder = Path(where).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+    except OSError as err:
+        raise UsageError(f"data.cache: cannot use {folder} on {socket.gethostname()}: {err.strerror or err}") from None
+    if need > free:
+        raise UsageError(f"data.cache: {folder} has {free / gib:.1f} GiB free, the cache needs up to {need / gib:.1f} GiB "
+                         f"({count} decoded examples of {list(shape)}); choose another directory or none")
 
 
 class DecodedCache:

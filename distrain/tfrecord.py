@@ -130,6 +130,7 @@ def load(data, channels: int, shard: tuple[int, int]):
     log.info("data.path %s: TFRecord, %d classes (train %d in %d shards, validation %d, test %d; split fixed by "
              "`distrain data pack` with seed %s)", data.path, len(records.classes), counts["train"], len(train_counts),
              counts["val"], counts["test"], meta.get("seed"))
+    imagefiles.check_cache_room(data.cache, records.total, (*data.image_size, channels))
     empty = np.zeros(0, np.int32)
     key = None
     if data.cache != "none":

@@ -146,6 +146,13 @@ def test_decoded_cache_serves_later_epochs_bit_identical_without_the_files(tmp_p
         assert ids(again.train(ctx, 3, start_step=2 * pipes.steps)) != []
 
 
+def test_a_cache_that_cannot_fit_is_a_usage_error(folder, tmp_path):
+    with pytest.raises(UsageError, match=r"data.cache: memory would need .* GiB for 100 decoded examples of \[40000, 40000, 3\]"):
+        data_lib.load(spec_for(folder, cache="memory", image_size=[40000, 40000]), seed=5)
+    with pytest.raises(UsageError, match=r"data.cache: .* GiB free, the cache needs up to"):
+        data_lib.load(spec_for(folder, cache=str(tmp_path / "c"), image_size=[400000, 400000]), seed=5)
+
+
 def test_cache_only_for_streamed_sources():
     with pytest.raises(UsageError, match="data.cache: only used with source image_folder or tfrecord"):
         spec_from_dict({"data": {"source": "digits", "cache": "memory"}})
