@@ -216,7 +216,10 @@ def main() -> None:
                       for n in (small, large))
             + baseline
             + f"| **{large:,} vs {small:,}** | **{start_ratio:.2f}x** (goal ≤ 1.5x) | **{rss_delta:+.0f} MB, "
-              f"{rss_delta / med[small]['peak_rss_mb']:+.1%}** (goal within 10% or 150 MB) | |\n")
+              f"{rss_delta / med[small]['peak_rss_mb']:+.1%}** (goal within 10% or 150 MB) | |\n"
+            + "\nEach run (in order): " + "; ".join(
+                f"{n:,}: " + ", ".join(f"{r['first_step_s']:.1f} s / {r['peak_rss_mb']:.0f} MB" for r in runs[n])
+                for n in (small, large)) + ".\n")
 
         # 2. Input pipeline vs model: images/s of the pipeline alone vs the model training on memory.
         cnn_in = python(CHILD_INPUT, "image_folder", folders[small], 128, 1, args.batches, "horizontal")["images_per_s"]
