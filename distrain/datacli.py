@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -23,7 +24,9 @@ def add_parser(subparsers) -> None:
 
     q = sub.add_parser("inspect", help="what a class_name/image folder or a packed directory holds")
     q.add_argument("path", type=Path, metavar="PATH")
-    q.add_argument("--decode", action="store_true", help="decode every image with TensorFlow, as training will")
+    q.add_argument("--decode", action="store_true",
+                   help="folder: decode every image with TensorFlow, as training will; packed directory: count "
+                        "every shard's records against the metadata")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.set_defaults(handler=cmd_inspect)
 
@@ -54,12 +57,12 @@ def cmd_pack(args) -> int:
             raise UsageError(f"{flag}: expected a fraction in [0, 1), got {value}")
     if not 1 <= args.quality <= 100:
         raise UsageError(f"--quality: expected 1..100, got {args.quality}")
-    _log_to_stderr()
     from distrain import tfrecord
 
-    meta = tfrecord.pack(str(args.folder), str(args.out_dir), shards=args.shards, image_size=args.image_size,
-                         channels=args.channels, seed=args.seed, validation_split=args.validation_split,
-                         test_split=args.test_split, quality=args.quality)
+    with _log_to_stderr():
+        meta = tfrecord.pack(str(args.folder), str(args.out_dir), shards=args.shards, image_size=args.image_size,
+                             channels=args.channels, seed=args.seed, validation_split=args.validation_split,
+                             test_split=args.test_split, quality=args.quality)
     s = meta["splits"]
     print(f"wrote {args.out_dir}: {len(meta['classes'])} classes; train {s['train']['count']} in "
           f"{len(s['train']['shards'])} shards, validation {s['val']['count']}, test {s['test']['count']}")
@@ -67,17 +70,23 @@ def cmd_pack(args) -> int:
     return 0
 
 
-def _log_to_stderr() -> None:
+@contextlib.contextmanager
+def _log_to_stderr():
+    """distrain's warnings (files left out, ...) on stderr while a command runs."""
     import logging
     import sys
 
     log = logging.getLogger("distrain")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def inspect_folder(path: str, decode: bool = False) -> dict:
@@ -89,7 +98,7 @@ def inspect_folder(path: str, decode: bool = False) -> dict:
     """
     from distrain import imagefiles
 
-    files, labels, classes = imagefiles.list_image_folder(path)
+    files, labels, classes = imagefiles.list_image_folder(path, strict=False)
     infos = imagefiles.scan(files)
     bad = {f: info.problem for f, info in zip(files, infos) if info.problem}
     if decode:
@@ -166,9 +175,11 @@ def cmd_inspect(args) -> int:
             print(f"  MISMATCH {name}: {problem}")
         return 0
     print(f"{info['path']}: {info['images']} images in {len(info['classes'])} classes, {info['readable']} readable")
-    width = max(len(n) for n in info["classes"])
+    width = max((len(n) for n in info["classes"]), default=0)
     for name, n in info["classes"].items():
-        print(f"  {name:<{width}} {n:>9}")
+        print(f"  {name:<{width}} {n:>9}" + ("  (no readable images: training refuses an empty class)" if not n else ""))
+    if len(info["classes"]) < 2:
+        print("  training needs at least two class folders")
     print("  formats: " + ", ".join(f"{k} {v}" for k, v in info["formats"].items()))
     print("  channels: " + ", ".join(f"{k}: {v}" for k, v in info["channels"].items())
           + ("  (mixed: converted to the model's channels when training)" if len(info["channels"]) > 1 else ""))

@@ -150,14 +150,19 @@ def _images_under(folder: str) -> list[str]:
     return found
 
 
-def list_image_folder(path: str) -> tuple[list[str], np.ndarray, list[str]]:
+def list_image_folder(path: str, strict: bool = True) -> tuple[list[str], np.ndarray, list[str]]:
     """Files and labels of a ``class_name/image.jpg`` folder, classes in sorted order.
 
     Same order as ``tf.keras.utils.image_dataset_from_directory`` (sorted class names, sorted
     files), so labels agree with a model trained by the course's code on the same folder.
 
+    Args:
+        path: the folder.
+        strict: refuse what training cannot use (``False``: list it, for ``distrain data inspect``).
+
     Raises:
-        UsageError: fewer than two classes, or a class folder without images.
+        UsageError: not a directory; with ``strict``: fewer than two classes, or a class folder
+            without images.
     """
     root = Path(path)
     if not root.is_dir():
@@ -167,12 +172,12 @@ def list_image_folder(path: str) -> tuple[list[str], np.ndarray, list[str]]:
     files, labels = [], []
     for label, name in enumerate(classes):
         found = sorted(_images_under(str(root / name)))
-        if not found:
+        if not found and strict:
             raise UsageError(f"data.path: class folder {root / name} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                              f"add images or remove the folder")
         files += found
         labels += [label] * len(found)
-    if len(classes) < 2:
+    if len(classes) < 2 and strict:
         raise UsageError(f"data.path: {path}: expected at least two class folders with images "
                          f"({', '.join(IMAGE_EXTENSIONS)}), found {len(classes)} classes, {len(files)} images")
     return files, np.asarray(labels, np.int32), classes

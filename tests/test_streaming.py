@@ -314,15 +314,17 @@ def test_inspect_a_folder_lists_classes_sizes_and_unreadable_files(tmp_path, cap
     root = solid_folder(tmp_path / "imgs", count=12, size=(4, 4))
     Image.new("L", (9, 5)).save(root / "ant" / "gray.jpg")
     (root / "bee" / "broken.jpg").write_text("x")
+    (root / "eel").mkdir()  # training refuses it; inspect shows it
     assert cli.main(["data", "inspect", str(root), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["images"] == 14 and info["readable"] == 13
-    assert info["classes"] == {"ant": 4, "bee": 3, "cat": 3, "dog": 3}
+    assert info["classes"] == {"ant": 4, "bee": 3, "cat": 3, "dog": 3, "eel": 0}
     assert info["sizes"] == {"4x4": 12, "5x9": 1} and info["channels"] == {"1": 1, "3": 12}
     assert list(info["unreadable"]) == [str(root / "bee" / "broken.jpg")]
     assert cli.main(["data", "inspect", str(root)]) == 0
     text = capsys.readouterr().out
-    assert "14 images in 4 classes, 13 readable" in text and "broken.jpg: not a JPEG" in text
+    assert "14 images in 5 classes, 13 readable" in text and "broken.jpg: not a JPEG" in text
+    assert "eel         0  (no readable images" in text
 
 
 def test_inspect_a_packed_directory(packed, capsys):
