@@ -1,4 +1,4 @@
-"""Data: splits, the Keras loaders on tiny files in their own cache format, image folders, and the
+"""Data: splits, the Keras loaders on tiny files in their own cache format, and the in-memory
 sharded pipelines (disjoint, covering, equal to one process's batches, resumable)."""
 import gzip
 import pickle
