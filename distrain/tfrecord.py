@@ -26,6 +26,7 @@ Guarantees when reading (the docs repeat them, docs/data.md):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -134,8 +135,9 @@ def load(data, channels: int, shard: tuple[int, int]):
     empty = np.zeros(0, np.int32)
     key = None
     if data.cache != "none":
-        key = imagefiles.cache_key([str(records.root / METADATA)], [imagefiles.read_header(str(records.root / METADATA))],
-                                   data.image_size, channels)
+        # A new pack (or a different decoded shape) is a new cache.
+        text = (records.root / METADATA).read_bytes() + f"{list(data.image_size)} {channels}".encode()
+        key = hashlib.sha256(text).hexdigest()[:16]
     return Splits(empty, empty, empty, empty, empty, empty, len(records.classes), data.rescale or 1 / 255,
                   train_size_global=usable, image_shape=(*data.image_size, channels), cache=data.cache,
                   cache_key=key, records=records)

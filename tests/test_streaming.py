@@ -275,6 +275,14 @@ def test_tfrecord_resumes_at_the_same_step(packed):
         assert ids(pipes.train(ctx, 3, start_step=start)) == full[start:]
 
 
+def test_tfrecord_cache_gives_the_same_batches(packed):
+    ctx = tf.distribute.InputContext(1, 0, 1)
+    streamed = ids(pipelines(data_lib.load(spec_for(packed, "tfrecord"), seed=5)).train(ctx, 2))
+    cached = pipelines(data_lib.load(spec_for(packed, "tfrecord", cache="memory"), seed=5))
+    assert ids(cached.train(ctx, 2)) == streamed
+    assert int(cached.decoded_cache().filled.sum()) == 64  # every training record, by its example number
+
+
 def test_tfrecord_evaluation_covers_every_example_once(packed):
     s = data_lib.load(spec_for(packed, "tfrecord"), seed=5)
     pipes = pipelines(s, global_batch=6)
