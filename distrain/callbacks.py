@@ -2,8 +2,8 @@
 
 Keras calls callbacks in list order for every hook, so ``build_callbacks`` fixes the order:
 
-1. ``RunMetrics`` puts the applied LR and the throughput into the logs, for everything after it;
-   the backend's callbacks (``dist.callbacks()``: Horovod's metric averaging) follow it, so
+1. ``RunMetrics`` puts the applied LR and the throughput into the logs, for everything after it,
+   and ``InputWatch`` the fraction of the epoch spent waiting for input; the backend's callbacks (``dist.callbacks()``: Horovod's metric averaging) follow it, so
    everything after them sees the epoch's metrics over all workers.
 2. ``EarlyStopping`` (if asked for) decides from the metrics in the logs.
 3. ``BackupEvery`` and ``Checkpoints`` save (every worker calls; only the chief's files stay).
@@ -220,7 +220,7 @@ class HistoryFiles(StepCallback):
         write_atomically(self.csv, "\n".join(lines) + "\n")
 
 
-def build_callbacks(ctx, state: RunState, backup, checkpoints, *, tensorboard=(), extra=()) -> list:
+def build_callbacks(ctx, state: RunState, backup, checkpoints, *, input_watch=None, tensorboard=(), extra=()) -> list:
     """The run's callback list, in the order documented at the top of this module.
 
     Args:
@@ -228,11 +228,13 @@ def build_callbacks(ctx, state: RunState, backup, checkpoints, *, tensorboard=()
         state: the run's shared state (the global step, the preemption request).
         backup: the ``checkpoint.Backup``.
         checkpoints: the ``checkpoint.UserCheckpoints``.
+        input_watch: the ``inputwatch.InputWatch`` of the training pipeline (adds
+            ``input_wait_fraction`` to the epoch logs, so it runs before what logs them).
         tensorboard: the chief's TensorBoard callbacks (``tensorboard_log.tensorboard_callbacks``).
         extra: more callbacks (Ray's reporting, a user's), run before ``Agreement``.
     """
     spec = ctx.spec
-    callbacks: list = [RunMetrics(state), *ctx.dist.callbacks()]
+    callbacks: list = [RunMetrics(state), *([input_watch] if input_watch is not None else []), *ctx.dist.callbacks()]
     es = spec.train.early_stopping
     if es is not None:
         callbacks.append(tf.keras.callbacks.EarlyStopping(

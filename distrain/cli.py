@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from distrain.report import add_report_parser
     add_report_parser(sub)
+    from distrain.datacli import add_parser as add_data_parser
+    add_data_parser(sub)
     _add_launcher_parsers(sub)
     return parser
 

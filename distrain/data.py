@@ -1,24 +1,32 @@
 """Data sources, splits, per-worker sharding and the ``tf.data`` pipelines.
 
-Every source becomes arrays in memory (``Splits``); image folders are decoded by each worker for
-its own shard of files only. The training pipeline is an *index stream*: for each epoch a
-permutation of the training indices, seeded by (seed, epoch) and so identical on every worker,
-cut to ``steps_per_epoch × global_batch`` and dealt out by position to the input pipelines. The
-union of the pipelines' batches at any global step is then exactly the batch one process would
-take at that step, which is what makes N workers train the same numbers as one, and what makes
-an exact resume possible: the stream can start at any global step.
+Small sources (digits, the Keras datasets, synthetic) are arrays in memory. Image folders are
+*streamed*: the folder is listed and each file's header checked once (``distrain/imagefiles.py``),
+then files are read and decoded inside ``tf.data``, in parallel and prefetched, never the whole
+folder up front. TFRecord shards written by ``distrain data pack`` stream too
+(``distrain/tfrecord.py``).
+
+The training pipeline of arrays and folders is an *index stream*: for each epoch a permutation of
+the training positions, seeded by (seed, epoch) and so identical on every worker, cut to
+``steps_per_epoch × global_batch`` and dealt out by position to the input pipelines. The union of
+the pipelines' batches at any global step is then exactly the batch one process would take at
+that step, which is what makes N workers train the same numbers as one, and what makes an exact
+resume possible: the stream can start at any global step, skipping positions without decoding.
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from distrain import imagefiles
 from distrain.errors import UsageError
+from distrain.imagefiles import IMAGE_EXTENSIONS, list_image_folder  # noqa: F401  (public names of this module)
+from distrain.splits import Splits, split_indices as _split_indices  # noqa: F401  (used here and by user_data)
 
 log = logging.getLogger("distrain")
 
@@ -28,50 +36,6 @@ KERAS_SOURCES = {
     "cifar10": ("cifar10", "cifar-10-batches-py"),
     "cifar100": ("cifar100", "cifar-100-python"),
 }
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-
-
-@dataclass(frozen=True)
-class Splits:
-    """Train, validation and test arrays of one source (for image folders: this worker's shard)."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
-    rescale: float
-    synthetic: bool = False
-    sharded: bool = False  # already this worker's shard (file-level sharding)
-    train_size_global: int = 0  # examples in the training split over all workers
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
-
-    @property
-    def val_size(self) -> int:
-        """Validation examples over all workers."""
-        return len(self.y_val)
-
-    @property
-    def test_size(self) -> int:
-        """Test examples over all workers."""
-        return len(self.y_test)
-
-
-def _split_indices(n: int, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
-    """Seeded permutation of ``range(n)`` cut into the given leading fractions plus the rest."""
-    order = np.random.default_rng(seed).permutation(n)
-    parts, start = [], 0
-    for frac in fractions:
-        size = int(round(n * frac))
-        parts.append(np.sort(order[start:start + size]))
-        start += size
-    parts.append(np.sort(order[start:]))
-    return parts
 
 
 def _with_channels(x: np.ndarray) -> np.ndarray:
@@ -135,67 +99,35 @@ def _load_keras(data, seed: int) -> Splits:
                   classes, data.rescale or 1 / 255)
 
 
-def list_image_folder(path: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """Files and labels of a ``class_name/image.jpg`` folder, classes in sorted order.
-
-    Same order as ``tf.keras.utils.image_dataset_from_directory`` (sorted class names, sorted
-    files), so labels agree with a model trained by the course's code on the same folder.
-    """
-    root = Path(path)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        for f in sorted((root / name).rglob("*")):
-            if f.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(str(f))
-                labels.append(label)
-    if len(classes) < 2 or not files:
-        raise UsageError(f"data.path: {path}: expected at least two class folders with images "
-                         f"({', '.join(IMAGE_EXTENSIONS)}), found {len(classes)} classes, {len(files)} images")
-    return files, np.asarray(labels, np.int32), classes
-
-
-def _decode_files(files: list[str], image_size: list[int], channels: int) -> np.ndarray:
-    import tensorflow as tf
-
-    if not files:
-        return np.zeros((0, *image_size, channels), np.uint8)
-
-    def load(path):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
-        return tf.cast(tf.image.resize(image, image_size), tf.uint8)
-
-    ds = tf.data.Dataset.from_tensor_slices(files).map(load, num_parallel_calls=tf.data.AUTOTUNE)
-    return np.stack(list(ds.as_numpy_iterator()))
-
-
-def _load_image_folder(data, seed: int, channels: int, shard: tuple[int, int]) -> Splits:
-    """File-level sharding: worker ``i`` of ``n`` reads and decodes only files ``i::n`` of each split."""
-    files, labels, classes = list_image_folder(data.path)
+def _load_image_folder(data, seed: int, channels: int) -> Splits:
+    """Lists the folder and checks every file's header; nothing is decoded here (see ``Pipelines``)."""
+    files, labels, classes = imagefiles.list_image_folder(data.path)
+    infos = imagefiles.scan(files)
+    files, labels, infos = imagefiles.drop_unreadable(files, labels, infos, data.path)
+    imagefiles.warn_mixed_channels(infos, channels, data.path)
     test, val, train = _split_indices(len(files), (data.test_split, data.validation_split * (1 - data.test_split)), seed)
-    index, count = shard
-
-    def part(idx: np.ndarray, sharded: bool) -> tuple[np.ndarray, np.ndarray]:
-        idx = idx[index::count] if sharded else idx
-        return _decode_files([files[i] for i in idx], data.image_size, channels), labels[idx]
-
-    # Training files are sharded; validation and test are decoded whole, then dealt by index like
-    # in-memory arrays, so their metrics cover every example exactly once.
-    x_train, y_train = part(train, True)
-    x_val, y_val = part(val, False)
-    x_test, y_test = part(test, False)
-    return Splits(x_train, y_train, x_val, y_val, x_test, y_test, len(classes), data.rescale or 1 / 255,
-                  sharded=count > 1, train_size_global=len(train))
+    image_shape = (*data.image_size, channels)
+    cache_key = imagefiles.cache_key(files, infos, data.image_size, channels) if data.cache != "none" else None
+    imagefiles.check_cache_room(data.cache, len(files), image_shape)
+    log.info("data.path %s: %d images in %d classes (train %d, validation %d, test %d), streamed",
+             data.path, len(files), len(classes), len(train), len(val), len(test))
+    # x_* are positions in ``files``: the index stream deals positions, the pipeline decodes them.
+    return Splits(train, labels[train], val, labels[val], test, labels[test], len(classes), data.rescale or 1 / 255,
+                  files=np.asarray(files), image_shape=image_shape, cache=data.cache, cache_key=cache_key)
 
 
 def load(data, seed: int, *, channels: int = 3, shard: tuple[int, int] = (0, 1)) -> Splits:
-    """Loads a source into train/validation/test splits.
+    """Loads a source into train/validation/test splits (streamed sources: lists them only).
 
     Args:
         data: the ``DataSpec``.
         seed: split seed; the same on every worker.
-        channels: image channels for image folders (the model's input channels).
-        shard: (this worker's pipeline index, number of pipelines), for file-level sharding.
+        channels: image channels for image folders and TFRecord (the model's input channels).
+        shard: (this worker's pipeline index, number of pipelines): TFRecord counts the examples
+            an epoch can use from how its shards divide among the pipelines.
+
+    Raises:
+        UsageError: the data is missing on this node, or broken (one line naming the path).
     """
     if data.source == "digits":
         splits = _load_digits(data, seed)
@@ -204,10 +136,15 @@ def load(data, seed: int, *, channels: int = 3, shard: tuple[int, int] = (0, 1))
     elif data.source in KERAS_SOURCES:
         splits = _load_keras(data, seed)
     elif data.source == "image_folder":
-        splits = _load_image_folder(data, seed, channels, shard)
+        splits = _load_image_folder(data, seed, channels)
+    elif data.source == "tfrecord":
+        from distrain import tfrecord
+
+        splits = tfrecord.load(data, channels, shard)
     else:  # pragma: no cover - the spec validator rejects other names
         raise UsageError(f"data.source: unknown source {data.source!r}")
-    splits = _cap(splits, data.limit)
+    if splits.records is None:
+        splits = _cap(splits, data.limit)
     if not splits.train_size_global:
         splits = replace(splits, train_size_global=len(splits.x_train))
     return splits
@@ -241,26 +178,37 @@ def epoch_positions(n: int, take: int, seed: int, epoch, pipeline_id: int, num_p
     return perm[:take][pipeline_id::num_pipelines]
 
 
+def _options(tf, deterministic: bool = True):
+    options = tf.data.Options()
+    # Sharding is the index stream's job (or the shard dealing's); tf.distribute must not shard again.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    options.deterministic = deterministic
+    return options
+
+
 class Pipelines:
     """Builds the per-pipeline datasets for one run.
 
     Args:
-        splits: the arrays.
+        splits: the examples (arrays, folder positions or TFRecord shards).
         global_batch: per-replica batch × replicas in sync.
         steps: global steps per epoch.
         seed: shuffle seed.
         input_shape: the model's input shape; images are resized to it when the data differs.
         augment: the ``AugmentSpec`` (training only).
+        watch: an ``inputwatch.InputWatch`` to note when each training batch is ready (optional).
     """
 
     def __init__(self, splits: Splits, global_batch: int, steps: int, seed: int,
-                 input_shape: tuple[int, ...], augment) -> None:
+                 input_shape: tuple[int, ...], augment, watch=None) -> None:
         self.splits = splits
         self.global_batch = global_batch
         self.steps = steps
         self.seed = seed
         self.input_shape = tuple(input_shape)
         self.augment = augment
+        self.watch = watch
+        self._cache = None
 
     def _prepare(self, tf, x):
         x = tf.cast(x, tf.float32) * self.splits.rescale
@@ -279,6 +227,34 @@ class Pipelines:
             layers.append(tf.keras.layers.RandomZoom(a.zoom, seed=self.seed))
         return tf.keras.Sequential(layers) if layers else None
 
+    def decoded_cache(self) -> Optional[imagefiles.DecodedCache]:
+        """The ``data.cache`` of this run (one per process, shared by its pipelines and splits)."""
+        s = self.splits
+        if s.cache == "none":
+            return None
+        if self._cache is None:
+            count = s.records.total if s.records else len(s.files)
+            self._cache = imagefiles.DecodedCache(s.cache, count, s.image_shape, s.cache_key)
+        return self._cache
+
+    def _file_loader(self, tf):
+        """Position in the folder → (decoded uint8 image, label): reads one file."""
+        s = self.splits
+        files = tf.constant(s.files)
+        all_labels = np.zeros(len(s.files), np.int32)
+        for x, y in ((s.x_train, s.y_train), (s.x_val, s.y_val), (s.x_test, s.y_test)):
+            all_labels[x] = y
+        labels = tf.constant(all_labels)
+        cache = self.decoded_cache()
+        size, channels = list(s.image_shape[:2]), s.image_shape[2]
+
+        def load(i):
+            def decode():
+                return imagefiles.decode(tf, tf.io.read_file(files[i]), size, channels)
+            image = cache.lookup(tf, i, decode) if cache else decode()
+            return image, labels[i]
+        return load
+
     def train(self, ctx, epochs: int, start_step: int = 0):
         """Training batches for global steps ``start_step .. epochs × steps`` of this pipeline."""
         import tensorflow as tf
@@ -286,45 +262,75 @@ class Pipelines:
         s = self.splits
         per_replica = ctx.get_per_replica_batch_size(self.global_batch)
         per_pipeline = self.global_batch // ctx.num_input_pipelines
-        if s.sharded:
-            # File-level shard: this worker permutes its own files; same step count as every other worker.
-            n, take, pid, count = len(s.x_train), self.steps * per_pipeline, 0, 1
-        else:
-            n, take, pid, count = len(s.x_train), self.steps * self.global_batch, ctx.input_pipeline_id, ctx.num_input_pipelines
         start_epoch, step_in_epoch = divmod(start_step, self.steps)
-        seed = self.seed + (1000003 * ctx.input_pipeline_id if s.sharded else 0)
-        x, y = tf.constant(s.x_train), tf.constant(s.y_train)
-        ds = tf.data.Dataset.range(start_epoch, epochs).flat_map(
-            lambda e: tf.data.Dataset.from_tensor_slices(epoch_positions(n, take, seed, e, pid, count)))
-        ds = ds.batch(per_replica, drop_remainder=True)
-        # Replicas of this pipeline take its batches in turn: skip theirs for the steps already done.
-        ds = ds.skip(step_in_epoch * (per_pipeline // per_replica))
         augmenter = self._augmenter(tf)
 
-        def gather(idx):
-            images = self._prepare(tf, tf.gather(x, idx))
+        def finish(images, labels):
+            images = self._prepare(tf, images)
             if augmenter is not None:
                 images = augmenter(images, training=True)
-            return images, tf.gather(y, idx)
+            return images, labels
 
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        options.deterministic = True
-        return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE).with_options(options)
+        if s.records is not None:
+            from distrain import tfrecord
+
+            ds = tfrecord.train_dataset(tf, s.records, self, ctx, epochs, start_epoch,
+                                        skip=step_in_epoch * per_pipeline, per_pipeline=per_pipeline)
+            ds = ds.batch(per_replica, drop_remainder=True).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+            return self._ready(tf, ds)
+
+        n, take = len(s.x_train), self.steps * self.global_batch
+        positions = tf.constant(s.x_train if s.files is not None else np.arange(n))
+        ds = tf.data.Dataset.range(start_epoch, epochs).flat_map(
+            lambda e: tf.data.Dataset.from_tensor_slices(
+                epoch_positions(n, take, self.seed, e, ctx.input_pipeline_id, ctx.num_input_pipelines)))
+        # Replicas of this pipeline take its examples in turn: skip theirs for the steps already
+        # done. Skipping positions costs nothing: nothing is read or decoded for them.
+        ds = ds.skip(step_in_epoch * per_pipeline)
+        if s.files is not None:
+            load = self._file_loader(tf)
+            ds = (ds.map(lambda i: load(tf.gather(positions, i)), num_parallel_calls=tf.data.AUTOTUNE)
+                  .batch(per_replica, drop_remainder=True)
+                  .map(finish, num_parallel_calls=tf.data.AUTOTUNE))
+        else:
+            x, y = tf.constant(s.x_train), tf.constant(s.y_train)
+            ds = ds.batch(per_replica, drop_remainder=True).map(
+                lambda idx: finish(tf.gather(x, idx), tf.gather(y, idx)), num_parallel_calls=tf.data.AUTOTUNE)
+        return self._ready(tf, ds)
+
+    def _ready(self, tf, ds):
+        if self.watch is not None:
+            ds = self.watch.stamp(tf, ds)
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
 
     def evaluation(self, ctx, which: str):
-        """Validation or test batches of this pipeline: every example once, over all pipelines."""
+        """Validation or test batches of this pipeline: every example once, over all pipelines.
+
+        Position-dealt like training: pipeline ``i`` of ``n`` takes examples ``i, i+n, ...``, so
+        each worker reads (and decodes) only its share.
+        """
         import tensorflow as tf
 
         s = self.splits
-        xs, ys = (s.x_val, s.y_val) if which == "val" else (s.x_test, s.y_test)
         per_replica = ctx.get_per_replica_batch_size(self.global_batch)
-        x, y = tf.constant(xs), tf.constant(ys)
-        # Position-dealt like training: global step k covers examples [k*B, (k+1)*B) over all pipelines.
-        idx = tf.range(len(xs), dtype=tf.int64)[ctx.input_pipeline_id::ctx.num_input_pipelines]
-        ds = tf.data.Dataset.from_tensor_slices(idx).batch(per_replica)
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        return (ds.map(lambda i: (self._prepare(tf, tf.gather(x, i)), tf.gather(y, i)),
-                       num_parallel_calls=tf.data.AUTOTUNE)
-                .prefetch(tf.data.AUTOTUNE).with_options(options))
+        pid, count = ctx.input_pipeline_id, ctx.num_input_pipelines
+
+        def finish(images, labels):
+            return self._prepare(tf, images), labels
+
+        if s.records is not None:
+            from distrain import tfrecord
+
+            ds = tfrecord.eval_dataset(tf, s.records, self, which, pid, count).batch(per_replica)
+        else:
+            xs, ys = (s.x_val, s.y_val) if which == "val" else (s.x_test, s.y_test)
+            mine = np.arange(len(ys))[pid::count]
+            if s.files is not None:
+                load = self._file_loader(tf)
+                ds = (tf.data.Dataset.from_tensor_slices(np.asarray(xs)[mine])
+                      .map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(per_replica))
+            else:
+                x, y = tf.constant(xs), tf.constant(ys)
+                ds = tf.data.Dataset.from_tensor_slices(mine).batch(per_replica).map(
+                    lambda i: (tf.gather(x, i), tf.gather(y, i)))
+        return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE).with_options(_options(tf))

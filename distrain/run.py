@@ -46,8 +46,10 @@ class Trainee:
 
 @dataclass
 class Inputs:
-    """The distributed datasets of a run and how many global steps evaluation takes."""
+    """The distributed datasets of a run, how many global steps evaluation takes, and the
+    callback that measures how long training waits for its input."""
 
+    watch: Any  # inputwatch.InputWatch
     train: Any
     val: Any
     test: Any
@@ -95,7 +97,7 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     from distrain.callbacks import RunState
 
     state = RunState(ctx.global_batch, ctx.plan, ctx.start_step)
-    callbacks = build_run_callbacks(ctx, trainee, state, data, extra_callbacks)
+    callbacks = build_run_callbacks(ctx, trainee, state, data, inputs.watch, extra_callbacks)
     history, test = fit_and_evaluate(ctx, trainee, inputs, callbacks, state)
     return finish(ctx, trainee, state, history, test, data, started)
 
@@ -219,12 +221,16 @@ def build_model(ctx: RunContext) -> Trainee:
 def build_inputs(ctx: RunContext, data) -> Inputs:
     """The distributed train, validation and test datasets; training starts at ``ctx.start_step``."""
     from distrain import data as data_lib
+    from distrain.inputwatch import InputWatch
     from distrain.user_data import make_pipelines
 
     spec, dist = ctx.spec, ctx.dist
-    pipes = make_pipelines(data, ctx.global_batch, ctx.steps_per_epoch, spec.seed, ctx.input_shape, spec.data.augment)
+    watch = InputWatch(batches_per_step=dist.local_replicas)
+    pipes = make_pipelines(data, ctx.global_batch, ctx.steps_per_epoch, spec.seed, ctx.input_shape, spec.data.augment,
+                           watch=watch)
     val_size, test_size = data.val_size, data.test_size
     return Inputs(
+        watch=watch,
         train=dist.distribute_datasets(lambda ic: pipes.train(ic, spec.train.epochs, ctx.start_step)),
         val=dist.distribute_datasets(lambda ic: pipes.evaluation(ic, "val")) if val_size else None,
         test=dist.distribute_datasets(lambda ic: pipes.evaluation(ic, "test")),
@@ -233,7 +239,7 @@ def build_inputs(ctx: RunContext, data) -> Inputs:
         local_test_examples=len(range(dist.pipeline_id, test_size, dist.num_pipelines)))
 
 
-def build_run_callbacks(ctx: RunContext, trainee: Trainee, state, data, extra: Sequence) -> list:
+def build_run_callbacks(ctx: RunContext, trainee: Trainee, state, data, input_watch, extra: Sequence) -> list:
     """The run's callbacks (``callbacks.build_callbacks``), TensorBoard's on the chief."""
     from distrain.callbacks import build_callbacks
     from distrain.checkpoint import UserCheckpoints
@@ -243,7 +249,8 @@ def build_run_callbacks(ctx: RunContext, trainee: Trainee, state, data, extra: S
     checkpoints = UserCheckpoints(trainee.model, ctx.run_dir, trainee.files, keep=c.keep, monitor=c.monitor,
                                   mode=c.mode)
     tensorboard = tensorboard_callbacks(ctx, state, synthetic=data.synthetic) if ctx.is_chief else ()
-    return build_callbacks(ctx, state, trainee.backup, checkpoints, tensorboard=tensorboard, extra=list(extra))
+    return build_callbacks(ctx, state, trainee.backup, checkpoints, input_watch=input_watch, tensorboard=tensorboard,
+                           extra=list(extra))
 
 
 def fit_and_evaluate(ctx: RunContext, trainee: Trainee, inputs: Inputs, callbacks: list, state) -> tuple:

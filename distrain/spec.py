@@ -22,7 +22,8 @@ import yaml
 from distrain.errors import UsageError
 from distrain.models import MODELS, model_params
 
-DATA_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder", "synthetic")
+DATA_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder", "tfrecord", "synthetic")
+STREAMED_SOURCES = ("image_folder", "tfrecord")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "horovod")
 
 
@@ -61,11 +62,12 @@ class SyntheticSpec:
 class DataSpec:
     source: str = field(default="digits", metadata=_check(doc="one of " + ", ".join(DATA_SOURCES) + ", or your loader: "
                                                                "package.module:function or path/to/file.py:function"))
-    path: Optional[str] = field(default=None, metadata=_check(doc="image_folder: a directory of class_name/image files"))
+    path: Optional[str] = field(default=None, metadata=_check(doc="image_folder: a directory of class_name/image files; tfrecord: a directory written by `distrain data pack`"))
     batch_size_per_replica: int = field(default=32, metadata=_check(min=1))
     validation_split: float = field(default=0.2, metadata=_check(min=0.0, max=1.0, max_exclusive=True))
     test_split: float = field(default=0.2, metadata=_check(min=0.0, max=1.0, max_exclusive=True, doc="for sources without a test set of their own"))
-    image_size: list[int] = field(default_factory=lambda: [64, 64], metadata=_check(min=1, doc="image_folder: [height, width]"))
+    image_size: list[int] = field(default_factory=lambda: [64, 64], metadata=_check(min=1, doc="image_folder, tfrecord: [height, width] images are decoded to"))
+    cache: str = field(default="none", metadata=_check(doc="image_folder, tfrecord: keep decoded examples after their first epoch: none, memory, or a directory (node-local scratch)"))
     rescale: Optional[float] = field(default=None, metadata=_check(min=0.0, min_exclusive=True, doc="default: 1/255 for images, 1/16 for digits"))
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
@@ -332,10 +334,23 @@ def _check_cross_fields(spec: JobSpec) -> None:
             raise _Invalid("data.path", "expected a directory of class_name/image files for source image_folder")
         if not Path(d.path).is_dir():
             raise _Invalid("data.path", f"no such directory: {d.path}")
-        if len(d.image_size) != 2:
-            raise _Invalid("data.image_size", f"expected [height, width], got {d.image_size}")
+    elif d.source == "tfrecord":
+        if not d.path:
+            raise _Invalid("data.path", "expected a directory written by `distrain data pack` for source tfrecord")
+        if not Path(d.path).is_dir():
+            raise _Invalid("data.path", f"no such directory: {d.path}")
+        if not (Path(d.path) / "distrain-data.json").is_file():
+            raise _Invalid("data.path", f"{d.path} has no distrain-data.json (write the shards with `distrain data pack`)")
+        if d.limit is not None:
+            raise _Invalid("data.limit", "not supported with source tfrecord (pack fewer images instead)")
     elif d.path is not None:
-        raise _Invalid("data.path", f"only used with source image_folder, got source {d.source}")
+        raise _Invalid("data.path", f"only used with source image_folder or tfrecord, got source {d.source}")
+    if d.source in STREAMED_SOURCES and len(d.image_size) != 2:
+        raise _Invalid("data.image_size", f"expected [height, width], got {d.image_size}")
+    if d.cache != "none" and d.source not in STREAMED_SOURCES:
+        raise _Invalid("data.cache", f"only used with source image_folder or tfrecord (source {d.source} is in memory already)")
+    if d.cache not in ("none", "memory") and Path(d.cache).exists() and not Path(d.cache).is_dir():
+        raise _Invalid("data.cache", f"expected none, memory or a directory, got {d.cache} (a file)")
     if spec.model.input_shape is not None and len(spec.model.input_shape) not in (2, 3):
         raise _Invalid("model.input_shape", f"expected [height, width] or [height, width, channels], got {spec.model.input_shape}")
     p = spec.logging.profile_steps

@@ -272,10 +272,12 @@ def load(data, seed: int):
     return load_datasets(data, fn, data.source)
 
 
-def make_pipelines(splits, global_batch: int, steps: int, seed: int, input_shape, augment):
-    """The input pipelines of a run: ``data.Pipelines`` for arrays, ``DatasetPipelines`` for tf.data."""
+def make_pipelines(splits, global_batch: int, steps: int, seed: int, input_shape, augment, watch=None):
+    """The input pipelines of a run: ``data.Pipelines`` for distrain's sources and ``fn()`` arrays,
+    ``DatasetPipelines`` for a ``fn(input_context, split)`` source (``watch`` is not applied to it:
+    the user's pipeline is opaque)."""
     if isinstance(splits, DatasetSplits):
         return splits.pipelines(global_batch, steps, seed, input_shape, augment)
     from distrain import data as data_lib
 
-    return data_lib.Pipelines(splits, global_batch, steps, seed, input_shape, augment)
+    return data_lib.Pipelines(splits, global_batch, steps, seed, input_shape, augment, watch=watch)

@@ -1,4 +1,4 @@
-"""Data: splits, the Keras loaders on tiny files in their own cache format, image folders, and the
+"""Data: splits, the Keras loaders on tiny files in their own cache format, and the in-memory
 sharded pipelines (disjoint, covering, equal to one process's batches, resumable)."""
 import gzip
 import pickle
@@ -123,31 +123,6 @@ def test_missing_keras_dataset_offline_is_a_clear_error(tmp_path, offline):
     message = str(info.value)
     assert message.startswith("data.source: fashion_mnist is not in the Keras cache")
     assert str(tmp_path / "datasets" / "fashion-mnist") in message and "\n" not in message
-
-
-def _image_folder(root, per_class=12, classes=("cat", "dog", "owl")):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in classes:
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / c / f"{i:03d}.png")
-    return root
-
-
-def test_image_folder_is_sharded_by_file(tmp_path):
-    root = _image_folder(tmp_path / "imgs")
-    spec = data_spec(source="image_folder", path=str(root), image_size=[16, 16], validation_split=0.25, test_split=0.25)
-    whole = data_lib.load(spec, seed=3)
-    assert whole.num_classes == 3 and whole.input_shape == (16, 16, 3)
-    assert whole.train_size_global == len(whole.x_train) == 20
-    a = data_lib.load(spec, seed=3, shard=(0, 2))
-    b = data_lib.load(spec, seed=3, shard=(1, 2))
-    assert a.sharded and len(a.x_train) + len(b.x_train) == 20 and a.train_size_global == 20
-    got = np.concatenate([a.x_train, b.x_train]).reshape(20, -1)
-    assert sorted(map(bytes, got)) == sorted(map(bytes, whole.x_train.reshape(20, -1)))
-    assert np.array_equal(a.x_val, whole.x_val)  # evaluation splits are dealt by index, not by file
 
 
 def _index_splits(n_train=100, n_val=37):

@@ -41,7 +41,7 @@ MALFORMED = [
     ("data: {validation_split: 0.6, test_split: 0.5}", "data.validation_split: validation_split + test_split must leave training data"),
     ("data: {source: image_folder}", "data.path: expected a directory of class_name/image files for source image_folder"),
     ("data: {source: image_folder, path: /no/such/dir}", "data.path: no such directory: /no/such/dir"),
-    ("data: {source: digits, path: /tmp}", "data.path: only used with source image_folder, got source digits"),
+    ("data: {source: digits, path: /tmp}", "data.path: only used with source image_folder or tfrecord, got source digits"),
     ("data: {augment: {flip: diagonal}}", 'data.augment.flip: expected one of none, horizontal,'),
     ("data: {augment: {rotation: 2}}", "data.augment.rotation: expected a number >= 0 and <= 1, got 2"),
     ("data: [1, 2]", "data: expected a mapping of keys, got [1, 2]"),

@@ -1,0 +1,347 @@
+"""TFRecord shards: ``distrain data pack`` writes them, ``data.source: tfrecord`` reads them.
+
+Layout of a packed directory::
+
+    distrain-data.json                    classes, counts, image size, split, shards (written last)
+    train-00000-of-00008.tfrecord ...     records: image (encoded bytes), label, index
+    val-00000-of-00001.tfrecord ...
+    test-00000-of-00001.tfrecord ...
+
+Guarantees when reading (the docs repeat them, docs/data.md):
+
+- training: each epoch, the shards are permuted by (seed, epoch) and dealt to the input pipelines
+  by position, so the pipelines' examples are disjoint. Each pipeline interleaves its shards and
+  shuffles them in windows with a seed of (seed, epoch, pipeline). Every pipeline draws the same
+  number of examples per epoch, the most that its smallest possible share of shards holds: with a
+  shard count that is a multiple of the number of pipelines (and shards of equal size, as pack
+  writes them), that is every example once per epoch; otherwise up to a shard's worth of examples
+  per pipeline sit out an epoch (a warning says how many).
+- resume at a global step: the epoch's stream is rebuilt from its seeds and the records before
+  the step are skipped unparsed and undecoded (they are still read from disk: the cost is measured
+  in docs/performance.md).
+- validation and test: every record once over all pipelines (record ``i`` goes to pipeline
+  ``i mod n``); each pipeline reads the split's files but parses and decodes only its share.
+- N workers do not see the examples in the order one process does, so weights after k steps are
+  not comparable to a one-process run (image folders are; pack is for when they are too slow).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from distrain import imagefiles
+from distrain.errors import UsageError
+from distrain.rundir import replacing, write_atomically
+
+log = logging.getLogger("distrain")
+
+METADATA = "distrain-data.json"
+FORMAT = "distrain-tfrecord-1"
+SPLITS = ("train", "val", "test")
+CYCLE_LENGTH = 8  # shards a pipeline reads at once
+SHUFFLE_WINDOW = 1024  # records shuffled together; pack already wrote the examples in a seeded order
+
+
+@dataclass(frozen=True)
+class Records:
+    """A packed directory as read from its metadata."""
+
+    root: Path
+    classes: list[str]
+    shards: dict[str, list[tuple[str, int]]]  # split → [(file, records)]
+    image_size: Optional[list[int]]
+    metadata: dict
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {split: sum(c for _, c in self.shards.get(split, [])) for split in SPLITS}
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def files(self, split: str) -> list[str]:
+        return [str(self.root / name) for name, _ in self.shards.get(split, [])]
+
+
+def read_metadata(path: str) -> Records:
+    """Reads ``PATH/distrain-data.json`` and checks that every shard it lists is visible here.
+
+    Raises:
+        UsageError: no metadata, a different format, or a missing shard (names the file).
+    """
+    root = Path(path)
+    meta_file = root / METADATA
+    host = socket.gethostname()
+    try:
+        meta = json.loads(meta_file.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"data.path: {root} has no {METADATA} on {host} (write the shards with "
+                         f"`distrain data pack`; every node must see the directory)") from None
+    except (OSError, ValueError) as err:
+        raise UsageError(f"data.path: cannot read {meta_file}: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise UsageError(f"data.path: {meta_file} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    records = Records(root, list(meta["classes"]), {s: [(x["file"], int(x["count"])) for x in meta["splits"][s]["shards"]]
+                                                    for s in SPLITS if s in meta["splits"]},
+                      meta.get("image_size"), meta)
+    for split in SPLITS:
+        for f in records.files(split):
+            if not os.path.isfile(f):
+                raise UsageError(f"data.path: shard {f} listed in {meta_file} is missing on {host}")
+    return records
+
+
+def usable_per_pipeline(shard_counts: list[int], num_pipelines: int) -> int:
+    """Training examples every pipeline can draw in every epoch, whatever shards it is dealt.
+
+    A pipeline is dealt ``floor(S / n)`` or ``ceil(S / n)`` of the S shards; the worst case is the
+    ``floor(S / n)`` smallest ones.
+    """
+    per = len(shard_counts) // num_pipelines
+    return sum(sorted(shard_counts)[:per])
+
+
+def load(data, channels: int, shard: tuple[int, int]):
+    """The ``Splits`` of a packed directory for pipeline ``shard[0]`` of ``shard[1]``."""
+    from distrain.splits import Splits
+
+    records = read_metadata(data.path)
+    train_counts = [c for _, c in records.shards["train"]]
+    _, num_pipelines = shard
+    if len(train_counts) < num_pipelines:
+        raise UsageError(f"data.path: {data.path} has {len(train_counts)} training shards for {num_pipelines} input "
+                         f"pipelines; pack again with --shards {num_pipelines} or a multiple of it")
+    usable = usable_per_pipeline(train_counts, num_pipelines) * num_pipelines
+    counts = records.counts
+    if usable < counts["train"]:
+        log.warning("data.path: %d training shards do not divide among %d input pipelines: %d of %d examples sit out "
+                    "each epoch (pack with --shards a multiple of %d to use all)", len(train_counts), num_pipelines,
+                    counts["train"] - usable, counts["train"], num_pipelines)
+    meta = records.metadata
+    log.info("data.path %s: TFRecord, %d classes (train %d in %d shards, validation %d, test %d; split fixed by "
+             "`distrain data pack` with seed %s)", data.path, len(records.classes), counts["train"], len(train_counts),
+             counts["val"], counts["test"], meta.get("seed"))
+    imagefiles.check_cache_room(data.cache, records.total, (*data.image_size, channels))
+    empty = np.zeros(0, np.int32)
+    key = None
+    if data.cache != "none":
+        # A new pack (or a different decoded shape) is a new cache.
+        text = (records.root / METADATA).read_bytes() + f"{list(data.image_size)} {channels}".encode()
+        key = hashlib.sha256(text).hexdigest()[:16]
+    return Splits(empty, empty, empty, empty, empty, empty, len(records.classes), data.rescale or 1 / 255,
+                  train_size_global=usable, image_shape=(*data.image_size, channels), cache=data.cache,
+                  cache_key=key, records=records)
+
+
+def _parser(tf, pipes):
+    s = pipes.splits
+    cache = pipes.decoded_cache()
+    size, channels = list(s.image_shape[:2]), s.image_shape[2]
+    features = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64),
+                "index": tf.io.FixedLenFeature([], tf.int64)}
+
+    def parse(serialized):
+        ex = tf.io.parse_single_example(serialized, features)
+
+        def decode():
+            return imagefiles.decode(tf, ex["image"], size, channels)
+        image = cache.lookup(tf, ex["index"], decode) if cache else decode()
+        return image, tf.cast(ex["label"], tf.int32)
+    return parse
+
+
+def _window_shuffle(tf, ds, seed):
+    """Shuffles consecutive windows of records with a stateless permutation: reproducible from
+    the seed alone, which is what lets a resume rebuild the stream exactly."""
+    def shuffle(window):
+        order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(window, out_type=tf.int64)[0]), seed=seed)
+        return tf.data.Dataset.from_tensor_slices(tf.gather(window, order))
+    return ds.batch(SHUFFLE_WINDOW).flat_map(shuffle)
+
+
+def train_dataset(tf, records: Records, pipes, ctx, epochs: int, start_epoch: int, *, skip: int, per_pipeline: int):
+    """This pipeline's training examples (unbatched) from ``start_epoch``, the first ``skip`` left out."""
+    files = tf.constant(records.files("train"))
+    num_shards = len(records.shards["train"])
+    pid, n = ctx.input_pipeline_id, ctx.num_input_pipelines
+    per_epoch = pipes.steps * per_pipeline
+
+    def epoch(e):
+        seed = tf.stack([tf.constant(pipes.seed, tf.int64), e])
+        order = tf.random.experimental.stateless_shuffle(tf.range(num_shards, dtype=tf.int64), seed=seed)
+        mine = tf.gather(files, order[pid::n])
+        ds = tf.data.Dataset.from_tensor_slices(mine).interleave(
+            tf.data.TFRecordDataset, cycle_length=CYCLE_LENGTH, block_length=1,
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = _window_shuffle(tf, ds, tf.stack([tf.constant(pipes.seed, tf.int64) + 1, e * n + pid]))
+        return ds.take(per_epoch)
+
+    ds = tf.data.Dataset.range(start_epoch, epochs).flat_map(epoch).skip(skip)
+    return ds.map(_parser(tf, pipes), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def eval_dataset(tf, records: Records, pipes, which: str, pid: int, count: int):
+    """Validation or test examples of pipeline ``pid`` of ``count`` (unbatched): records ``pid::count``."""
+    files = records.files(which)
+    ds = tf.data.TFRecordDataset(files) if files else tf.data.Dataset.from_tensor_slices(tf.zeros([0], tf.string))
+    return ds.shard(count, pid).map(_parser(tf, pipes), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+class Progress:
+    """A one-line progress bar on stderr (a plain line per 10% when stderr is not a terminal)."""
+
+    def __init__(self, total: int, what: str, stream=sys.stderr) -> None:
+        self.total, self.what, self.stream = max(total, 1), what, stream
+        self.tty = stream.isatty()
+        self.started = self.last = time.monotonic()
+        self.last_tenth = -1
+        self.done = 0
+
+    def update(self, done: int) -> None:
+        """Shows ``done`` of ``total`` items."""
+        self.done = done
+        now = time.monotonic()
+        tenth = done * 10 // self.total
+        if self.tty and (now - self.last > 0.2 or done == self.total):
+            width = 30
+            filled = width * done // self.total
+            rate = done / max(now - self.started, 1e-9)
+            self.stream.write(f"\r{self.what} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
+                              f"({rate:.0f} images/s)")
+            self.stream.flush()
+            self.last = now
+        elif not self.tty and tenth != self.last_tenth:
+            self.stream.write(f"{self.what}: {done}/{self.total}\n")
+            self.last_tenth = tenth
+
+    def advance(self, items: int) -> None:
+        """Shows ``items`` more done."""
+        self.update(self.done + items)
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def _shard_plan(count: int, shards: int) -> list[int]:
+    """Sizes of ``shards`` contiguous shards of ``count`` examples, differing by at most one."""
+    shards = max(1, min(shards, count)) if count else 0
+    return [count // shards + (i < count % shards) for i in range(shards)]
+
+
+def pack(folder: str, out_dir: str, *, shards: int, image_size: Optional[list[int]] = None, channels: int = 3,
+         seed: int = 0, validation_split: float = 0.2, test_split: float = 0.2, quality: int = 95,
+         progress: bool = True) -> dict:
+    """Writes an image folder as TFRecord shards plus ``distrain-data.json``.
+
+    The split is the one ``data.source: image_folder`` makes with the same seed and fractions.
+    Training examples are written in a seeded random order (so every shard holds every class) and
+    cut into ``shards`` files of equal size (±1); validation and test get shards in proportion.
+    Every image is decoded once to check it; ones that fail are left out and named.
+
+    Args:
+        folder: a ``class_name/image`` folder.
+        out_dir: where the shards go (created; must not hold a packed dataset already).
+        shards: training shards; a multiple of the number of input pipelines you will train with.
+        image_size: resize to [height, width] and store as JPEG; None stores the files' own bytes.
+        channels: with ``image_size``: 1 or 3.
+        seed, validation_split, test_split: the split, as in the job's ``seed`` and ``data`` keys.
+        quality: JPEG quality with ``image_size``.
+        progress: print a progress bar on stderr.
+
+    Returns:
+        The metadata written.
+
+    Raises:
+        UsageError: a bad folder, an existing packed dataset in ``out_dir``, too many broken files.
+    """
+    import tensorflow as tf
+
+    from distrain.splits import split_indices
+
+    out = Path(out_dir)
+    if (out / METADATA).exists():
+        raise UsageError(f"OUT_DIR: {out} already holds a packed dataset ({METADATA}); choose another directory")
+    files, labels, classes = imagefiles.list_image_folder(folder)
+    infos = imagefiles.scan(files)
+    files, labels, infos = imagefiles.drop_unreadable(files, labels, infos, folder)
+    test, val, train = split_indices(len(files), (test_split, validation_split * (1 - test_split)), seed)
+    train = np.random.default_rng(seed).permutation(train)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def encode(path):
+        contents = tf.io.read_file(path)
+        if image_size is None:
+            # Decode only to check (the control dependency keeps the decode from being pruned);
+            # the stored bytes are the file's own.
+            with tf.control_dependencies([tf.shape(tf.io.decode_image(contents, channels=3, expand_animations=False))]):
+                return tf.identity(contents)
+        return tf.io.encode_jpeg(imagefiles.decode(tf, contents, list(image_size), channels), quality=quality)
+
+    splits_meta, failed, next_index = {}, [], 0
+    bar = Progress(len(files), f"packing {folder}") if progress else None
+    for split, idx in (("train", train), ("val", val), ("test", test)):
+        n_shards = shards if split == "train" else max(1, round(shards * len(idx) / max(len(train), 1)))
+        entries, lost, next_index = _write_shards(tf, out, split, idx, files, labels, n_shards, encode, next_index,
+                                                  bar)
+        failed += lost
+        splits_meta[split] = {"count": sum(e["count"] for e in entries), "shards": entries}
+    if bar:
+        bar.close()
+    if failed:
+        log.warning("pack: left out %d images that failed to decode: %s%s", len(failed), "; ".join(failed[:5]),
+                    " ..." if len(failed) > 5 else "")
+    meta = {"format": FORMAT, "classes": classes, "image_size": list(image_size) if image_size else None,
+            "channels": channels if image_size else None, "encoding": "jpeg" if image_size else "original",
+            "source": str(Path(folder).resolve()), "seed": seed, "validation_split": validation_split,
+            "test_split": test_split, "splits": splits_meta, "failed_to_decode": failed}
+    write_atomically(out / METADATA, json.dumps(meta, indent=1))  # last: a directory with metadata is complete
+    return meta
+
+
+def _write_shards(tf, out: Path, split: str, idx, files, labels, n_shards: int, encode, first_index: int, bar):
+    """One split's shards: examples in ``idx`` order, ``n_shards`` files of equal size (±1).
+
+    Returns:
+        (the shards' entries for the metadata, the files that failed to decode, the next index).
+    """
+    plan = _shard_plan(len(idx), n_shards)
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(idx)), np.asarray(files)[idx] if len(idx) else
+                                             np.zeros(0, str)))
+    ds = ds.map(lambda i, p: (i, encode(p)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors(log_warning=False)  # a file that fails to decode: left out, named by pack
+    encoded = iter(ds.as_numpy_iterator())
+    pending = next(encoded, None)
+    entries, failed, start, next_index = [], [], 0, first_index
+    for k, size in enumerate(plan):
+        name = f"{split}-{k:05d}-of-{len(plan):05d}.tfrecord"
+        written = []
+        with replacing(out / name) as tmp, tf.io.TFRecordWriter(str(tmp)) as writer:
+            while pending is not None and pending[0] < start + size:
+                i, image = pending
+                example = tf.train.Example(features=tf.train.Features(feature={
+                    "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+                    "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(labels[idx[i]])])),
+                    "index": tf.train.Feature(int64_list=tf.train.Int64List(value=[next_index])),
+                }))
+                writer.write(example.SerializeToString())
+                written.append(i)
+                next_index += 1
+                pending = next(encoded, None)
+        failed += [files[idx[j]] for j in sorted(set(range(start, start + size)) - set(written))]
+        entries.append({"file": name, "count": len(written)})
+        start += size
+        if bar:
+            bar.advance(size)
+    return entries, failed, next_index
