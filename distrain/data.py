@@ -178,6 +178,32 @@ def epoch_positions(n: int, take: int, seed: int, epoch, pipeline_id: int, num_p
     return perm[:take][pipeline_id::num_pipelines]
 
 
+def replica_batches(tf, ds, per_replica: int, local_replicas: int):
+    """Evaluation batches for this pipeline's replicas: ``per_replica`` each, and the last step's
+    remainder split over the replicas as evenly as possible.
+
+    Batching by ``per_replica`` alone leaves the last replicas of a partial step an empty batch;
+    TensorFlow's oneDNN CPU convolutions fail on an empty batch after a 1x1 convolution ("input
+    depth must be evenly divisible by filter depth"), which stopped MirroredStrategy over logical
+    CPUs with the inception model. Split evenly, a replica gets an empty batch only when the step
+    has fewer examples left than replicas. Every example is still evaluated once, in order.
+    """
+    if local_replicas == 1:
+        return ds.batch(per_replica)
+
+    def split_step(*step):
+        n = tf.shape(step[0], out_type=tf.int64)[0]
+        q, big = n // local_replicas, n % local_replicas
+        sizes = tf.concat([tf.fill([big], q + 1), tf.fill([local_replicas - big], q)], 0)
+        sizes = tf.boolean_mask(sizes, sizes > 0)
+        starts = tf.cumsum(sizes, exclusive=True)
+        pieces = tf.data.Dataset.from_tensor_slices((starts, sizes))
+        return pieces.map(lambda start, size: tuple(t[start:start + size] for t in step)
+                          if len(step) > 1 else step[0][start:start + size])
+
+    return ds.batch(per_replica * local_replicas).flat_map(split_step)
+
+
 def _options(tf, deterministic: bool = True):
     options = tf.data.Options()
     # Sharding is the index stream's job (or the shard dealing's); tf.distribute must not shard again.
@@ -314,6 +340,7 @@ class Pipelines:
         s = self.splits
         per_replica = ctx.get_per_replica_batch_size(self.global_batch)
         pid, count = ctx.input_pipeline_id, ctx.num_input_pipelines
+        local_replicas = max(1, ctx.num_replicas_in_sync // count)
 
         def finish(images, labels):
             return self._prepare(tf, images), labels
@@ -321,16 +348,17 @@ class Pipelines:
         if s.records is not None:
             from distrain import tfrecord
 
-            ds = tfrecord.eval_dataset(tf, s.records, self, which, pid, count).batch(per_replica)
+            ds = replica_batches(tf, tfrecord.eval_dataset(tf, s.records, self, which, pid, count), per_replica,
+                                 local_replicas)
         else:
             xs, ys = (s.x_val, s.y_val) if which == "val" else (s.x_test, s.y_test)
             mine = np.arange(len(ys))[pid::count]
             if s.files is not None:
                 load = self._file_loader(tf)
-                ds = (tf.data.Dataset.from_tensor_slices(np.asarray(xs)[mine])
-                      .map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(per_replica))
+                ds = replica_batches(tf, tf.data.Dataset.from_tensor_slices(np.asarray(xs)[mine])
+                                     .map(load, num_parallel_calls=tf.data.AUTOTUNE), per_replica, local_replicas)
             else:
                 x, y = tf.constant(xs), tf.constant(ys)
-                ds = tf.data.Dataset.from_tensor_slices(mine).batch(per_replica).map(
+                ds = replica_batches(tf, tf.data.Dataset.from_tensor_slices(mine), per_replica, local_replicas).map(
                     lambda i: (tf.gather(x, i), tf.gather(y, i)))
         return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE).with_options(_options(tf))

@@ -191,3 +191,18 @@ def test_pipeline_resizes_and_rescales():
     x, y = next(iter(pipes.train(tf.distribute.InputContext(1, 0, 1), 1)))
     assert x.shape == (16, 16, 16, 1) and x.dtype == tf.float32 and y.dtype == tf.int32
     assert float(tf.reduce_max(x)) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("n,replicas,expected", [
+    (19, 2, [4, 4, 4, 4, 2, 1]),     # the last step's 3 examples: 2 + 1, no empty batch
+    (16, 2, [4, 4, 4, 4]),
+    (13, 3, [4, 4, 4, 1]),           # 1 left for 3 replicas: the only case with empty ones
+    (22, 3, [4, 4, 4, 4, 3, 3]),
+    (9, 1, [4, 4, 1]),
+])
+def test_replica_batches_split_the_last_step_evenly(n, replicas, expected):
+    import tensorflow as tf
+
+    batches = [b.numpy().tolist() for b in data_lib.replica_batches(tf, tf.data.Dataset.range(n), 4, replicas)]
+    assert [len(b) for b in batches] == expected
+    assert sum(batches, []) == list(range(n))  # every example once, in order
