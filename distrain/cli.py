@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from distrain.report import add_report_parser
     add_report_parser(sub)
+    from distrain.bench import add_parser as add_bench_parser
+    add_bench_parser(sub)
     _add_launcher_parsers(sub)
     return parser
 
