@@ -177,6 +177,8 @@ class StepTimer:
         class _StepTimer(tf.keras.callbacks.Callback):
             def __init__(self):
                 super().__init__()
+                # Logs stay tensors: the timer must not make Keras wait for each step's numbers.
+                self._supports_tf_logs = True
                 self.times: list[float] = []
                 self._last: Optional[float] = None
 
