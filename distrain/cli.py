@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     from distrain.datacli import add_parser as add_data_parser
     add_data_parser(sub)
+    from distrain.bench import add_parser as add_bench_parser
+    add_bench_parser(sub)
     _add_launcher_parsers(sub)
     return parser
 

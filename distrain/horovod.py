@@ -293,9 +293,10 @@ class HorovodDistribution(Distribution):
         rendezvous: under ``srun``, rank 0's rendezvous server, kept alive with the run.
     """
 
-    def __init__(self, world: World, hvd, rendezvous: Any = None):
+    def __init__(self, world: World, hvd, rendezvous: Any = None, compression: str = "none"):
         super().__init__("horovod", tf.distribute.get_strategy(), world, replicas=hvd.size(), local_replicas=1)
         self._hvd = hvd
+        self.compression = compression
         self.rendezvous = rendezvous
         # One instance per run, created here so that every call of callbacks() returns it.
         self._callbacks = [MetricAverage(self.sum)] if self.replicas > 1 else []
@@ -321,7 +322,8 @@ class HorovodDistribution(Distribution):
                             f"{type(optimizer).__name__} (is TF_USE_LEGACY_KERAS=1 set before TensorFlow is imported?)")
         import horovod.tensorflow.keras as hvd_keras
 
-        wrapped = hvd_keras.DistributedOptimizer(optimizer)
+        compression = hvd_keras.Compression.fp16 if self.compression == "fp16" else hvd_keras.Compression.none
+        wrapped = hvd_keras.DistributedOptimizer(optimizer, compression=compression)
         # Horovod subclasses the optimizer's class under the same name, in module horovod._keras.
         # Saved under that module, model.keras could not be compiled again without Horovod.
         type(wrapped).__module__ = type(optimizer).__module__
@@ -381,12 +383,13 @@ def _pin_gpu(gpus: Sequence, local_rank: int, local_size: int) -> None:
     tf.config.set_visible_devices(gpus[local_rank], "GPU")
 
 
-def build(world: World, gpus: Sequence) -> HorovodDistribution:
+def build(world: World, gpus: Sequence, compression: str = "none") -> HorovodDistribution:
     """Initialises Horovod for this process and returns the distribution.
 
     Args:
         world: this process's place; under ``srun`` Horovod is bootstrapped from it.
         gpus: the physical GPUs TensorFlow sees; each process keeps the one of its local rank.
+        compression: ``distribute.gradient_compression`` (none | fp16), Horovod's ``Compression``.
 
     Raises:
         UsageError: Horovod missing, or its ranks disagree with the launcher's (an MPI launcher
@@ -403,4 +406,4 @@ def build(world: World, gpus: Sequence) -> HorovodDistribution:
         _pin_gpu(gpus, hvd.local_rank(), hvd.local_size())
     log.info("Horovod rank %d of %d (local %d of %d), %s controller", hvd.rank(), hvd.size(), hvd.local_rank(),
              hvd.local_size(), "Gloo" if hvd.gloo_enabled() else "MPI")
-    return HorovodDistribution(world, hvd, rendezvous=server)
+    return HorovodDistribution(world, hvd, rendezvous=server, compression=compression)

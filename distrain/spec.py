@@ -127,6 +127,8 @@ class DistributeSpec:
     startup_timeout_s: float = field(default=300.0, metadata=_check(min=0.0, min_exclusive=True, doc="how long workers wait for each other at start-up, before the strategy is built; then exit 76 naming the missing ones"))
     port: Optional[int] = field(default=None, metadata=_check(min=1024, max=65535, doc="base port of the workers; default: derived from the job id"))
     preemption_check_every: int = field(default=10, metadata=_check(min=1, doc="steps between agreements on stopping (preemption, NaN)"))
+    gradient_compression: str = field(default="none", metadata=_check(choices=("none", "fp16"), doc="multi_worker, mirrored, horovod: all-reduce gradients as float16 (half the bytes; docs/performance.md)"))
+    all_reduce_pack_bytes: int = field(default=0, metadata=_check(min=0, doc="multi_worker: all-reduce gradients in packs of about this many bytes (CommunicationOptions.bytes_per_pack); 0: one pack"))
 
 
 @dataclass(frozen=True)

@@ -56,11 +56,12 @@ class TFDistribution(Distribution):
         world: this process's place in the job.
     """
 
-    def __init__(self, name: str, strategy: Any, world: World):
+    def __init__(self, name: str, strategy: Any, world: World, gradient_compression: str = "none"):
         replicas = strategy.num_replicas_in_sync
         workers = world.world_size if name == "multi_worker" else 1
         super().__init__(name, strategy, world, replicas=replicas, local_replicas=replicas // max(1, workers))
         self._sum = _sum_collective(strategy)
+        self.gradient_compression = gradient_compression
 
     @property
     def num_pipelines(self) -> int:
@@ -78,6 +79,13 @@ class TFDistribution(Distribution):
 
     def sum(self, values: Sequence[float]) -> list[float]:
         return self._sum(list(values))
+
+    def wrap_optimizer(self, optimizer):
+        if self.gradient_compression == "fp16" and self.replicas > 1:
+            from distrain.compression import fp16_all_reduce
+
+            return fp16_all_reduce(optimizer)
+        return optimizer
 
 
 def _configure_devices(tf, spec_distribute, world: World) -> list:
@@ -132,7 +140,7 @@ def build(spec_distribute, world: World) -> Distribution:
     if name == "horovod":
         from distrain import horovod
 
-        return horovod.build(world, gpus)
+        return horovod.build(world, gpus, compression=spec_distribute.gradient_compression)
 
     if name == "multi_worker":
         if world.tf_config is not None:
@@ -141,7 +149,8 @@ def build(spec_distribute, world: World) -> Distribution:
         implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
                           else tf.distribute.experimental.CommunicationImplementation.RING)
         options = tf.distribute.experimental.CommunicationOptions(
-            implementation=implementation, timeout_seconds=spec_distribute.collective_timeout_s)
+            implementation=implementation, timeout_seconds=spec_distribute.collective_timeout_s,
+            bytes_per_pack=spec_distribute.all_reduce_pack_bytes)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     elif name == "mirrored":
         devices = list(spec_distribute.devices) or None
@@ -154,4 +163,4 @@ def build(spec_distribute, world: World) -> Distribution:
         # first GPU if there is one, else the CPU. OneDeviceStrategy would do the same through a
         # distributed iterator that cost 15-20% throughput here (benchmarks/throughput.py).
         strategy = tf.distribute.get_strategy()
-    return TFDistribution(name, strategy, world)
+    return TFDistribution(name, strategy, world, spec_distribute.gradient_compression)
