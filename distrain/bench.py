@@ -356,6 +356,32 @@ def add_parser(subparsers) -> None:
     p.set_defaults(handler=cmd_bench)
 
 
+def shared_run_dir(spec, world, run_dir: Optional[Path], env=os.environ) -> Optional[Path]:
+    """Where the workers of a benchmark write: one directory they all see, when there are several.
+
+    The start-up rendezvous keeps the run's secret there (``rendezvous``), so separate temporary
+    directories per worker would leave the others waiting for it. One worker, or a secret given
+    with ``DISTRAIN_SECRET_FILE``: ``run_dir`` as given (None: a temporary directory). Under SLURM:
+    ``OUTPUT_DIR/NAME/bench-slurm-JOB.STEP``, new for every ``srun``.
+
+    Raises:
+        UsageError: several workers outside SLURM without ``--run-dir`` or the secret file, or a
+            ``--run-dir`` that holds a backup (a benchmark there would resume instead of measuring).
+    """
+    from distrain.rendezvous import SECRET_ENV
+    from distrain.rundir import RunDir
+
+    if run_dir is None and world.world_size > 1 and not env.get(SECRET_ENV):
+        if not env.get("SLURM_JOB_ID"):
+            raise UsageError("--run-dir: required with several workers outside SLURM: a fresh directory every worker "
+                             f"sees (the start-up rendezvous keeps its secret there), or set {SECRET_ENV}")
+        run_dir = Path(spec.output_dir) / spec.name / f"bench-slurm-{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', 0)}"
+    if run_dir is not None and RunDir(run_dir).backup_step() > 0:
+        raise UsageError(f"--run-dir: {run_dir} holds a run's backup; a benchmark there would resume it: give a fresh "
+                         "directory")
+    return run_dir
+
+
 def cmd_bench(args) -> int:
     """``distrain bench``: checks every input, then benchmarks; the chief prints the result."""
     from distrain.spec import load_spec
@@ -374,8 +400,9 @@ def cmd_bench(args) -> int:
     from distrain.world import detect
 
     world = detect(port_override=spec.distribute.port)
+    run_dir = shared_run_dir(spec, world, args.run_dir)
     result = run_bench(spec, steps=args.steps, warmup=args.warmup, baseline=baseline, world=world,
-                       run_dir=args.run_dir, baseline_fn=measure)
+                       run_dir=run_dir, baseline_fn=measure)
     if world.is_chief:
         print(json.dumps(result, indent=1) if args.json else format_result(result), flush=True)
     return 0

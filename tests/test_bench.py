@@ -137,7 +137,8 @@ def test_one_process_json_is_its_own_baseline(tmp_path):
 def test_two_workers_measure_a_baseline_and_only_the_chief_prints(tmp_path, workers_factory):
     job = write_job(tmp_path / "tiny.yaml", TINY)
     ports = free_ports(2)
-    cmd = [*DISTRAIN, "bench", str(job), "--steps", "6", "--warmup", "2", "--json"]
+    # The workers share one run dir (the start-up rendezvous keeps its secret there).
+    cmd = [*DISTRAIN, "bench", str(job), "--steps", "6", "--warmup", "2", "--json", "--run-dir", str(tmp_path / "run")]
     workers = workers_factory([cmd, cmd], [worker_env(TF_CONFIG=tf_config(ports, r)) for r in range(2)])
     assert workers.wait(timeout=400) == [0, 0], workers.output()
     outputs = [log.read_text() for log in workers.logs]
@@ -147,3 +148,23 @@ def test_two_workers_measure_a_baseline_and_only_the_chief_prints(tmp_path, work
     assert r["baseline"]["source"] == "measured" and r["baseline"]["images_per_s"] > 0
     assert r["efficiency"] > 0 and r["compute_s_per_step"] > 0 and r["communication_s_per_step"] >= 0
     assert '"efficiency"' not in outputs[1]  # the other worker prints nothing
+
+
+def test_several_workers_need_a_shared_run_dir(tmp_path):
+    from distrain.errors import UsageError
+    from distrain.spec import spec_from_dict
+    from distrain.world import World
+
+    spec = spec_from_dict({"name": "b"})
+    two = World(launcher="tf_config", rank=1, world_size=2)
+    with pytest.raises(UsageError, match="--run-dir: required with several workers outside SLURM"):
+        bench.shared_run_dir(spec, two, None, env={})
+    assert bench.shared_run_dir(spec, two, None, env={"DISTRAIN_SECRET_FILE": "/s"}) is None
+    assert bench.shared_run_dir(spec, World(launcher="local"), None, env={}) is None
+    assert bench.shared_run_dir(spec, two, None, env={"SLURM_JOB_ID": "81", "SLURM_STEP_ID": "2"}) == \
+        tmp_path.__class__("runs/b/bench-slurm-81.2")
+    used = tmp_path / "used"
+    (used / "backup").mkdir(parents=True)
+    (used / "backup" / "checkpoint").write_text('model_checkpoint_path: "ckpt-8"\n')
+    with pytest.raises(UsageError, match="holds a run's backup"):
+        bench.shared_run_dir(spec, two, used, env={})
