@@ -322,8 +322,7 @@ class HorovodDistribution(Distribution):
                             f"{type(optimizer).__name__} (is TF_USE_LEGACY_KERAS=1 set before TensorFlow is imported?)")
         import horovod.tensorflow.keras as hvd_keras
 
-        compression = hvd_keras.Compression.fp16 if self.compression == "fp16" else hvd_keras.Compression.none
-        wrapped = hvd_keras.DistributedOptimizer(optimizer, compression=compression)
+        wrapped = hvd_keras.DistributedOptimizer(optimizer, compression=self._compressor())
         # Horovod subclasses the optimizer's class under the same name, in module horovod._keras.
         # Saved under that module, model.keras could not be compiled again without Horovod.
         type(wrapped).__module__ = type(optimizer).__module__
@@ -334,7 +333,11 @@ class HorovodDistribution(Distribution):
         does inside ``compute_gradients``, which accumulation does not call)."""
         if self.replicas == 1:
             return gradients
-        return self._hvd.grouped_allreduce(list(gradients), op=self._hvd.Average)
+        return self._hvd.grouped_allreduce(list(gradients), op=self._hvd.Average, compression=self._compressor())
+
+    def _compressor(self):
+        """Horovod's gradient compression for ``distribute.gradient_compression``."""
+        return self._hvd.Compression.fp16 if self.compression == "fp16" else self._hvd.Compression.none
 
     def broadcast_initial_state(self, model, optimizer) -> None:
         """Rank 0's weights and optimizer state (slots, ``iterations``) on every rank.
