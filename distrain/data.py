@@ -42,7 +42,8 @@ def _with_channels(x: np.ndarray) -> np.ndarray:
     return x[..., None] if x.ndim == 3 else x
 
 
-def _cap(splits: Splits, limit: Optional[int]) -> Splits:
+def cap_examples(splits: Splits, limit: Optional[int]) -> Splits:
+    """The first ``limit`` examples of each in-memory split (``data.limit``); all without a limit."""
     if not limit:
         return splits
     return replace(splits, x_train=splits.x_train[:limit], y_train=splits.y_train[:limit],
@@ -93,10 +94,15 @@ def _load_keras(data, seed: int) -> Splits:
             f"dataset there from a machine with network, or use source digits offline") from None
     x_train, x_test = _with_channels(x_train), _with_channels(x_test)
     y_train, y_test = y_train.reshape(-1).astype(np.int32), y_test.reshape(-1).astype(np.int32)
-    val, train = _split_indices(len(x_train), (data.validation_split,), seed)
     classes = int(max(y_train.max(), y_test.max())) + 1
-    return Splits(x_train[train], y_train[train], x_train[val], y_train[val], x_test, y_test,
-                  classes, data.rescale or 1 / 255)
+    return train_test_splits(x_train, y_train, x_test, y_test, data, seed, classes, data.rescale or 1 / 255)
+
+
+def train_test_splits(x_train, y_train, x_test, y_test, data, seed: int, classes: int, rescale: float) -> Splits:
+    """Splits of a source with its own test set (``load_data()``'s contract): validation is cut
+    from the training arrays by the seed (``data.validation_split``)."""
+    val, train = _split_indices(len(x_train), (data.validation_split,), seed)
+    return Splits(x_train[train], y_train[train], x_train[val], y_train[val], x_test, y_test, classes, rescale)
 
 
 def _load_image_folder(data, seed: int, channels: int) -> Splits:
@@ -144,7 +150,7 @@ def load(data, seed: int, *, channels: int = 3, shard: tuple[int, int] = (0, 1))
     else:  # pragma: no cover - the spec validator rejects other names
         raise UsageError(f"data.source: unknown source {data.source!r}")
     if splits.records is None:
-        splits = _cap(splits, data.limit)
+        splits = cap_examples(splits, data.limit)
     if not splits.train_size_global:
         splits = replace(splits, train_size_global=len(splits.x_train))
     return splits

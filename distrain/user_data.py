@@ -92,20 +92,15 @@ def check_arrays(text: str, where: str, result: Any, num_classes: Optional[int] 
 
 
 def load_arrays(data, seed: int, fn: Callable, text: str, num_classes: Optional[int] = None):
-    """A ``load_data``-style function's arrays as ``distrain.data.Splits`` (validation cut by the seed)."""
+    """A ``load_data``-style function's arrays as ``distrain.splits.Splits`` (validation cut by the seed)."""
     from distrain import data as data_lib
 
     result = fn()  # the user's exceptions keep their own traceback
     x_train, y_train, x_test, y_test, classes = check_arrays(
         text, f"{getattr(fn, '__name__', text)} ({defined_at(fn)})", result, num_classes)
     rescale = data.rescale or (1 / 255 if x_train.dtype == np.uint8 else 1.0)
-    val, train = data_lib._split_indices(len(x_train), (data.validation_split,), seed)
-    splits = data_lib.Splits(x_train[train], y_train[train], x_train[val], y_train[val], x_test, y_test,
-                             classes, rescale)
-    if data.limit:
-        n = data.limit
-        splits = replace(splits, x_train=splits.x_train[:n], y_train=splits.y_train[:n], x_val=splits.x_val[:n],
-                         y_val=splits.y_val[:n], x_test=splits.x_test[:n], y_test=splits.y_test[:n])
+    splits = data_lib.cap_examples(
+        data_lib.train_test_splits(x_train, y_train, x_test, y_test, data, seed, classes, rescale), data.limit)
     return replace(splits, train_size_global=len(splits.x_train))
 
 
