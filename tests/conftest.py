@@ -132,14 +132,9 @@ def assert_same_weights(a: list, b: list, tol: float = 1e-5) -> None:
 
 def backup_step(run_dir: Path) -> int:
     """The global step of a run's latest backup (0 without one)."""
-    import re
+    from distrain.rundir import RunDir
 
-    try:
-        text = (run_dir / "backup" / "checkpoint").read_text()
-    except OSError:
-        return 0
-    m = re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', text, re.M)
-    return int(m.group(1)) if m else 0
+    return RunDir(run_dir).backup_step()
 
 
 def files_written(trace: Path, under: Path | None = None) -> set[str]:
