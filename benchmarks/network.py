@@ -112,12 +112,13 @@ def two_hosts(tmp: Path, model: str, batch: int, rate: str, compression: str, ba
     job = write_job(tmp, model, batch, "multi_worker", compression)
     cluster = {"worker": [f"10.213.0.1:{PORT}", f"10.213.0.2:{PORT}"]}
     out = tmp / f"{model}-{rate}-{compression}.json"
+    run_dir = tmp / f"run-{model}-{rate}-{compression}"  # fresh and shared: the rendezvous secret lives there
     cmds = []
     for index in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         redirect = f"> {out} 2> {out}.err" if index == 0 else f"> /dev/null 2> {out}.err{index}"
         cmds.append(f"TF_CONFIG='{tf_config}' exec {PY} -m distrain.cli bench {job} --steps {steps} "
-                    f"--warmup {warmup} --baseline {base} --json {redirect}")
+                    f"--warmup {warmup} --baseline {base} --run-dir {run_dir} --json {redirect}")
     netns(rate, *cmds)
     return json.loads(out.read_text())
 

@@ -3,8 +3,10 @@
 Keras calls callbacks in list order for every hook, so ``build_callbacks`` fixes the order:
 
 1. ``RunMetrics`` puts the applied LR and the throughput into the logs, for everything after it,
-   and ``InputWatch`` the fraction of the epoch spent waiting for input; the backend's callbacks (``dist.callbacks()``: Horovod's metric averaging) follow it, so
-   everything after them sees the epoch's metrics over all workers.
+   and ``InputWatch`` the fraction of the epoch spent waiting for input; the backend's callbacks
+   (``dist.callbacks()``: Horovod's metric averaging; multi_worker's heartbeat and
+   ``stepmetrics.GlobalLogs``) follow them, so everything after them sees the metrics over all
+   workers at the epoch's end and at TensorBoard's step points.
 2. ``EarlyStopping`` (if asked for) decides from the metrics in the logs.
 3. ``BackupEvery`` and ``Checkpoints`` save (every worker calls; only the chief's files stay).
 4. ``HistoryFiles`` (history.json, history.csv) and TensorBoard: chief only.
@@ -234,7 +236,8 @@ def build_callbacks(ctx, state: RunState, backup, checkpoints, *, input_watch=No
         extra: more callbacks (Ray's reporting, a user's), run before ``Agreement``.
     """
     spec = ctx.spec
-    callbacks: list = [RunMetrics(state), *([input_watch] if input_watch is not None else []), *ctx.dist.callbacks()]
+    callbacks: list = [RunMetrics(state), *([input_watch] if input_watch is not None else []),
+                       *ctx.dist.callbacks(state, ctx.steps_per_epoch, spec.logging.step_scalars_every)]
     es = spec.train.early_stopping
     if es is not None:
         callbacks.append(tf.keras.callbacks.EarlyStopping(

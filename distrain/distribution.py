@@ -9,6 +9,7 @@ inside ``strategy.build``, ``horovod``; ``horovod`` imports only this module.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Sequence
 
 from distrain.world import World
@@ -49,9 +50,14 @@ class Distribution:
         """This process's input pipeline."""
         return self.world.rank
 
-    def distribute_datasets(self, dataset_fn: Callable[[Any], Any]) -> Any:
+    def distribute_datasets(self, dataset_fn: Callable[[Any], Any], *, even: bool = False) -> Any:
         """This process's input from ``dataset_fn(input_context)``, which returns per-replica
-        batches and shards by the context itself (TensorFlow's auto-sharding is never involved)."""
+        batches and shards by the context itself (TensorFlow's auto-sharding is never involved).
+
+        ``even``: every worker's pipeline has a batch for every step it will be asked for
+        (training: distrain's pipelines yield exactly the run's steps, a user's repeat), so no
+        step needs to check whether some worker has run out (evaluation's last step may).
+        """
         raise NotImplementedError
 
     # -- model -----------------------------------------------------------------------------
@@ -76,9 +82,27 @@ class Distribution:
         """Makes every worker start from rank 0's weights and optimizer state
         (tf.distribute does this itself when variables are created)."""
 
-    def callbacks(self) -> list:
-        """Backend callbacks that must run right after ``callbacks.RunMetrics``."""
+    def adapt_model(self, model) -> None:
+        """Backend changes to the compiled model, after accumulation's (none by default)."""
+
+    def callbacks(self, state, steps_per_epoch: int, log_every: int) -> list:
+        """Backend callbacks that must run right after ``callbacks.RunMetrics``.
+
+        Args:
+            state: the run's ``callbacks.RunState``.
+            steps_per_epoch: optimizer steps per epoch.
+            log_every: the steps at which TensorBoard logs step scalars (0: none).
+        """
         return []
+
+    def evaluation_callbacks(self) -> list:
+        """Backend callbacks for the final ``evaluate``."""
+        return []
+
+    def collective_deadline(self):
+        """A context in which a worker that waits for its peers too long fails (exit 76);
+        ``distribute.collective_timeout_s`` where the backend enforces it."""
+        return contextlib.nullcontext()
 
     def average_metrics(self, model, metrics: dict, local_examples: int) -> dict:
         """Evaluation metrics over all workers (a collective where the backend needs one).
@@ -105,8 +129,8 @@ class Distribution:
     def peer_lost(self, err: Exception) -> bool:
         """Whether an error raised while training means another worker is gone.
 
-        A collective whose peer died fails as unavailable/aborted/cancelled, or times out after
-        ``distribute.collective_timeout_s``.
+        A collective whose peer died fails as unavailable/aborted/cancelled, or is aborted by
+        the ``collective_deadline`` (``watchdog.Watchdog``).
         """
         import tensorflow as tf
 

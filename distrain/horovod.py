@@ -301,7 +301,7 @@ class HorovodDistribution(Distribution):
         # One instance per run, created here so that every call of callbacks() returns it.
         self._callbacks = [MetricAverage(self.sum)] if self.replicas > 1 else []
 
-    def distribute_datasets(self, dataset_fn):
+    def distribute_datasets(self, dataset_fn, *, even: bool = False):
         # Horovod has no distributed dataset: each rank feeds its own replica.
         return dataset_fn(tf.distribute.InputContext(self.num_pipelines, self.pipeline_id, self.replicas))
 
@@ -354,7 +354,7 @@ class HorovodDistribution(Distribution):
         self._hvd.broadcast_variables(variables, root_rank=ROOT_RANK)
         log.info("broadcast %d variables from rank %d", len(variables), ROOT_RANK)
 
-    def callbacks(self) -> list:
+    def callbacks(self, state, steps_per_epoch: int, log_every: int) -> list:
         """The metric averaging (the same instance on every call)."""
         return list(self._callbacks)
 

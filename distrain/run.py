@@ -92,14 +92,15 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
         log.info("run already complete at step %d", ctx.start_step)
         return json.loads(rundir.summary.read_text())
     record_segment(ctx)
-    trainee = build_model(ctx)
-    inputs = build_inputs(ctx, data)
     from distrain.callbacks import RunState
 
-    state = RunState(ctx.global_batch, ctx.plan, ctx.start_step)
-    callbacks = build_run_callbacks(ctx, trainee, state, data, inputs.watch, extra_callbacks)
-    history, test = fit_and_evaluate(ctx, trainee, inputs, callbacks, state)
-    return finish(ctx, trainee, state, history, test, data, started)
+    with dist.collective_deadline():  # from the first collective (the weights' broadcast) to the last
+        trainee = build_model(ctx)
+        inputs = build_inputs(ctx, data)
+        state = RunState(ctx.global_batch, ctx.plan, ctx.start_step)
+        callbacks = build_run_callbacks(ctx, trainee, state, data, inputs.watch, extra_callbacks)
+        history, test = fit_and_evaluate(ctx, trainee, inputs, callbacks, state)
+        return finish(ctx, trainee, state, history, test, data, started)
 
 
 def open_run_dir(spec: JobSpec, run_dir: Path, world: World) -> RunDir:
@@ -209,6 +210,7 @@ def build_model(ctx: RunContext) -> Trainee:
         # progress bar would show N x the loss. "first" takes them as they are.
         model.distribute_reduction_method = "first"
         accumulation.enable(model, ctx.accumulation_steps, dist.reduce_gradients)
+        dist.adapt_model(model)
         backup = Backup(model, optimizer, ctx.run_dir, files)
         restored = backup.restore()
     if restored != ctx.start_step:
@@ -231,7 +233,8 @@ def build_inputs(ctx: RunContext, data) -> Inputs:
     val_size, test_size = data.val_size, data.test_size
     return Inputs(
         watch=watch,
-        train=dist.distribute_datasets(lambda ic: pipes.train(ic, spec.train.epochs, ctx.start_step)),
+        # Every pipeline yields exactly the run's steps (a user's dataset is repeated): even.
+        train=dist.distribute_datasets(lambda ic: pipes.train(ic, spec.train.epochs, ctx.start_step), even=True),
         val=dist.distribute_datasets(lambda ic: pipes.evaluation(ic, "val")) if val_size else None,
         test=dist.distribute_datasets(lambda ic: pipes.evaluation(ic, "test")),
         val_steps=data_lib.eval_steps(val_size, ctx.global_batch) if val_size else None,
@@ -274,7 +277,8 @@ def fit_and_evaluate(ctx: RunContext, trainee: Trainee, inputs: Inputs, callback
                             initial_epoch=ctx.start_epoch, validation_data=inputs.val,
                             validation_steps=inputs.val_steps, callbacks=callbacks,
                             verbose=ctx.spec.logging.verbose if ctx.is_chief else 0)
-        test = model.evaluate(inputs.test, steps=inputs.test_steps, verbose=0, return_dict=True)
+        test = model.evaluate(inputs.test, steps=inputs.test_steps, verbose=0, return_dict=True,
+                              callbacks=dist.evaluation_callbacks())
         test = dist.average_metrics(model, test, inputs.local_test_examples)
     except tf.errors.OpError as err:
         if not dist.peer_lost(err):
@@ -292,8 +296,18 @@ def peer_lost_message(err: Exception, world: World) -> str:
     who = (f"worker {task.group(1)} ({world.worker_addresses[int(task.group(1))]})"
            if task and int(task.group(1)) < len(world.worker_addresses) else
            "a peer (one of " + ", ".join(world.worker_addresses) + ")")
-    first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-    return f"lost {who}: {type(err).__name__}: {first_line}; rerun with the same run dir to resume from the backup"
+    return f"lost {who}: {type(err).__name__}: {_error_reason(str(err))}; rerun with the same run dir to resume from the backup"
+
+
+def _error_reason(text: str) -> str:
+    """The line of a TensorFlow error that says why: the innermost abort reason when collectives
+    were aborted (a peer's watchdog, the coordination service), else the first line that is not
+    only "Graph execution error:"."""
+    aborted = re.findall(r"(?:Collective ops is aborted by: )+(.+)", text)
+    if aborted:
+        return aborted[0].strip()[:300]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and line.strip() != "Graph execution error:"]
+    return lines[0][:300] if lines else "no message"
 
 
 def finish(ctx: RunContext, trainee: Trainee, state, history, test: dict, data, started: float) -> dict:

@@ -123,7 +123,7 @@ class DistributeSpec:
     cpu_devices: int = field(default=0, metadata=_check(min=0, doc="split the CPU into N logical devices, to try mirrored without GPUs"))
     mixed_precision: bool = False
     memory_growth: bool = True
-    collective_timeout_s: float = field(default=300.0, metadata=_check(min=0.0, min_exclusive=True))
+    collective_timeout_s: float = field(default=300.0, metadata=_check(min=0.0, min_exclusive=True, doc="multi_worker: a worker whose run makes no progress (no step, epoch or evaluation batch ends) for this long aborts its collectives and exits 76; the first step's tracing counts"))
     startup_timeout_s: float = field(default=300.0, metadata=_check(min=0.0, min_exclusive=True, doc="how long workers wait for each other at start-up, before the strategy is built; then exit 76 naming the missing ones"))
     port: Optional[int] = field(default=None, metadata=_check(min=1024, max=65535, doc="base port of the workers; default: derived from the job id"))
     preemption_check_every: int = field(default=10, metadata=_check(min=1, doc="steps between agreements on stopping (preemption, NaN)"))
@@ -148,6 +148,11 @@ class LoggingSpec:
     update_every_steps: int = field(default=10, metadata=_check(min=0, doc="step-level scalars; 0: per epoch only"))
     profile_steps: Optional[list[int]] = field(default=None, metadata=_check(min=1, doc="[first, last] step to profile"))
     verbose: int = field(default=1, metadata=_check(choices=(0, 1, 2)))
+
+    @property
+    def step_scalars_every(self) -> int:
+        """Steps between TensorBoard's step-level scalars (0: none)."""
+        return self.update_every_steps if self.tensorboard else 0
 
 
 @dataclass(frozen=True)

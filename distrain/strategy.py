@@ -7,6 +7,7 @@ pipelines and agreement across workers, whichever backend is underneath.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 from distrain.distribution import Distribution
 from distrain.errors import UsageError
+from distrain.watchdog import Watchdog, abort_collectives, heartbeat
 from distrain.world import World
 
 log = logging.getLogger("distrain")
@@ -56,12 +58,16 @@ class TFDistribution(Distribution):
         world: this process's place in the job.
     """
 
-    def __init__(self, name: str, strategy: Any, world: World, gradient_compression: str = "none"):
+    def __init__(self, name: str, strategy: Any, world: World, gradient_compression: str = "none",
+                 collective_timeout_s: float = 300.0):
         replicas = strategy.num_replicas_in_sync
         workers = world.world_size if name == "multi_worker" else 1
         super().__init__(name, strategy, world, replicas=replicas, local_replicas=replicas // max(1, workers))
         self._sum = _sum_collective(strategy)
         self.gradient_compression = gradient_compression
+        # Collectives between processes: the ones that need a deadline and cost a network round trip.
+        self._across_workers = workers > 1
+        self._watchdog = Watchdog(collective_timeout_s, abort_collectives) if self._across_workers else None
 
     @property
     def num_pipelines(self) -> int:
@@ -71,11 +77,40 @@ class TFDistribution(Distribution):
     def pipeline_id(self) -> int:
         return self.world.rank if self.name == "multi_worker" else 0
 
-    def distribute_datasets(self, dataset_fn: Callable[[Any], Any]) -> Any:
+    def distribute_datasets(self, dataset_fn: Callable[[Any], Any], *, even: bool = False) -> Any:
         import tensorflow as tf
 
-        return self.strategy.distribute_datasets_from_function(
-            dataset_fn, options=tf.distribute.InputOptions(experimental_fetch_to_device=True))
+        extended = self.strategy.extended
+        checks = getattr(extended, "experimental_enable_get_next_as_optional", None)
+        if even and checks is not None:
+            # Otherwise every step all-reduces "which workers still have data" before its input
+            # (MultiWorkerMirroredStrategy): a collective per step that even input does not need.
+            extended.experimental_enable_get_next_as_optional = False
+        try:
+            return self.strategy.distribute_datasets_from_function(
+                dataset_fn, options=tf.distribute.InputOptions(experimental_fetch_to_device=True))
+        finally:
+            if checks is not None:
+                extended.experimental_enable_get_next_as_optional = checks
+
+    def adapt_model(self, model) -> None:
+        if self._across_workers:
+            from distrain.stepmetrics import keep_step_metrics_local
+
+            keep_step_metrics_local(model)
+
+    def callbacks(self, state, steps_per_epoch: int, log_every: int) -> list:
+        if not self._across_workers:
+            return []
+        from distrain.stepmetrics import GlobalLogs
+
+        return [heartbeat(self._watchdog), GlobalLogs(state, steps_per_epoch, log_every)]
+
+    def evaluation_callbacks(self) -> list:
+        return [heartbeat(self._watchdog)] if self._across_workers else []
+
+    def collective_deadline(self):
+        return self._watchdog.armed() if self._across_workers else contextlib.nullcontext()
 
     def sum(self, values: Sequence[float]) -> list[float]:
         return self._sum(list(values))
@@ -148,9 +183,9 @@ def build(spec_distribute, world: World) -> Distribution:
             os.environ["TF_CONFIG"] = json.dumps(world.tf_config)
         implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
                           else tf.distribute.experimental.CommunicationImplementation.RING)
+        # No timeout_seconds: see watchdog.py (threads per collective); the deadline is the watchdog's.
         options = tf.distribute.experimental.CommunicationOptions(
-            implementation=implementation, timeout_seconds=spec_distribute.collective_timeout_s,
-            bytes_per_pack=spec_distribute.all_reduce_pack_bytes)
+            implementation=implementation, bytes_per_pack=spec_distribute.all_reduce_pack_bytes)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     elif name == "mirrored":
         devices = list(spec_distribute.devices) or None
@@ -163,4 +198,5 @@ def build(spec_distribute, world: World) -> Distribution:
         # first GPU if there is one, else the CPU. OneDeviceStrategy would do the same through a
         # distributed iterator that cost 15-20% throughput here (benchmarks/throughput.py).
         strategy = tf.distribute.get_strategy()
-    return TFDistribution(name, strategy, world, spec_distribute.gradient_compression)
+    return TFDistribution(name, strategy, world, spec_distribute.gradient_compression,
+                          spec_distribute.collective_timeout_s)

@@ -329,8 +329,8 @@ def tensorboard_callbacks(ctx, state, *, synthetic: bool = False) -> list:
              "lr_plan": lr_lib.describe(ctx.plan)}
     callbacks = [RunInfo(writers, texts, hparams_of(ctx), trial_id=f"{spec.name}/{ctx.run_dir.name}"),
                  EpochScalars(writers)]
-    if spec.logging.update_every_steps:
-        callbacks.append(StepScalars(state, writers, spec.logging.update_every_steps, ctx.replicas))
+    if spec.logging.step_scalars_every:
+        callbacks.append(StepScalars(state, writers, spec.logging.step_scalars_every, ctx.replicas))
     if spec.logging.profile_steps:
         first, last = spec.logging.profile_steps
         callbacks.append(Profiler(state, log_dir, first, last))

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import (DISTRAIN, assert_same_weights, free_ports, model_weights, run_distrain, tf_config,
                       worker_env, write_job)
+from test_tensorboard import accumulate, scalars
 
 pytestmark = pytest.mark.multiprocess
 
@@ -19,8 +20,9 @@ data: {{source: digits, batch_size_per_replica: {per_replica}}}
 train: {{epochs: 2, steps_per_epoch: 3, optimizer: sgd, momentum: 0.9, learning_rate: 0.05, lr_scaling: none}}
 distribute: {{strategy: {strategy}, cpu_devices: {cpu_devices}}}
 checkpoint: {{every_epochs: 0, save_best: false, backup_every_steps: 0}}
-logging: {{tensorboard: false, verbose: 0}}
+logging: {{tensorboard: true, update_every_steps: 1, verbose: 0}}
 """
+METRICS = ("loss", "accuracy")
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,16 @@ def test_two_worker_processes_equal_one_process(single_device_run, tmp_path, wor
     single = json.loads((single_device_run / "summary.json").read_text())
     assert summary["test"]["accuracy"] == pytest.approx(single["test"]["accuracy"], abs=1e-6)
     assert summary["test"]["loss"] == pytest.approx(single["test"]["loss"], rel=1e-4)
+    # Each worker's steps return its own running metrics (stepmetrics.py); what is kept is over both:
+    # every epoch's train and validation metrics, and TensorBoard's per-step scalars.
+    history, single_history = (json.loads((d / "history.json").read_text()) for d in (run_dir, single_device_run))
+    for key in (*METRICS, *(f"val_{m}" for m in METRICS)):
+        assert [e[key] for e in history] == pytest.approx([e[key] for e in single_history], rel=1e-5), key
+    train, single_train = (accumulate(d / "tensorboard" / "train") for d in (run_dir, single_device_run))
+    for metric in METRICS:
+        per_step = scalars(train, f"batch_{metric}")
+        assert sorted(per_step) == list(range(1, STEPS + 1))
+        assert per_step == pytest.approx(scalars(single_train, f"batch_{metric}"), rel=1e-5), metric
     logs = sorted(p.name for p in (run_dir / "logs").iterdir())
     assert logs == ["rank0.log", "rank1.log"]
     assert "rank 1/2" in (run_dir / "logs" / "rank1.log").read_text()
