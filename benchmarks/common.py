@@ -9,6 +9,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +70,15 @@ def steady_images_per_s(run_dir: Path) -> float:
     """Median images/s over the epochs after the first (which includes tracing and warm-up)."""
     epochs = json.loads((run_dir / "history.json").read_text())
     return statistics.median(e["images_per_s"] for e in epochs[1:])
+
+
+def busy_share(seconds: float = 1.0) -> float:
+    """The share of both cores in use during ``seconds`` (before a run: anything else running?)."""
+    def ticks():
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+    (t0, i0), _, (t1, i1) = ticks(), time.sleep(seconds), ticks()
+    return 1 - (i1 - i0) / max(1, t1 - t0)
 
 
 def machine() -> str:

@@ -6,8 +6,10 @@ points, with its prediction error per point and its projections to larger cluste
     sudo .venv/bin/python benchmarks/network.py [--rates 100mbit,1gbit,unlimited] [--record]
 
 Per point: `distrain bench` on each host (pinned to cores 0 and 1, 1 intra-op thread), the
-1-replica baseline measured first on core 0 (`--baseline FILE`), so step time = compute (the
-baseline's) + communication and waiting (the rest). The link's TCP throughput is measured with a
+1-replica baseline measured first as two independent processes at once on cores 0 and 1 (each core
+busy as in the distributed run; `--baseline FILE`), so step time = compute (the baseline's) +
+communication and waiting (the rest). With `--repeats N` each point is the median of N runs,
+the points alternated. The link's TCP throughput is measured with a
 plain socket transfer through the same pair.
 
 The cost model (docs/performance.md): t_step = t_compute + a + k x S + 2(N-1)/N x S / (e x B), with
@@ -30,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, env, machine, record  # noqa: E402
+from common import REPO, busy_share, env, machine, record  # noqa: E402
 
 PY = sys.executable
 NETNS = REPO / "cluster" / "netns-pair.sh"
@@ -94,25 +96,28 @@ def link_bits_per_s(tmp: Path, rate: str) -> float:
 
 
 def baseline(tmp: Path, model: str, batch: int) -> Path:
-    """One replica pinned to core 0, written where `--baseline FILE` reads it."""
+    """One replica on each core at once (no communication), core 0's result written where
+    `--baseline FILE` reads it."""
     warmup, steps = MODELS[model][3]
     out = tmp / f"{model}-baseline.json"
     job = write_job(tmp, model, batch, "one_device", "none")
-    done = subprocess.run(["taskset", "-c", "0", PY, "-m", "distrain.cli", "bench", str(job), "--steps", str(steps),
-                           "--warmup", str(warmup), "--baseline", "none", "--json"], env=env(1), cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
-    if done.returncode != 0:
-        raise SystemExit(f"baseline failed:\n{done.stderr[-3000:]}")
-    out.write_text(done.stdout)
+    cmd = [PY, "-m", "distrain.cli", "bench", str(job), "--steps", str(steps), "--warmup", str(warmup),
+           "--baseline", "none", "--json"]
+    procs = [subprocess.Popen(["taskset", "-c", str(core), *cmd], env=env(1), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for core in (0, 1)]
+    done = [p.communicate(timeout=900) for p in procs]
+    if any(p.returncode != 0 for p in procs):
+        raise SystemExit(f"baseline failed:\n{done[0][1][-3000:]}{done[1][1][-3000:]}")
+    out.write_text(done[0][0])
     return out
 
 
-def two_hosts(tmp: Path, model: str, batch: int, rate: str, compression: str, base: Path) -> dict:
+def two_hosts(tmp: Path, model: str, batch: int, rate: str, compression: str, base: Path, attempt: int = 0) -> dict:
     warmup, steps = MODELS[model][3]
     job = write_job(tmp, model, batch, "multi_worker", compression)
     cluster = {"worker": [f"10.213.0.1:{PORT}", f"10.213.0.2:{PORT}"]}
-    out = tmp / f"{model}-{rate}-{compression}.json"
-    run_dir = tmp / f"run-{model}-{rate}-{compression}"  # fresh and shared: the rendezvous secret lives there
+    out = tmp / f"{model}-{rate}-{compression}-{attempt}.json"
+    run_dir = tmp / f"run-{model}-{rate}-{compression}-{attempt}"  # fresh and shared: the rendezvous secret lives there
     cmds = []
     for index in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
@@ -189,14 +194,15 @@ def main() -> None:
     parser.add_argument("--models", default="cnn,mobilenet_v2")
     parser.add_argument("--compressions", default="none,fp16")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per point (the median is kept)")
     parser.add_argument("--record", action="store_true")
     parser.add_argument("--points", type=Path, help="refit and report the JSON lines an earlier run printed "
                         "on stderr, without measuring")
-    parser.add_argument("--loads", default="nan,nan", help="with --points: the load-average range that run printed")
+    parser.add_argument("--busy", default="nan", help="with --points: the busiest share of the cores that run printed")
     args = parser.parse_args()
     if args.points:
         points = [json.loads(line) for line in args.points.read_text().splitlines() if line.startswith("{")]
-        text = report(points, fit(points), [float(x) for x in args.loads.split(",")], args) + "\n\n" + projections()
+        text = report(points, fit(points), [float(args.busy)], args) + "\n\n" + projections()
         print(text)
         if args.record:
             record("network", text)
@@ -204,7 +210,8 @@ def main() -> None:
     if os.geteuid() != 0 or not shutil.which("ip"):
         sys.exit("network.py needs root and iproute2 (network namespaces)")
     points = []
-    loads = []
+    runs: dict[tuple, list[dict]] = {}
+    busy = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         links = {rate: link_bits_per_s(tmp, rate) for rate in args.rates.split(",")}
@@ -212,42 +219,56 @@ def main() -> None:
         for model in args.models.split(","):
             base_file = baseline(tmp, model, args.batch)
             base = json.loads(base_file.read_text())
+            for i in range(args.repeats):  # alternated, so drift hits every point alike
+                for rate in args.rates.split(","):
+                    for compression in args.compressions.split(","):
+                        busy.append(busy_share())
+                        r = two_hosts(tmp, model, args.batch, rate, compression, base_file, attempt=i)
+                        runs.setdefault((model, rate, compression), []).append(r)
+                        print("run " + json.dumps({"model": model, "rate": rate, "compression": compression,
+                                                   "repeat": i + 1, "step_s": r["step_time_s"]["median"]}),
+                              file=sys.stderr, flush=True)
             for rate in args.rates.split(","):
                 for compression in args.compressions.split(","):
-                    loads.append(os.getloadavg()[0])
-                    r = two_hosts(tmp, model, args.batch, rate, compression, base_file)
+                    results = runs[(model, rate, compression)]
+                    step = statistics.median(r["step_time_s"]["median"] for r in results)
                     point = {"model": model, "rate": rate, "compression": compression,
                              "link_bits_per_s": RATE_BITS.get(rate, links[rate]),
                              "measured_link_bits_per_s": links[rate],
                              "bytes": MODELS[model][2] * (2 if compression == "fp16" else 4),
-                             "compute_s": base["step_time_s"]["median"], "step_s": r["step_time_s"]["median"],
-                             "efficiency": r["efficiency"], "images_per_s": r["images_per_s"]}
+                             "compute_s": base["step_time_s"]["median"], "step_s": step,
+                             "step_s_runs": [r["step_time_s"]["median"] for r in results],
+                             "efficiency": statistics.median(r["efficiency"] for r in results),
+                             "images_per_s": statistics.median(r["images_per_s"] for r in results)}
                     points.append(point)
                     print(json.dumps(point), file=sys.stderr, flush=True)
     if len(points) < 3:
         sys.exit("the cost model needs 3 points or more")
     a, k, e = fit(points)
-    text = report(points, (a, k, e), loads, args) + "\n\n" + projections()
+    text = report(points, (a, k, e), busy, args) + "\n\n" + projections()
     print(text)
     if args.record:
         record("network", text)
 
 
-def report(points: list[dict], params: tuple, loads: list[float], args) -> str:
+def report(points: list[dict], params: tuple, busy: list[float], args) -> str:
     a, k, e = params
     rows = []
     for p in points:
         pred = predict(p, a, k, e)
+        runs = "/".join(f"{t * 1e3:.1f}" for t in p.get("step_s_runs", [p["step_s"]]))
         rows.append(f"| {p['model']} | {p['rate']} ({p['measured_link_bits_per_s'] / 1e6:.0f} Mbit/s TCP) | "
-                    f"{p['compression']} | {p['bytes'] / 1e6:.2f} | {p['compute_s'] * 1e3:.1f} | {p['step_s'] * 1e3:.1f} | "
+                    f"{p['compression']} | {p['bytes'] / 1e6:.2f} | {p['compute_s'] * 1e3:.1f} | {p['step_s'] * 1e3:.1f} "
+                    f"({runs}) | "
                     f"{(p['step_s'] - p['compute_s']) * 1e3:.1f} | {p['efficiency']:.2f} | {pred * 1e3:.1f} | "
                     f"{(pred - p['step_s']) / p['step_s'] * 100:+.0f}% |")
     return (f"2 workers on two network namespaces (cluster/netns-pair.sh), one core each, 1 intra-op thread, "
-            f"{args.batch} per replica, median step time; command `sudo .venv/bin/python benchmarks/network.py "
-            f"--rates {args.rates} --models {args.models} --compressions {args.compressions}`, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; shared machine, load average "
-            f"{min(loads):.1f}-{max(loads):.1f} on 2 cores during the runs.\n\n"
-            "| model | link | all-reduce | MB per step | compute ms | step ms | comm.+wait ms | efficiency | "
+            f"{args.batch} per replica, median step time (of each run: the runs in brackets); command "
+            f"`sudo .venv/bin/python benchmarks/network.py --rates {args.rates} --models {args.models} "
+            f"--compressions {args.compressions} --repeats {args.repeats}`, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; cores at most {100 * max(busy):.0f}% busy in the "
+            "second before a run. Compute: one replica on each core at once, without communication.\n\n"
+            "| model | link | all-reduce | MB per step | compute ms | step ms (runs) | comm.+wait ms | efficiency | "
             "model ms | model error |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
             + "\n".join(rows)
             + f"\n\nFitted: a = {a * 1e3:.1f} ms per step, k = {k * 1e9:.1f} ns per gradient byte of host work "

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, env, free_ports, machine, record  # noqa: E402
+from common import REPO, busy_share, env, free_ports, machine, record  # noqa: E402
 
 PY = sys.executable
 HOROVODRUN = str(Path(sys.executable).with_name("horovodrun"))
@@ -159,15 +159,6 @@ BASELINE_OF = {
     "Horovod Keras example": ("Horovod example, 1 process", "Horovod example, 2 independent processes"),
     "Ray Train TensorflowTrainer": ("Ray Train, 1 worker", None),
 }
-
-
-def busy_share(seconds: float = 1.0) -> float:
-    """The share of both cores in use during ``seconds`` (before a run: anything else running?)."""
-    def ticks():
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-    (t0, i0), _, (t1, i1) = ticks(), time.sleep(seconds), ticks()
-    return 1 - (i1 - i0) / max(1, t1 - t0)
 
 
 def measure(model: str, batch: int, repeats: int, ray: bool, only: list[str]) -> tuple[dict, list[float]]:

@@ -25,9 +25,11 @@
 #      A requeued job keeps its id, so it runs again in the same run dir and resumes from its backup.
 #
 # Settings it reads (the rendered script sets them): JOB, SET (array of key.path=value), RUNS_DIR,
-# DISTRAIN, REQUEUE (1/0), MAX_RESTARTS, SRUN_ARGS (array). From the environment: DISTRAIN_RUN_DIR
-# (use this run dir instead of RUNS_DIR/NAME/slurm-JOBID), DISTRAIN_TB_PORT (default 6006),
-# DISTRAIN_PORT (the workers' base port; see docs/slurm.md).
+# DISTRAIN, REQUEUE (1/0), MAX_RESTARTS, SRUN_ARGS (array); MODE=bench and BENCH_ARGS (array) in a
+# `distrain slurm render --bench` script, which runs `distrain bench` in step 3 (run dir
+# RUNS_DIR/NAME/bench-slurm-JOBID) and passes its exit code through in step 4. From the
+# environment: DISTRAIN_RUN_DIR (use this run dir instead of RUNS_DIR/NAME/slurm-JOBID),
+# DISTRAIN_TB_PORT (default 6006), DISTRAIN_PORT (the workers' base port; see docs/slurm.md).
 #
 # Exit codes: 0 done or requeued, 2 bad input (nothing started), else distrain's (see above).
 
@@ -35,7 +37,8 @@ distrain_launch() {
   local me=distrain-launch
   local job=${JOB:-} runs_dir=${RUNS_DIR:-runs} distrain=${DISTRAIN:-distrain}
   local requeue=${REQUEUE:-1} max_restarts=${MAX_RESTARTS:-3} restarts=${SLURM_RESTART_COUNT:-0}
-  local -a set_args=() srun_args=()
+  local mode=${MODE:-train}
+  local -a set_args=() srun_args=() bench_args=()
   local kv
 
   if [[ -z ${SLURM_JOB_ID:-} ]]; then
@@ -54,12 +57,17 @@ distrain_launch() {
     echo "$me: DISTRAIN=$distrain: command not found on $(hostname); submit with DISTRAIN=/path/to/venv/bin/distrain" >&2
     return 2
   fi
+  if [[ $mode != train && $mode != bench ]]; then
+    echo "$me: MODE=$mode: expected train or bench" >&2
+    return 2
+  fi
   if [[ ! $max_restarts =~ ^[0-9]+$ ]]; then
     echo "$me: MAX_RESTARTS=$max_restarts: expected a non-negative integer" >&2
     return 2
   fi
   for kv in ${SET[@]+"${SET[@]}"}; do set_args+=(--set "$kv"); done
   srun_args=(${SRUN_ARGS[@]+"${SRUN_ARGS[@]}"})
+  bench_args=(${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"})
 
   # 1. The job and the allocation, before anything starts.
   local info rc name="" strategy="" tensorboard=""
@@ -84,13 +92,17 @@ distrain_launch() {
   done <<<"$info"
 
   # 2. The run dir, keyed by the job id so a requeued job finds its backup; TensorBoard.
-  local run_dir=${DISTRAIN_RUN_DIR:-$runs_dir/$name/slurm-$SLURM_JOB_ID}
+  local kind=""
+  if [[ $mode == bench ]]; then kind=bench-; fi
+  local run_dir=${DISTRAIN_RUN_DIR:-$runs_dir/$name/${kind}slurm-$SLURM_JOB_ID}
   [[ $run_dir == /* ]] || run_dir=$PWD/$run_dir
   local tb_port=${DISTRAIN_TB_PORT:-6006} login=${SLURM_SUBMIT_HOST:-LOGIN_NODE}
   echo "$me: job $SLURM_JOB_ID${SLURM_RESTART_COUNT:+ (restart $SLURM_RESTART_COUNT)}: $job," \
        "$tasks task(s) on ${SLURM_JOB_NODELIST:-$nodes node(s)}, strategy $strategy"
   echo "$me: run dir $run_dir"
-  if [[ $tensorboard == true ]]; then
+  if [[ $mode == bench ]]; then
+    :  # a benchmark writes no TensorBoard logs
+  elif [[ $tensorboard == true ]]; then
     echo "$me: TensorBoard logs: $run_dir/tensorboard"
     echo "$me:   on $login: tensorboard --logdir $run_dir/tensorboard --host 127.0.0.1 --port $tb_port"
     echo "$me:   on your machine: ssh -N -L $tb_port:127.0.0.1:$tb_port ${USER:-$(id -un)}@$login" \
@@ -110,13 +122,25 @@ distrain_launch() {
   # that signal they would make srun report 143 instead of 75 and the job would not be requeued.
   # Outside training the signals are then ignored; SLURM's SIGKILL still follows after KillWait.
   export PYTHONUNBUFFERED=1
+  local -a command=("$distrain" train "$job" --run-dir "$run_dir")
+  if [[ $mode == bench ]]; then
+    command=("$distrain" bench "$job" --run-dir "$run_dir" ${bench_args[@]+"${bench_args[@]}"})
+  fi
   rc=0
   srun --kill-on-bad-exit=1 --distribution=block \
     ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} ${srun_args[@]+"${srun_args[@]}"} \
     bash -c 'trap "" TERM USR1; exec "$@"' distrain-task \
-    "$distrain" train "$job" --run-dir "$run_dir" ${set_args[@]+"${set_args[@]}"} || rc=$?
+    "${command[@]}" ${set_args[@]+"${set_args[@]}"} || rc=$?
 
   # 4. distrain's exit code.
+  if [[ $mode == bench ]]; then
+    if ((rc == 0)); then
+      echo "$me: benchmark done; run dir $run_dir"
+    else
+      echo "$me: distrain bench exited with $rc; run dir $run_dir" >&2
+    fi
+    return "$rc"
+  fi
   local why resume="sbatch --export=ALL,DISTRAIN_RUN_DIR=$run_dir <this script>"
   case $rc in
     0) echo "$me: done; run dir $run_dir"; return 0 ;;

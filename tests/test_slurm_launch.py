@@ -71,6 +71,7 @@ GOLDEN_CASES = {
     "cpu-two-tasks.sh": ["jobs/quickstart.yaml", "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2",
                          "--runs-dir", "/scratch/runs", "--set", "train.epochs=2", "--set",
                          "model.params={filters: 8}", "--no-requeue", "--distrain", "/opt/venv/bin/distrain"],
+    "bench-two-nodes.sh": ["jobs/mobilenet.yaml", "--nodes", "2", "--gpus-per-node", "4", "--bench"],
 }
 
 
@@ -326,6 +327,25 @@ def test_launcher_maps_exit_codes(tmp_path, cpu_script, srun_rc, restarts, scont
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("srun_rc", [0, EXIT_PEER_LOST, EXIT_PREEMPTED, 1])
+def test_bench_script_runs_distrain_bench_and_never_requeues(tmp_path, srun_rc):
+    job = write_job(tmp_path / "job.yaml", JOB.format(name="fake", epochs=2, steps=10, tensorboard="true"))
+    script = tmp_path / "bench.sh"
+    script.write_text(render([str(job), "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2", "--bench",
+                              "--runs-dir", str(tmp_path / "runs"), "--distrain", VENV_DISTRAIN])
+                      .replace("BENCH_ARGS=()", "BENCH_ARGS=(--json --steps 20)"))
+    done, calls = run_fake_job(tmp_path, script, srun_rc=srun_rc)
+    assert done.returncode == srun_rc, done.stdout + done.stderr
+    run_dir = tmp_path / "runs" / "fake" / "bench-slurm-4242"
+    assert done.stdout.splitlines()[:2] == [
+        f"distrain-launch: job 4242: {job}, 2 task(s) on n1, strategy multi_worker", f"distrain-launch: run dir {run_dir}"]
+    assert "TensorBoard" not in done.stdout
+    (srun,) = calls["srun"]
+    assert srun.endswith(f"distrain-task {VENV_DISTRAIN} bench {job} --run-dir {run_dir} --json --steps 20")
+    assert calls["scontrol"] == []
+
+
+@pytest.mark.timeout(60)
 def test_no_requeue_passes_75_through(tmp_path, cpu_script):
     cpu_script.write_text(cpu_script.read_text().replace("REQUEUE=1", "REQUEUE=0"))
     done, calls = run_fake_job(tmp_path, cpu_script, srun_rc=EXIT_PREEMPTED)
@@ -452,6 +472,23 @@ def test_one_task_on_each_of_two_nodes(slurm_two_nodes, tmp_path):
     assert "2 task(s) on n[1-2], strategy multi_worker" in result.output
     for rank in (0, 1):  # one task on each node: each is the only one on its node
         assert "(local 0/1, launcher slurm" in (run_dir / "logs" / f"rank{rank}.log").read_text()
+
+
+@pytest.mark.slurm
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_bench_render_measures_two_nodes(slurm_two_nodes, tmp_path):
+    job = write_job(tmp_path / "bench.yaml", JOB.format(name="bench", epochs=1, steps=10, tensorboard="false"))
+    script = rendered(tmp_path, job, "--nodes", "2", "--bench")
+    script.write_text(script.read_text().replace("BENCH_ARGS=()", "BENCH_ARGS=(--json --steps 10 --warmup 3)"))
+    result = slurm_two_nodes.sbatch_wait(script, exports(), timeout=280, cwd=REPO)
+    assert result.returncode == 0, result.output
+    report = json.loads(result.output[result.output.index("\n{") + 1:result.output.rindex("}") + 1])
+    assert (report["launcher"], report["strategy"], report["workers"], report["replicas"], report["steps"]) == (
+        "slurm", "multi_worker", 2, 2, 10), report
+    assert report["baseline"]["source"] == "measured" and 0 < report["efficiency"]
+    assert report["images_per_s"] > 0 and "distrain-launch: benchmark done" in result.output
+    assert (tmp_path / "runs" / "bench" / f"bench-slurm-{result.job_id}").is_dir()
 
 
 @pytest.mark.slurm

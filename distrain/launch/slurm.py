@@ -148,6 +148,7 @@ class _Script:
     distrain: str
     output: Optional[str]
     command: tuple
+    bench: bool = False
 
 
 def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: Optional[int] = None,
@@ -155,7 +156,7 @@ def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: O
                   partition: Optional[str] = None, account: Optional[str] = None,
                   strategy: Optional[str] = None, job_name: Optional[str] = None,
                   runs_dir: Optional[str] = None, overrides: Sequence[str] = (), requeue: bool = True,
-                  distrain: str = DEFAULT_DISTRAIN, output: Optional[str] = None) -> str:
+                  distrain: str = DEFAULT_DISTRAIN, output: Optional[str] = None, bench: bool = False) -> str:
     """The sbatch script that trains JOB with this layout (``distrain slurm render``'s options).
 
     Reads only the job file (validated with its overrides); the result depends on nothing else.
@@ -176,6 +177,8 @@ def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: O
         requeue: turn exit 75/76 into ``scontrol requeue`` (``--no-requeue``: pass them through).
         distrain: the ``distrain`` command on the nodes (e.g. a venv's ``bin/distrain``).
         output: where the script will be (``--output``), for the commands in its header.
+        bench: run ``distrain bench JOB`` instead of training (synthetic data, fixed steps, images/s
+            and scaling efficiency in the job's output); never requeued.
 
     Returns:
         The script's text.
@@ -198,24 +201,27 @@ def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: O
     asked = f"--nodes {nodes}" + (f" --tasks-per-node {tasks_per_node}" if tasks_per_node else "")
     resolved = check_layout(requested, nodes=nodes, tasks=nodes * per_node, gpus_per_node=gpus_per_node,
                             source=_strategy_source(job, overrides, strategy), asked=asked)
+    if bench:
+        requeue = False  # a benchmark that failed is read, not resumed
     if job_name is None and not _NAME.match(spec.name):
         raise UsageError(f"--job-name: the job's name {spec.name!r} is no SLURM job name (letters, digits, "
                          "_ . + -); give one")
     command = _render_command(job, nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
                               cpus_per_task=cpus_per_task, time=time, partition=partition, account=account,
                               strategy=strategy, job_name=job_name, runs_dir=runs_dir, overrides=overrides,
-                              requeue=requeue, distrain=distrain, output=output)
+                              requeue=requeue, distrain=distrain, output=output, bench=bench)
     script = _Script(job=job, spec=spec, nodes=nodes, per_node=per_node, gpus_per_node=gpus_per_node,
                      cpus=cpus_per_task or _default_cpus(requested, gpus_per_node, per_node), time=time,
                      partition=partition, account=account, requested=requested, resolved=resolved,
-                     name=job_name or spec.name, runs_dir=runs_dir, run_overrides=tuple(run_overrides),
-                     requeue=requeue, distrain=distrain, output=output, command=tuple(command))
-    out = [*_header(script), *_directives(script), "", *_settings(script)]
+                     name=job_name or (f"{spec.name}-bench" if bench else spec.name), runs_dir=runs_dir,
+                     run_overrides=tuple(run_overrides), requeue=requeue, distrain=distrain, output=output,
+                     command=tuple(command), bench=bench)
+    out = [*(_bench_header(script) if bench else _header(script)), *_directives(script), "", *_settings(script)]
     return "\n".join(line for line in out if line is not None) + "\n"
 
 
 def _render_command(job: str, *, nodes, gpus_per_node, tasks_per_node, cpus_per_task, time, partition, account,
-                    strategy, job_name, runs_dir, overrides, requeue, distrain, output) -> list:
+                    strategy, job_name, runs_dir, overrides, requeue, distrain, output, bench) -> list:
     """The ``distrain slurm render`` command that makes the script, for its header (defaults left out)."""
     command = ["distrain", "slurm", "render", job, "--nodes", str(nodes), "--gpus-per-node", str(gpus_per_node)]
     for flag, value, default in (("--tasks-per-node", tasks_per_node, None), ("--cpus-per-task", cpus_per_task, None),
@@ -226,7 +232,9 @@ def _render_command(job: str, *, nodes, gpus_per_node, tasks_per_node, cpus_per_
             command += [flag, str(value)]
     for override in overrides:
         command += ["--set", override]
-    if not requeue:
+    if bench:
+        command.append("--bench")
+    elif not requeue:
         command.append("--no-requeue")
     if distrain != DEFAULT_DISTRAIN:
         command += ["--distrain", distrain]
@@ -316,6 +324,32 @@ def _header(s: _Script) -> list:
     ]
 
 
+def _bench_header(s: _Script) -> list:
+    """The comment at the top of a ``--bench`` script."""
+    me = _q(s.output) if s.output else "SCRIPT"
+    gpus = f"{s.gpus_per_node} GPU{'s' if s.gpus_per_node > 1 else ''} per node" if s.gpus_per_node else "CPU only"
+    return [
+        "#!/bin/bash",
+        f"# {s.name}: `distrain bench {s.job}` on SLURM: {_plural(s.nodes, 'node')} x {_plural(s.per_node, 'task')}, "
+        f"{gpus}, strategy {s.resolved}{' (auto)' if s.requested == 'auto' else ''}.",
+        "#   The job's model, batch, optimizer and strategy on synthetic data of the job's shape, for a fixed",
+        "#   number of steps; first each task alone as one replica (the baseline), then all together. The",
+        "#   output file gets images/s, step time (compute vs communication) and the scaling efficiency;",
+        "#   BENCH_ARGS=(--json) below makes it one JSON object (docs/performance.md).",
+        "#",
+        "# Run from the distrain checkout (every node must see it and the job file at the same paths):",
+        _row(f"sbatch {me}", f"as rendered ({_plural(s.nodes, 'node')})"),
+        _row(f"sbatch --nodes=1 {me}", "one node: the efficiency within a node") if s.nodes > 1 else None,
+        _row(f"DISTRAIN=$PWD/.venv/bin/distrain sbatch {me}", "a distrain not on PATH"),
+        _row(f"distrain bench {_q(s.job)}", "one machine, no SLURM"),
+        f"# Output: slurm-<job name>-<job id>.out. Run dir (scratch): RUNS_DIR/{s.spec.name}/bench-slurm-<job id>.",
+        "# Never requeued: a failed benchmark is read, not resumed.",
+        "#",
+        f"# Generated by: {shlex.join(s.command)}",
+        "# Edit the #SBATCH lines and the settings below freely.",
+    ]
+
+
 def _directives(s: _Script) -> list:
     """The ``#SBATCH`` lines."""
     return [
@@ -341,11 +375,14 @@ def _settings(s: _Script) -> list:
         f"JOB={_q(s.job)}",
         f"SET=({' '.join(_q(o) for o in s.run_overrides)})" if s.run_overrides else
         "SET=()  # --set overrides for every run, e.g. SET=(train.epochs=3 data.batch_size_per_replica=128)",
-        f"RUNS_DIR={_q(s.runs_dir or s.spec.output_dir)}  # the run dir: RUNS_DIR/<job name>/slurm-$SLURM_JOB_ID",
+        f"RUNS_DIR={_q(s.runs_dir or s.spec.output_dir)}  # the run dir: RUNS_DIR/<job name>/"
+        f"{'bench-' if s.bench else ''}slurm-$SLURM_JOB_ID",
         f"DISTRAIN=${{DISTRAIN:-{_q(s.distrain)}}}  # the distrain command on every node",
         f"REQUEUE={1 if s.requeue else 0}  # 1: exit 75 (preempted) and 76 (peer lost) requeue the job",
         f"MAX_RESTARTS={MAX_RESTARTS}  # after a lost peer, requeue only while SLURM_RESTART_COUNT is below this",
         "SRUN_ARGS=()  # more srun options, e.g. (--mpi=pmix) for an MPI build of Horovod",
+        *(["MODE=bench  # distrain bench instead of distrain train",
+           "BENCH_ARGS=()  # more distrain bench options, e.g. (--steps 100 --json)"] if s.bench else []),
         "",
         "# The common launcher: checks, TensorBoard hints, srun, requeue (read it for the details).",
         f"launch=${{DISTRAIN_LAUNCH:-{LAUNCHER}}}",
@@ -416,6 +453,9 @@ def add_parser(subparsers) -> None:
                    help="override a key of the job in every run of the script (repeatable)")
     r.add_argument("--no-requeue", dest="requeue", action="store_false",
                    help="exit 75/76 end the job instead of requeueing it")
+    r.add_argument("--bench", action="store_true",
+                   help="a script that runs `distrain bench JOB` on the nodes (throughput and scaling "
+                        "efficiency on synthetic data) instead of training; never requeued")
     r.add_argument("--distrain", default=DEFAULT_DISTRAIN, metavar="COMMAND",
                    help="the distrain command on the nodes, e.g. /path/.venv/bin/distrain (default: distrain)")
     r.add_argument("--output", metavar="FILE",
@@ -441,7 +481,7 @@ def render_from_args(args: argparse.Namespace) -> str:
                          tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, time=args.time,
                          partition=args.partition, account=args.account, strategy=args.strategy,
                          job_name=args.job_name, runs_dir=args.runs_dir, overrides=args.overrides,
-                         requeue=args.requeue, distrain=args.distrain, output=args.output)
+                         requeue=args.requeue, distrain=args.distrain, output=args.output, bench=args.bench)
 
 
 def cmd_render(args) -> int:
