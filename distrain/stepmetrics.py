@@ -10,11 +10,11 @@ about a quarter of its throughput (benchmarks/pinned.py, docs/performance.md).
 
 So distrain's training step returns the results of this worker's accumulators, and ``GlobalLogs``
 reads them across the workers where logs are kept: at the last step of each epoch (before
-validation resets the metrics), at TensorBoard's step points (``logging.update_every_steps``), and
-for ``val_*`` at the epoch's end. Every worker reads at the same steps, so the collectives match.
-History, TensorBoard, checkpoints' ``monitor``, EarlyStopping and Ray's reports see the same
-numbers as before (and as one process); only the chief's per-step progress bar shows its own
-running means between those points. Evaluation steps are left as Keras makes them.
+validation resets the metrics) and at TensorBoard's step points (``logging.update_every_steps``).
+Every worker reads at the same steps, so the collectives match. History, TensorBoard,
+checkpoints' ``monitor``, EarlyStopping and Ray's reports see the same numbers as before (and as
+one process); only the chief's per-step progress bar shows its own running means between those
+points. Evaluation steps (validation, test) are left as Keras makes them: over all workers.
 """
 from __future__ import annotations
 
@@ -95,10 +95,8 @@ class GlobalLogs(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        validated = any(k.startswith("val_") for k in logs)
-        if self._epoch_train is None and not validated:
+        # val_*: validation's steps are Keras's own, already over all workers.
+        if self._epoch_train is None and not any(k.startswith("val_") for k in logs):
             self._epoch_train = global_results(self.model)  # the epoch ended early: still the train accumulators
         if self._epoch_train is not None:
             logs.update(self._epoch_train)
-        if validated:  # the accumulators now hold validation's
-            logs.update({f"val_{k}": v for k, v in global_results(self.model).items()})

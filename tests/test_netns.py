@@ -110,12 +110,20 @@ def test_a_failed_command_stops_the_other_and_its_exit_code_is_returned():
     assert _namespaces_of(name) == [] and _processes_with(f"sleep {marker}") == []
 
 
+def _default_signals():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @needs_netns
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_tears_everything_down(sig, code):
     name, marker = _name(), f"{random.randrange(400, 900)}.{random.randrange(10**6)}"
+    # As from a terminal: a process started in the background (`cmd &`, as CI may start the suite)
+    # inherits SIGINT ignored, and bash cannot trap a signal ignored when it started.
     proc = subprocess.Popen([str(SCRIPT), "--rate", "1gbit", "--name", name, "--", f"sleep {marker}",
-                             f"sleep {marker}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             f"sleep {marker}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_signals)
     try:
         deadline = time.monotonic() + 30
         while len(_processes_with(f"sleep {marker}")) < 2 and time.monotonic() < deadline:
