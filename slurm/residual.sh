@@ -37,6 +37,7 @@ DISTRAIN=${DISTRAIN:-distrain}  # the distrain command on every node
 REQUEUE=1  # 1: exit 75 (preempted) and 76 (peer lost) requeue the job
 MAX_RESTARTS=3  # after a lost peer, requeue only while SLURM_RESTART_COUNT is below this
 SRUN_ARGS=()  # more srun options, e.g. (--mpi=pmix) for an MPI build of Horovod
+MODE=train  # set here, so a MODE in the submitting environment cannot change it
 
 # The common launcher: checks, TensorBoard hints, srun, requeue (read it for the details).
 launch=${DISTRAIN_LAUNCH:-slurm/distrain-launch.sh}

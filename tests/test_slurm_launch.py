@@ -327,6 +327,14 @@ def test_launcher_maps_exit_codes(tmp_path, cpu_script, srun_rc, restarts, scont
 
 
 @pytest.mark.timeout(60)
+def test_a_mode_in_the_environment_does_not_turn_training_into_a_benchmark(tmp_path, cpu_script):
+    done, calls = run_fake_job(tmp_path, cpu_script, srun_rc=0, extra_env={"MODE": "bench"})
+    assert done.returncode == 0, done.stderr
+    (srun,) = calls["srun"]
+    assert f" {VENV_DISTRAIN} train " in srun and " bench " not in srun
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("srun_rc", [0, EXIT_PEER_LOST, EXIT_PREEMPTED, 1])
 def test_bench_script_runs_distrain_bench_and_never_requeues(tmp_path, srun_rc):
     job = write_job(tmp_path / "job.yaml", JOB.format(name="fake", epochs=2, steps=10, tensorboard="true"))

@@ -382,7 +382,8 @@ def _settings(s: _Script) -> list:
         f"MAX_RESTARTS={MAX_RESTARTS}  # after a lost peer, requeue only while SLURM_RESTART_COUNT is below this",
         "SRUN_ARGS=()  # more srun options, e.g. (--mpi=pmix) for an MPI build of Horovod",
         *(["MODE=bench  # distrain bench instead of distrain train",
-           "BENCH_ARGS=()  # more distrain bench options, e.g. (--steps 100 --json)"] if s.bench else []),
+           "BENCH_ARGS=()  # more distrain bench options, e.g. (--steps 100 --json)"] if s.bench else
+          ["MODE=train  # set here, so a MODE in the submitting environment cannot change it"]),
         "",
         "# The common launcher: checks, TensorBoard hints, srun, requeue (read it for the details).",
         f"launch=${{DISTRAIN_LAUNCH:-{LAUNCHER}}}",
