@@ -238,6 +238,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
     handler = getattr(args, "handler", None) or COMMANDS[args.command]
     try:
+        from distrain import malloc
+
+        malloc.wanted()  # a bad DISTRAIN_MALLOC is an exit 2 here, not after a rendezvous
         return handler(args)
     except UsageError as err:
         print(f"distrain: error: {err}", file=sys.stderr)

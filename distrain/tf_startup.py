@@ -80,7 +80,11 @@ def import_tensorflow():
     statements get the same module.
     """
     import distrain  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow loads)
+    from distrain import malloc
 
+    # Before TensorFlow's threads take their arenas; after them (a user's script imported
+    # TensorFlow first) the top pad and mmap threshold still apply.
+    malloc.tune()
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     with startup_notices_filtered():

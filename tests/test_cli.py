@@ -96,6 +96,14 @@ def test_usage_errors_exit_2_before_tensorflow(tmp_path):
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
 
 
+def test_a_bad_malloc_setting_exits_2_naming_the_variable(tmp_path):
+    result = run_distrain(["train", str(REPO / "jobs" / "quickstart.yaml")], env=worker_env(DISTRAIN_MALLOC="fast"),
+                          timeout=60, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "DISTRAIN_MALLOC='fast': expected tuned (the default) or system" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_several_workers_need_a_shared_run_dir(tmp_path):
     env = worker_env(TF_CONFIG=json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
                                           "task": {"type": "worker", "index": 0}}))
