@@ -62,6 +62,7 @@ def tune() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    # mallopt returns 1 on success; a refused value leaves glibc's default for that one.
-    _done = all(mallopt(param, value) == 1 for param, value in SETTINGS)
+    # mallopt returns 1 on success; a refused value leaves glibc's default for that one only.
+    accepted = [mallopt(param, value) == 1 for param, value in SETTINGS]
+    _done = all(accepted)
     return _done
