@@ -293,7 +293,6 @@ def _header(s: _Script) -> list:
     else:
         more = 2 * s.nodes if s.nodes > 1 else 4
         several = [_row(f"sbatch --nodes={more} {me}", f"{more} nodes, {what}")]
-    gpus = f"{s.gpus_per_node} GPU{'s' if s.gpus_per_node > 1 else ''} per node" if s.gpus_per_node else "CPU only"
     from distrain.user_code import references
 
     # The user's code is imported by every task: `distrain slurm check` tries it on the first node
@@ -301,8 +300,7 @@ def _header(s: _Script) -> list:
     yours = [f"#   your code, imported on every node: {key} {ref}" for key, ref in references(s.spec).items()]
     return [
         "#!/bin/bash",
-        f"# {s.name}: {s.job} on SLURM: {_plural(s.nodes, 'node')} x {_plural(s.per_node, 'task')}, {gpus}, "
-        f"strategy {s.resolved}{' (auto)' if s.requested == 'auto' else ''}.",
+        _layout_line(s, s.job),
         *[f"#   {line}" for line in _description(Path(s.job))],
         *yours,
         "#",
@@ -324,14 +322,19 @@ def _header(s: _Script) -> list:
     ]
 
 
+def _layout_line(s: _Script, what: str) -> str:
+    """The script's first comment: what it runs, on how many nodes and tasks, with which strategy."""
+    gpus = f"{s.gpus_per_node} GPU{'s' if s.gpus_per_node > 1 else ''} per node" if s.gpus_per_node else "CPU only"
+    return (f"# {s.name}: {what} on SLURM: {_plural(s.nodes, 'node')} x {_plural(s.per_node, 'task')}, {gpus}, "
+            f"strategy {s.resolved}{' (auto)' if s.requested == 'auto' else ''}.")
+
+
 def _bench_header(s: _Script) -> list:
     """The comment at the top of a ``--bench`` script."""
     me = _q(s.output) if s.output else "SCRIPT"
-    gpus = f"{s.gpus_per_node} GPU{'s' if s.gpus_per_node > 1 else ''} per node" if s.gpus_per_node else "CPU only"
     return [
         "#!/bin/bash",
-        f"# {s.name}: `distrain bench {s.job}` on SLURM: {_plural(s.nodes, 'node')} x {_plural(s.per_node, 'task')}, "
-        f"{gpus}, strategy {s.resolved}{' (auto)' if s.requested == 'auto' else ''}.",
+        _layout_line(s, f"`distrain bench {s.job}`"),
         "#   The job's model, batch, optimizer and strategy on synthetic data of the job's shape, for a fixed",
         "#   number of steps; first each task alone as one replica (the baseline), then all together. The",
         "#   output file gets images/s, step time (compute vs communication) and the scaling efficiency;",
