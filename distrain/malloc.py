@@ -10,9 +10,10 @@ strategy (distrain's one_device, Horovod, plain Keras scripts) does not pay it.
 ``tune()`` makes every thread allocate from the main arena (``M_ARENA_MAX=1``), keeps up to
 ``TOP_PAD`` bytes of freed memory at its top (``M_TOP_PAD``) and serves blocks below 32 MiB from
 the heap instead of fresh mappings (``M_MMAP_THRESHOLD``). The pages are reused, not
-re-faulted; the peak resident size stays the same (1.02-1.06 GB for that run with and without). It must run before
-TensorFlow starts its threads (``tf_startup.import_tensorflow`` calls it), since threads that
-already hold an arena keep it. ``DISTRAIN_MALLOC=system`` leaves glibc's defaults.
+re-faulted; the peak resident size stays the same (1.02-1.06 GB for that run with and without).
+It must run before TensorFlow starts its threads (``tf_startup.import_tensorflow`` calls it),
+since threads that already hold an arena keep it. ``DISTRAIN_MALLOC=system`` leaves glibc's
+defaults.
 """
 from __future__ import annotations
 
