@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import re
 import socket
 import statistics
@@ -48,13 +49,22 @@ def env(threads: int = 1, **extra) -> dict:
 
 
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    """``n`` consecutive free ports on 127.0.0.1 below the kernel's ephemeral range, where no outgoing
+    connection can take one before a worker binds it (as tests/conftest.py picks them)."""
+    high = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) - n
+    for _ in range(200):
+        base, socks = random.randrange(10000, high), []
+        try:
+            for port in range(base, base + n):
+                socks.append(socket.socket())
+                socks[-1].bind(("127.0.0.1", port))
+            return list(range(base, base + n))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports on 127.0.0.1")
 
 
 def run_all(commands: list[list[str]], envs: list[dict], timeout: float = 900) -> None:

@@ -27,7 +27,10 @@ from typing import Callable, Mapping, Optional, Sequence
 from distrain.errors import UsageError
 from distrain.nodelist import expand_hostlist, expand_tasks_per_node
 
-PORT_RANGE = (20000, 40000)  # where job-derived ports land; above most services, below ephemeral
+# Where job-derived ports land: above most services and below Linux's ephemeral range (32768-60999 by
+# default), from which the kernel picks the local port of every outgoing connection. A job port in
+# that range can be taken by any client on the node (srun, a gRPC peer) before the worker binds it.
+PORT_RANGE = (20000, 32768)
 
 
 @dataclass(frozen=True)

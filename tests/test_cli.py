@@ -1,12 +1,11 @@
 """The command line end to end: the offline quickstart, save → load, `models`, `env`, resume, and a
 2-task run under a fake SLURM environment (variables only)."""
 import json
-import socket
 
 import numpy as np
 import pytest
 
-from conftest import DISTRAIN, REPO, run_distrain, worker_env, write_job
+from conftest import DISTRAIN, REPO, free_port_block, run_distrain, worker_env, write_job
 
 
 @pytest.fixture(scope="module")
@@ -111,22 +110,6 @@ def test_several_workers_need_a_shared_run_dir(tmp_path):
     assert result.returncode == 2 and "--run-dir: required with several workers" in result.stderr
 
 
-def _consecutive_free_ports() -> int:
-    for _ in range(50):
-        a, b = socket.socket(), socket.socket()
-        try:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-        finally:
-            a.close()
-            b.close()
-    pytest.fail("no two consecutive free ports")
-
-
 def fake_slurm_env(procid: int, port: int, **extra) -> dict:
     # What srun gives two tasks of one step on one node; `scontrol` is not reachable here, so
     # distrain falls back to the node name as its address.
@@ -142,7 +125,7 @@ def test_two_tasks_under_a_fake_slurm_environment_train_with_world_size_2(tmp_pa
     job = write_job(tmp_path / "job.yaml", "name: fake-slurm\nmodel: {name: cnn, params: {filters: 8}}\n"
                     f"output_dir: {tmp_path / 'runs'}\ndata: {{batch_size_per_replica: 16}}\n"
                     "train: {epochs: 1, steps_per_epoch: 5}\nlogging: {tensorboard: false, verbose: 0}\n")
-    port = _consecutive_free_ports()
+    port = free_port_block(2)
     cmd = [*DISTRAIN, "train", str(job)]
     pair = workers_factory([cmd, cmd], [fake_slurm_env(i, port) for i in range(2)])
     assert pair.wait(timeout=240) == [0, 0], pair.output()

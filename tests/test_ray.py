@@ -14,7 +14,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, backup_step, free_ports, run_distrain, write_job
+from conftest import REPO, backup_step, free_port_block, free_ports, run_distrain, write_job
 from distrain.errors import EXIT_FAILED, EXIT_PEER_LOST, EXIT_USAGE, TrainingStopped, UsageError
 from distrain.launch import ray as ray_launch
 from distrain.spec import spec_from_dict
@@ -216,24 +215,6 @@ def test_relative_storage_path_exits_2(tmp_path):
 slurm_two_nodes = slurm_fixture(2)
 
 
-def _three_free_ports() -> int:
-    """A base port with base, base+1 and base+2 free (ray-on-slurm.sh's GCS, dashboard, client)."""
-    for _ in range(50):
-        base = free_ports(1)[0]
-        if base + 2 < 65536 and _free(base + 1) and _free(base + 2):
-            return base
-    raise RuntimeError("no three consecutive free ports")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 @pytest.mark.slurm
 @pytest.mark.ray
 @pytest.mark.multiprocess
@@ -248,7 +229,7 @@ def test_ray_on_slurm_two_nodes(slurm_two_nodes, tmp_path):
     script, q = REPO / "cluster" / "ray" / "ray-on-slurm.sh", shlex.quote
     wrapper.write_text(f"""#!/usr/bin/env bash
 export PATH={q(str(BIN))}:"$PATH" TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 CUDA_VISIBLE_DEVICES=-1
-export RAY_PORT={_three_free_ports()} RAY_NODE_TIMEOUT=90
+export RAY_PORT={free_port_block(3)} RAY_NODE_TIMEOUT=90
 exec bash {q(str(script))} {q(str(job))} --storage-path {q(str(storage))} --name slurm
 """)
     result = slurm_two_nodes.sbatch_wait(wrapper, "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",

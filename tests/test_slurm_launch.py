@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shlex
 import socket
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, backup_step, write_job
+from conftest import REPO, backup_step, free_port_block, write_job
 from slurm_cluster import slurm_fixture
 from distrain.cli import build_parser, main
 from distrain.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE
@@ -397,25 +396,6 @@ distribute: {{collective_timeout_s: 30, preemption_check_every: 1}}
 checkpoint: {{every_epochs: 1, backup_every_steps: 5}}
 logging: {{tensorboard: {tensorboard}, verbose: 0}}
 """
-
-
-def free_port_block(count: int) -> int:
-    """A base port with ``count`` consecutive free ports on 127.0.0.1 (workers count up from it)."""
-    for _ in range(200):
-        base = random.randrange(30000, 60000 - count)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port block")
 
 
 def exports(**extra) -> str:
