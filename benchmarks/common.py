@@ -4,9 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import random
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -14,6 +12,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+sys.path.insert(0, str(REPO / "cluster"))
+from free_ports import free_ports  # noqa: E402,F401  (ports below the ephemeral range; the scripts import it from here)
+
 PERFORMANCE_MD = REPO / "docs" / "performance.md"
 
 # The course CNN (Conv64 3x3-MaxPool-Flatten-Dense10) on 28x28x1 images. Synthetic data so that the
@@ -46,25 +48,6 @@ def env(threads: int = 1, **extra) -> dict:
     e.update({"TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": "1", "CUDA_VISIBLE_DEVICES": "-1"})
     e.update({k: str(v) for k, v in extra.items()})
     return e
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` consecutive free ports on 127.0.0.1 below the kernel's ephemeral range, where no outgoing
-    connection can take one before a worker binds it (as tests/conftest.py picks them)."""
-    high = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) - n
-    for _ in range(200):
-        base, socks = random.randrange(10000, high), []
-        try:
-            for port in range(base, base + n):
-                socks.append(socket.socket())
-                socks[-1].bind(("127.0.0.1", port))
-            return list(range(base, base + n))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports on 127.0.0.1")
 
 
 def run_all(commands: list[list[str]], envs: list[dict], timeout: float = 900) -> None:

@@ -148,28 +148,10 @@ log_tails() {
   done
 }
 
-# free_ports N: N consecutive free TCP ports on 127.0.0.1, below the kernel's ephemeral range: an
-# ephemeral port that is free now can be handed to an outgoing connection before a daemon binds it.
+# free_ports N: N consecutive free TCP ports on 127.0.0.1, below the kernel's ephemeral range (why:
+# free_ports.py).
 free_ports() {
-  python3 - "$1" <<'EOF'
-import random, socket, sys
-n = int(sys.argv[1])
-high = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0]) - n
-for _ in range(200):
-    base, socks = random.randrange(10000, high), []
-    try:
-        for port in range(base, base + n):
-            socks.append(socket.socket())
-            socks[-1].bind(("127.0.0.1", port))
-    except OSError:
-        continue
-    finally:
-        for s in socks:
-            s.close()
-    print(" ".join(str(p) for p in range(base, base + n)))
-    sys.exit(0)
-sys.exit("slurm-local.sh: no free ports on 127.0.0.1")
-EOF
+  python3 "$(dirname "${BASH_SOURCE[0]}")/free_ports.py" "$1"
 }
 
 # --- start --------------------------------------------------------------------------------------

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,42 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DISTRAIN = [sys.executable, "-m", "distrain.cli"]
 
-
-def _ephemeral_start() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port_block(count: int) -> int:
-    """A base port with ``count`` consecutive free TCP ports on 127.0.0.1 (workers count up from it).
-
-    Picked below the kernel's ephemeral range: a port there that is free now stays free until a test
-    binds it, while an ephemeral one (``bind(0)``) can be handed to any outgoing connection in between.
-    """
-    high = min(_ephemeral_start(), 65536) - count
-    for _ in range(200):
-        base = random.randrange(10000, high)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1 below {high + count}")
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free TCP ports on 127.0.0.1 (consecutive, below the ephemeral range)."""
-    base = free_port_block(count)
-    return list(range(base, base + count))
+sys.path.insert(0, str(REPO / "cluster"))
+from free_ports import free_port_block, free_ports  # noqa: E402  (ports below the ephemeral range)
 
 
 def tf_config(ports: list[int], index: int) -> str:

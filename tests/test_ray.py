@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, backup_step, free_port_block, free_ports, run_distrain, write_job
+from conftest import REPO, backup_step, free_port_block, run_distrain, write_job
 from distrain.errors import EXIT_FAILED, EXIT_PEER_LOST, EXIT_USAGE, TrainingStopped, UsageError
 from distrain.launch import ray as ray_launch
 from distrain.spec import spec_from_dict
