@@ -18,7 +18,9 @@ import socket
 import sys
 from pathlib import Path
 
-LOWEST = 10000  # above the well-known and most registered service ports
+# Above the well-known ports and Ray's default worker ports (10002-19999), which `ray start` refuses
+# to share with the ports it is given.
+LOWEST = 20000
 
 
 def ephemeral_start() -> int:

@@ -13,7 +13,7 @@ from free_ports import ephemeral_start, free_port_block, free_ports
 def test_ports_are_consecutive_free_and_below_the_ephemeral_range():
     ports = free_ports(3)
     assert ports == list(range(ports[0], ports[0] + 3))
-    assert 10000 <= ports[0] and ports[-1] < ephemeral_start()
+    assert 20000 <= ports[0] and ports[-1] < ephemeral_start()
     socks = [socket.socket() for _ in ports]
     try:
         for s, port in zip(socks, ports):
