@@ -28,14 +28,13 @@ import glob
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, busy_share, env, free_ports, machine, record  # noqa: E402
+from common import REPO, busy_share, env, free_ports, machine, record, run_group  # noqa: E402
 
 PY = sys.executable
 BATCH = 64
@@ -119,24 +118,13 @@ def measure(steps_per_call: int, steps: int, profiled: int) -> list[dict]:
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     tmp = tempfile.mkdtemp(prefix="collective-split-")
-    procs = []
+    commands, envs = [], []
     for task in range(2):
-        cmd = ["taskset", "-c", str(task), PY, __file__, "--worker", "--steps-per-call", str(steps_per_call),
-               "--steps", str(steps), "--profiled", str(profiled), "--trace-dir", f"{tmp}/task{task}"]
-        e = env(1, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": task}}),
-                TF_CPP_MIN_LOG_LEVEL=3)
-        procs.append(subprocess.Popen(cmd, env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    reports = []
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise SystemExit("collective_split: a worker did not finish in 600 s")
-        if proc.returncode != 0:
-            raise SystemExit(f"collective_split: a worker failed ({proc.returncode}):\n{err[-3000:]}")
-        reports.append(json.loads(out.strip().splitlines()[-1]))
+        commands.append(["taskset", "-c", str(task), PY, __file__, "--worker", "--steps-per-call", str(steps_per_call),
+                         "--steps", str(steps), "--profiled", str(profiled), "--trace-dir", f"{tmp}/task{task}"])
+        envs.append(env(1, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": task}}),
+                        TF_CPP_MIN_LOG_LEVEL=3))
+    reports = [json.loads(out.strip().splitlines()[-1]) for out in run_group(commands, envs, timeout=600, every=True)]
     return sorted(reports, key=lambda r: r["task"])
 
 

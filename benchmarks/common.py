@@ -51,12 +51,27 @@ def env(threads: int = 1, **extra) -> dict:
 
 
 def run_all(commands: list[list[str]], envs: list[dict], timeout: float = 900) -> None:
-    procs = [subprocess.Popen(c, env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """Starts the processes together and waits for all; exits with the failing one's stderr."""
+    run_group(commands, envs, timeout, every=True)
+
+
+def run_group(commands: list[list[str]], envs: list[dict], timeout: float = 900, every: bool = False):
+    """Starts the processes together, waits for all, returns the first one's output (the chief's),
+    or with ``every`` all outputs."""
+    procs = [subprocess.Popen(c, env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for c, e in zip(commands, envs)]
-    outs = [p.communicate(timeout=timeout)[0] for p in procs]
-    for p, out in zip(procs, outs):
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise SystemExit(f"benchmark timed out: {' '.join(commands[0])}")
+    for p, (out, err) in zip(procs, outs):
         if p.returncode != 0:
-            sys.exit(f"benchmark worker failed ({p.returncode}):\n{out[-3000:]}")
+            raise SystemExit(f"benchmark process failed ({p.returncode}): {' '.join(p.args)}\n{err[-3000:]}")
+    return [out for out, _ in outs] if every else outs[0][0]
 
 
 def steady_images_per_s(run_dir: Path) -> float:

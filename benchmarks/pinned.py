@@ -27,14 +27,13 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, busy_share, env, free_ports, machine, record  # noqa: E402
+from common import REPO, busy_share, env, free_ports, machine, record, run_group  # noqa: E402
 
 PY = sys.executable
 HOROVODRUN = str(Path(sys.executable).with_name("horovodrun"))
@@ -75,25 +74,6 @@ def horovod_pinned(cmd: list[str], n: int = 2) -> list[str]:
     # horovodrun does not pin; each rank pins itself to the core of its local rank.
     inner = "exec taskset -c $HOROVOD_LOCAL_RANK " + " ".join(cmd)
     return [HOROVODRUN, "-np", str(n), "-H", f"localhost:{n}", "--gloo", "--network-interface", "lo", "sh", "-c", inner]
-
-
-def run_group(commands: list[list[str]], envs: list[dict], timeout: float = 900, every: bool = False):
-    """Starts the processes together, waits for all, returns the first one's output (the chief's),
-    or with ``every`` all outputs."""
-    procs = [subprocess.Popen(c, env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c, e in zip(commands, envs)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=timeout))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise SystemExit(f"benchmark timed out: {' '.join(commands[0])}")
-    for p, (out, err) in zip(procs, outs):
-        if p.returncode != 0:
-            raise SystemExit(f"benchmark process failed ({p.returncode}): {' '.join(p.args)}\n{err[-3000:]}")
-    return [out for out, _ in outs] if every else outs[0][0]
 
 
 def parse_rate(stdout: str) -> float:
