@@ -15,7 +15,9 @@ records some steps on both workers, and the trace gives, per all-reduce:
 
 It runs this with 1 and with 4 training steps per tf.function call (a loop inside the function,
 as Keras's steps_per_execution does), to show the cache at work: from the second step of a call
-on, the instance is cached and the non-leader does not ask. The split comes from the profiler and
+on, the instance is cached and the non-leader does not ask. Then once more with distrain's own
+gradient all-reduce (distrain/allreduce.py, the multi_worker default on CPU): TensorFlow's V1
+collective op, resolved on its first step only, so no step asks. The split comes from the profiler and
 repeats from run to run; "ms a step" is one run's, and moves by about a millisecond between runs
 on this 2-core VM (use benchmarks/pinned.py for throughput).
 
@@ -40,11 +42,12 @@ PY = sys.executable
 BATCH = 64
 
 
-def worker(steps_per_call: int, steps: int, profiled: int, trace_dir: str) -> dict:
+def worker(steps_per_call: int, all_reduce: str, steps: int, profiled: int, trace_dir: str) -> dict:
     """One worker's run: timed steps, then profiled steps; returns its split (medians, ms)."""
     sys.path.insert(0, str(REPO))
     from distrain.tf_startup import import_tensorflow
     tf = import_tensorflow()
+    from distrain.allreduce import sum_gradients
     from distrain.models import build_model
 
     config = json.loads(os.environ["TF_CONFIG"])
@@ -60,7 +63,7 @@ def worker(steps_per_call: int, steps: int, profiled: int, trace_dir: str) -> di
 
     with strategy.scope():
         model = build_model("cnn", (28, 28, 1), 10, filters=64)
-        optimizer = tf.keras.optimizers.Adam(1e-3)
+        optimizer = sum_gradients(tf.keras.optimizers.Adam(1e-3), strategy, resolved_once=all_reduce == "resolved_once")
     batches = iter(strategy.distribute_datasets_from_function(dataset))
     loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(reduction="none")
 
@@ -109,11 +112,12 @@ def trace_split(trace_dir: str) -> dict:
                 durations[name].append(event.duration_ps / 1e9)
     params, ring = durations["CollectiveExecutor::CompleteParams"], durations["Loop"]
     asked = sum(d > 0.2 for d in params)  # a gRPC round trip here is ~0.5 ms, a cache hit ~0.05
-    return {"all_reduces": len(ring), "complete_params_ms": statistics.median(params),
+    # Resolved once: no CompleteParams at all after the first step.
+    return {"all_reduces": len(ring), "complete_params_ms": statistics.median(params) if params else 0.0,
             "complete_params_slow": asked, "ring_ms": statistics.median(ring)}
 
 
-def measure(steps_per_call: int, steps: int, profiled: int) -> list[dict]:
+def measure(steps_per_call: int, all_reduce: str, steps: int, profiled: int) -> list[dict]:
     """Starts the two pinned workers and returns their reports, task 0 first."""
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
@@ -121,7 +125,7 @@ def measure(steps_per_call: int, steps: int, profiled: int) -> list[dict]:
     commands, envs = [], []
     for task in range(2):
         commands.append(["taskset", "-c", str(task), PY, __file__, "--worker", "--steps-per-call", str(steps_per_call),
-                         "--steps", str(steps), "--profiled", str(profiled), "--trace-dir", f"{tmp}/task{task}"])
+                         "--all-reduce", all_reduce, "--steps", str(steps), "--profiled", str(profiled), "--trace-dir", f"{tmp}/task{task}"])
         envs.append(env(1, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": task}}),
                         TF_CPP_MIN_LOG_LEVEL=3))
     reports = [json.loads(out.strip().splitlines()[-1]) for out in run_group(commands, envs, timeout=600, every=True)]
@@ -136,19 +140,23 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--steps-per-call", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--trace-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--all-reduce", default="tensorflow", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.steps_per_call, args.steps, args.profiled, args.trace_dir)), flush=True)
+        print(json.dumps(worker(args.steps_per_call, args.all_reduce, args.steps, args.profiled, args.trace_dir)),
+              flush=True)
         return
 
     busy = busy_share()
-    rows = ["| steps per tf.function call | ms a step | task | complete params, median ms | "
-            "complete params over 0.2 ms | ring, median ms |", "| --- | --- | --- | --- | --- | --- |"]
-    for steps_per_call in (1, 4):
-        for r in measure(steps_per_call, args.steps, args.profiled):
+    rows = ["| gradient all-reduce | steps per tf.function call | ms a step | task | complete params, median ms | "
+            "complete params over 0.2 ms | ring, median ms |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    names = {"tensorflow": "MultiWorkerMirroredStrategy's (V2)", "resolved_once": "distrain's, resolved once (V1)"}
+    for all_reduce, steps_per_call in (("tensorflow", 1), ("tensorflow", 4), ("resolved_once", 1)):
+        for r in measure(steps_per_call, all_reduce, args.steps, args.profiled):
             role = "0 (group leader)" if r["task"] == 0 else str(r["task"])
-            rows.append(f"| {steps_per_call} | {r['ms_per_step']:.2f} | {role} | {r['complete_params_ms']:.2f} | "
-                        f"{r['complete_params_slow']} of {r['all_reduces']} | {r['ring_ms']:.2f} |")
+            rows.append(f"| {names[all_reduce]} | {steps_per_call} | {r['ms_per_step']:.2f} | {role} | "
+                        f"{r['complete_params_ms']:.2f} | {r['complete_params_slow']} of {r['all_reduces']} | "
+                        f"{r['ring_ms']:.2f} |")
             print(rows[-1], flush=True)
     text = (f"2 MultiWorkerMirroredStrategy workers on 127.0.0.1, each pinned to its own core, "
             f"`TF_NUM_INTRAOP_THREADS=1`; course CNN, {BATCH} per replica, custom loop, {args.steps} timed steps, "

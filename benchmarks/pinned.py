@@ -5,7 +5,10 @@ by side, for each model and per-replica batch:
 
   distrain, 1 process                 `distrain bench` (one_device), the baseline of the distrain rows
   distrain, 2 independent processes   the same twice at once, on cores 0 and 1, no communication
+  distrain, 2 independent 1-worker    the same as 2 independent 1-worker multi_worker runs (TF_CONFIG of one
+    multi_worker processes            worker each): MultiWorkerMirroredStrategy's step without communication
   distrain multi_worker               2 x `distrain bench` with TF_CONFIG on 127.0.0.1
+  ..., TensorFlow's all-reduce        the same with `distribute.gradient_all_reduce: tensorflow`
   distrain horovod                    `horovodrun -np 2 --gloo` around `distrain bench`
   plain MWMS (TF tutorial)            benchmarks/peers/mwms_keras.py: alone, 2 independent, 2 TF_CONFIG workers
   Horovod Keras example               benchmarks/peers/horovod_keras.py: alone, 2 independent, horovodrun -np 2
@@ -89,6 +92,7 @@ def variants(tmp: Path, model: str, batch: int, warmup: int, steps: int, ray: bo
     e = env(1)
     bench = ["-m", "distrain.cli", "bench", "--steps", str(steps), "--warmup", str(warmup), "--baseline", "none", "--json"]
     one, mw, hvd = (write_job(tmp, model, batch, s) for s in ("one_device", "multi_worker", "horovod"))
+    mw_tf = write_job(tmp, model, batch, "multi_worker", ", gradient_all_reduce: tensorflow")
     peer = ["--model", model, "--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)]
 
     def alone(cmd):
@@ -97,6 +101,17 @@ def variants(tmp: Path, model: str, batch: int, warmup: int, steps: int, ray: bo
     def side_by_side(cmd):
         # Two independent processes at once, one per core: what 2 cores give with no communication.
         return lambda: sum(parse_rate(out) for out in run_group([pin(0, cmd), pin(1, cmd)], [e, e], every=True))
+
+    def side_by_side_one_worker_each(cmd):
+        # Two 1-worker MultiWorkerMirroredStrategy runs at once, one per core: the strategy's
+        # per-step machinery without any communication.
+        def run():
+            ports = free_ports(2)
+            config = [json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}"]}, "task": {"type": "worker", "index": 0}})
+                      for p in ports]
+            runs = [pin(r, [*cmd, "--run-dir", tempfile.mkdtemp(dir=tmp)]) for r in range(2)]
+            return sum(parse_rate(out) for out in run_group(runs, [{**e, "TF_CONFIG": c} for c in config], every=True))
+        return run
 
     def two_workers(cmd, shared_run_dir=False):
         def run():
@@ -115,7 +130,9 @@ def variants(tmp: Path, model: str, batch: int, warmup: int, steps: int, ray: bo
     out = {
         "distrain, 1 process": alone(distrain_one),
         "distrain, 2 independent processes": side_by_side(distrain_one),
+        "distrain, 2 independent 1-worker multi_worker processes": side_by_side_one_worker_each([PY, *bench, str(mw)]),
         "distrain multi_worker": two_workers([PY, *bench, str(mw)], shared_run_dir=True),
+        "distrain multi_worker, TensorFlow's all-reduce": two_workers([PY, *bench, str(mw_tf)], shared_run_dir=True),
         "distrain horovod": lambda: parse_rate(run_group(
             [horovod_pinned([PY, *bench, str(hvd), "--run-dir", tempfile.mkdtemp(dir=tmp)])], [e])),
         "plain MWMS, 1 process": alone(plain),
@@ -134,7 +151,10 @@ def variants(tmp: Path, model: str, batch: int, warmup: int, steps: int, ray: bo
 
 # Each 2-process setup: (its 1-process baseline, its 2 independent processes).
 BASELINE_OF = {
+    "distrain, 2 independent 1-worker multi_worker processes": ("distrain, 1 process",
+                                                                "distrain, 2 independent processes"),
     "distrain multi_worker": ("distrain, 1 process", "distrain, 2 independent processes"),
+    "distrain multi_worker, TensorFlow's all-reduce": ("distrain, 1 process", "distrain, 2 independent processes"),
     "distrain horovod": ("distrain, 1 process", "distrain, 2 independent processes"),
     "plain MWMS (TF tutorial)": ("plain MWMS, 1 process", "plain MWMS, 2 independent processes"),
     "Horovod Keras example": ("Horovod example, 1 process", "Horovod example, 2 independent processes"),
@@ -172,13 +192,20 @@ def table(model: str, batch: int, rates: dict, busy: list[float], repeats: int) 
             continue
         eff_alone = f"{rate / (2 * rates[alone]):.2f}" if alone in rates else "-"
         eff_together = f"**{rate / rates[together]:.2f}**" if together in rates else "-"
-        ratio = f"{dmw / rate:.2f}" if dmw else ""
+        ratio = f"{dmw / rate:.2f}" if dmw and "independent" not in name else ""
         rows.append(f"| {name} | 2 | {rate:.0f} | {eff_alone} | {eff_together} | {ratio} |")
+    strategy_alone = rates.get("distrain, 2 independent 1-worker multi_worker processes")
+    split = ""
+    if dmw and strategy_alone and "distrain, 2 independent processes" in rates:
+        split = (f"\n\ndistrain multi_worker's {dmw / rates['distrain, 2 independent processes']:.2f} = "
+                 f"{strategy_alone / rates['distrain, 2 independent processes']:.2f} (MultiWorkerMirroredStrategy's "
+                 f"step without communication, against TensorFlow's default strategy) x {dmw / strategy_alone:.2f} "
+                 "(communication and waiting for the other worker).")
     return (f"**{model}, {batch} per replica** ({warmup} warm-up + {steps} timed steps; median of {repeats}; "
             f"cores {100 * max(busy):.0f}% busy at most in the second before a run)\n\n"
             "| setup | processes | images/s | efficiency vs 2 x 1 process alone | efficiency vs 2 independent "
             "processes at once | distrain multi_worker / this |\n"
-            "| --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows))
+            "| --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows) + split)
 
 
 def main() -> None:

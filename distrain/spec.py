@@ -129,6 +129,7 @@ class DistributeSpec:
     preemption_check_every: int = field(default=10, metadata=_check(min=1, doc="steps between agreements on stopping (preemption, NaN)"))
     gradient_compression: str = field(default="none", metadata=_check(choices=("none", "fp16"), doc="multi_worker, mirrored, horovod: all-reduce gradients as float16 (half the bytes; docs/performance.md)"))
     all_reduce_pack_bytes: int = field(default=0, metadata=_check(min=0, doc="multi_worker: all-reduce gradients in packs of about this many bytes (CommunicationOptions.bytes_per_pack); 0: one pack"))
+    gradient_all_reduce: str = field(default="auto", metadata=_check(choices=("auto", "resolved_once", "tensorflow"), doc="multi_worker: resolved_once sums gradients with collectives TensorFlow resolves on the first step only; tensorflow: MultiWorkerMirroredStrategy's own, which asks the group leader over gRPC before every step's all-reduce; auto: resolved_once on CPU workers, tensorflow on GPUs (docs/distributed.md)"))
 
 
 @dataclass(frozen=True)

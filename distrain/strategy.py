@@ -59,12 +59,15 @@ class TFDistribution(Distribution):
     """
 
     def __init__(self, name: str, strategy: Any, world: World, gradient_compression: str = "none",
-                 collective_timeout_s: float = 300.0):
+                 collective_timeout_s: float = 300.0, gradient_all_reduce: str = "tensorflow",
+                 all_reduce_pack_bytes: int = 0):
         replicas = strategy.num_replicas_in_sync
         workers = world.world_size if name == "multi_worker" else 1
         super().__init__(name, strategy, world, replicas=replicas, local_replicas=replicas // max(1, workers))
         self._sum = _sum_collective(strategy)
         self.gradient_compression = gradient_compression
+        self.gradient_all_reduce = gradient_all_reduce
+        self._pack_bytes = all_reduce_pack_bytes
         # Collectives between processes: the ones that need a deadline and cost a network round trip.
         self._across_workers = workers > 1
         self._watchdog = Watchdog(collective_timeout_s, abort_collectives) if self._across_workers else None
@@ -116,11 +119,13 @@ class TFDistribution(Distribution):
         return self._sum(list(values))
 
     def wrap_optimizer(self, optimizer):
-        if self.gradient_compression == "fp16" and self.replicas > 1:
-            from distrain.compression import fp16_all_reduce
+        if self.replicas == 1:
+            return optimizer
+        from distrain.allreduce import sum_gradients
 
-            return fp16_all_reduce(optimizer)
-        return optimizer
+        return sum_gradients(optimizer, self.strategy, compression=self.gradient_compression,
+                             resolved_once=self._across_workers and self.gradient_all_reduce == "resolved_once",
+                             pack_bytes=self._pack_bytes)
 
 
 def _configure_devices(tf, spec_distribute, world: World) -> list:
@@ -199,4 +204,22 @@ def build(spec_distribute, world: World) -> Distribution:
         # distributed iterator that cost 15-20% throughput here (benchmarks/throughput.py).
         strategy = tf.distribute.get_strategy()
     return TFDistribution(name, strategy, world, spec_distribute.gradient_compression,
-                          spec_distribute.collective_timeout_s)
+                          spec_distribute.collective_timeout_s,
+                          gradient_all_reduce(spec_distribute.gradient_all_reduce, bool(gpus)),
+                          spec_distribute.all_reduce_pack_bytes)
+
+
+def gradient_all_reduce(requested: str, gpus: bool) -> str:
+    """``distribute.gradient_all_reduce`` resolved: ``auto`` is resolved_once on CPU workers only.
+
+    On CPU the round trip it saves was measured and the V1 ring is tested; on GPUs NCCL orders a
+    step's collectives by MultiWorkerMirroredStrategy's ordering tokens, which V1 ops do not take,
+    and no GPU was at hand to test it (docs/distributed.md).
+
+    Example:
+        >>> gradient_all_reduce("auto", gpus=False), gradient_all_reduce("auto", gpus=True)
+        ('resolved_once', 'tensorflow')
+    """
+    if requested != "auto":
+        return requested
+    return "tensorflow" if gpus else "resolved_once"

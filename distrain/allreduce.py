@@ -1,0 +1,220 @@
+"""How a step's gradients are summed over the replicas of a ``tf.distribute`` strategy.
+
+tf-keras sums them in ``Optimizer.aggregate_gradients``, the method it documents for custom
+aggregation; distrain replaces it on the optimizer instance (the class, and so a saved model's
+optimizer, stay as they are) for two things:
+
+- **fp16 compression** (``distribute.gradient_compression: fp16``; mirrored and multi_worker).
+  Gradients are cast to float16 for the all-reduce only and back to their own dtype before the
+  update, so variables and optimizer state stay float32; what changes is the rounding of each
+  summed gradient (about 3 significant digits, measured in docs/performance.md). Half the bytes a
+  step sends: the term that dominates a step on a slow network. Horovod has its own switch
+  (``hvd.Compression.fp16``), set in ``distrain.horovod``.
+- **Collectives resolved once** (``distribute.gradient_all_reduce: resolved_once``, multi_worker).
+  MultiWorkerMirroredStrategy's all-reduce is TensorFlow's ``CollectiveReduceV2``, whose instance
+  key is fed anew at every call of the step function and whose parameters are resolved at every
+  execution. On every worker but the group leader that resolution is a gRPC request to the leader
+  (``CompleteInstance``) before the ring can start, every step: the resolver caches instances
+  under the call's step id, and each call of a ``tf.function`` gets a new one (~0.7 ms a step
+  between 2 CPU workers, docs/performance.md; at N workers the leader answers N-1 requests per
+  step). TensorFlow's ``CollectiveReduce`` (V1) op takes its group and instance keys as
+  attributes, resolves them on its first execution and keeps them in the kernel, so every later
+  step starts the ring at once. It is the same ring over the same channels (gRPC between CPU
+  workers, NCCL between GPUs), the same bytes and the same sum.
+
+The keys. The group is MultiWorkerMirroredStrategy's own (the same devices; already resolved when
+the strategy broadcast the initial weights, and on GPUs the same NCCL communicator). Instance keys
+lie in [``INSTANCE_KEY_BASE``, 1.5 x that) and come from what is reduced (``_InstanceKeys``), so
+every worker derives the same ones without talking to the others. The strategy's own instance
+keys count up from 100, one per collective launched, and would need 2**30 of them to meet these.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+import zlib
+from typing import Any, Callable
+
+log = logging.getLogger("distrain")
+
+INSTANCE_KEY_BASE = 1 << 30
+
+
+def sum_gradients(optimizer, strategy, *, compression: str = "none", resolved_once: bool = False,
+                  pack_bytes: int = 0):
+    """Makes a tf-keras optimizer sum its gradients over the strategy's replicas distrain's way.
+
+    Args:
+        optimizer: a tf-keras optimizer, created in the strategy's scope.
+        strategy: the ``tf.distribute`` strategy the optimizer trains under.
+        compression: ``none`` or ``fp16`` (``distribute.gradient_compression``).
+        resolved_once: all-reduce with collectives whose parameters are resolved on their first
+            step only (MultiWorkerMirroredStrategy; ``distribute.gradient_all_reduce``).
+        pack_bytes: with ``resolved_once``: one collective per about this many bytes, in the
+            strategy's packing; 0: one collective per dtype.
+
+    Returns:
+        The same optimizer. With ``resolved_once`` on a strategy whose collective keys cannot be
+        read (another TensorFlow version), TensorFlow's own all-reduce stays, with a warning.
+    """
+    reduce = None
+    if resolved_once:
+        reduce = _resolved_once_reducer(strategy, pack_bytes)
+        if reduce is None:
+            log.warning("distribute.gradient_all_reduce: resolved_once needs MultiWorkerMirroredStrategy's "
+                        "collective keys, which this TensorFlow does not expose; using TensorFlow's all-reduce")
+    if reduce is None and compression == "none":
+        return optimizer
+    if reduce is None:
+        import tensorflow as tf
+
+        def reduce(values):
+            return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
+
+    def aggregate_gradients(grads_and_vars):
+        grads_and_vars = list(grads_and_vars)
+        present = [g for g, _ in grads_and_vars if g is not None]
+        if not present:
+            return grads_and_vars
+        summed = iter(_uncompress(reduce(_compress(present, compression)), present))
+        return [(None if g is None else next(summed), v) for g, v in grads_and_vars]
+
+    optimizer.aggregate_gradients = aggregate_gradients
+    return optimizer
+
+
+def _compress(gradients: list, compression: str) -> list:
+    if compression != "fp16":
+        return gradients
+    import tensorflow as tf
+
+    return [tf.cast(g, tf.float16) if g.dtype in (tf.float32, tf.float64) else g for g in gradients]
+
+
+def _uncompress(summed: list, gradients: list) -> list:
+    import tensorflow as tf
+
+    return [s if s.dtype == g.dtype else tf.cast(s, g.dtype) for s, g in zip(summed, gradients)]
+
+
+def _resolved_once_reducer(strategy, pack_bytes: int) -> Callable[[list], list] | None:
+    """The all-reduce of a list of gradients with V1 collectives, or None without the strategy's keys."""
+    extended = strategy.extended
+    keys = getattr(extended, "_collective_keys", None)
+    devices = getattr(extended, "worker_devices", None)
+    if keys is None or not devices or not hasattr(keys, "get_group_key"):
+        return None
+    local_devices = list(devices)
+    group_key = keys.get_group_key(local_devices)
+    group_size = strategy.num_replicas_in_sync
+    gpus = any("GPU" in d.upper() for d in local_devices)
+
+    def reduce(values: list) -> list:
+        import tensorflow as tf
+        from tensorflow.python.distribute import device_util
+        from tensorflow.python.ops import collective_ops
+
+        context = tf.distribute.get_replica_context()
+        if tf.executing_eagerly():
+            # Keras's run_eagerly: no traced function to keep a kernel in, so nothing to resolve once.
+            return context.all_reduce(tf.distribute.ReduceOp.SUM, values)
+        # The replica's device: MirroredStrategy's replica threads run under it; with one local
+        # device MultiWorkerMirroredStrategy may set none, and that device is the only one.
+        device = device_util.current() or local_devices[0]
+        # A collective's length is fixed when it is traced: gradients of a static shape only.
+        dense = [i for i, v in enumerate(values)
+                 if not isinstance(v, tf.IndexedSlices) and v.shape.is_fully_defined()]
+        out: list[Any] = list(values)
+        previous = None
+        for pack in _packs([values[i] for i in dense], dense, pack_bytes):
+            flat = tf.concat([tf.reshape(values[i], [-1]) for i in pack], axis=0)
+            # One pack after the other: NCCL needs every device to launch collectives in the same
+            # order, and nothing orders V1 ops but these edges (V2 has ordering tokens).
+            with tf.device(device), tf.control_dependencies([previous] if previous is not None else []):
+                key = _INSTANCE_KEYS.next(device, flat.dtype.name, flat.shape.num_elements())
+                summed = collective_ops.all_reduce(
+                    flat, group_size, group_key, key, merge_op="Add", final_op="Id",
+                    communication_hint="nccl" if gpus else "ring")
+            previous = summed
+            sizes = [values[i].shape.num_elements() for i in pack]
+            for i, part in zip(pack, tf.split(summed, sizes)):
+                out[i] = tf.reshape(part, values[i].shape)
+        others = sorted(set(range(len(values))) - set(dense))
+        if others:
+            # Embedding gradients (TensorFlow all-gathers IndexedSlices) and any of unknown shape:
+            # left to TensorFlow, after distrain's packs.
+            with tf.control_dependencies([previous] if previous is not None else []):
+                reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, [values[i] for i in others])
+            for i, g in zip(others, reduced):
+                out[i] = g
+        return out
+
+    return reduce
+
+
+def _packs(dense: list, positions: list[int], pack_bytes: int) -> list[list[int]]:
+    """Positions of the gradients in each collective: by dtype, then in packs of ~pack_bytes."""
+    by_dtype: dict[Any, list[int]] = {}
+    # Last layers first: their gradients are ready first, as in MultiWorkerMirroredStrategy's packing.
+    for value, position in reversed(list(zip(dense, positions))):
+        by_dtype.setdefault(value.dtype, []).append(position)
+    if pack_bytes <= 0:
+        return list(by_dtype.values())
+    sizes = {p: v.shape.num_elements() * v.dtype.size for v, p in zip(dense, positions)}
+    return [pack for group in by_dtype.values() for pack in pack_by_size(group, sizes, pack_bytes)]
+
+
+def pack_by_size(positions: list[int], sizes: dict[int, int], pack_bytes: int) -> list[list[int]]:
+    """Splits ``positions`` in order into packs of at least ``pack_bytes`` (the last may be smaller).
+
+    Example:
+        >>> pack_by_size([0, 1, 2, 3], {0: 4, 1: 4, 2: 8, 3: 2}, 8)
+        [[0, 1], [2], [3]]
+    """
+    packs: list[list[int]] = [[]]
+    filled = 0
+    for position in positions:
+        packs[-1].append(position)
+        filled += sizes[position]
+        if filled >= pack_bytes:
+            packs.append([])
+            filled = 0
+    return [p for p in packs if p]
+
+
+class _InstanceKeys:
+    """Instance keys that every worker derives alike from what it traces, without talking to the others.
+
+    TensorFlow's V1 collectives resolve an instance once per process and check every later kernel
+    with the same key against it: a key may be used again only for the same dtype and length. So
+    a key is a hash of (dtype, elements, how many such collectives this function already has on
+    this device), moved on deterministically if it is taken within the function. A function traced
+    again, or another function with the same gradients, gets the same keys, whatever the order
+    or number of traces on each worker.
+    """
+
+    SPACE = 1 << 29
+
+    def __init__(self):
+        self._lock = threading.Lock()  # MirroredStrategy traces each local replica in its own thread
+        self._used: "weakref.WeakKeyDictionary[Any, dict[str, dict]]" = weakref.WeakKeyDictionary()
+
+    def next(self, device: str, dtype: str, elements: int) -> int:
+        from tensorflow.python.framework import ops
+
+        graph = ops.get_default_graph()
+        with self._lock:
+            used = self._used.setdefault(graph, {}).setdefault(device, {"keys": set(), "signatures": {}})
+            signature = f"{dtype}:{elements}"
+            occurrence = used["signatures"].get(signature, 0)
+            used["signatures"][signature] = occurrence + 1
+            key = zlib.crc32(f"{signature}:{occurrence}".encode()) % self.SPACE
+            while key in used["keys"]:
+                key = (key + 1) % self.SPACE
+            used["keys"].add(key)
+        return INSTANCE_KEY_BASE + key
+
+
+# One for the process: two optimizers' collectives in one step function must not share keys.
+_INSTANCE_KEYS = _InstanceKeys()
