@@ -107,10 +107,9 @@ def variants(tmp: Path, model: str, batch: int, warmup: int, steps: int, ray: bo
         # per-step machinery without any communication.
         def run():
             ports = free_ports(2)
-            config = [json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}"]}, "task": {"type": "worker", "index": 0}})
-                      for p in ports]
             runs = [pin(r, [*cmd, "--run-dir", tempfile.mkdtemp(dir=tmp)]) for r in range(2)]
-            return sum(parse_rate(out) for out in run_group(runs, [{**e, "TF_CONFIG": c} for c in config], every=True))
+            envs = [{**e, "TF_CONFIG": tf_config([p], 0)} for p in ports]
+            return sum(parse_rate(out) for out in run_group(runs, envs, every=True))
         return run
 
     def two_workers(cmd, shared_run_dir=False):

@@ -66,11 +66,7 @@ def sum_gradients(optimizer, strategy, *, compression: str = "none", resolved_on
                         "collective keys, which this TensorFlow does not expose; using TensorFlow's all-reduce")
     if reduce is None and compression == "none":
         return optimizer
-    if reduce is None:
-        import tensorflow as tf
-
-        def reduce(values):
-            return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
+    reduce = reduce or _tensorflow_sum
 
     def aggregate_gradients(grads_and_vars):
         grads_and_vars = list(grads_and_vars)
@@ -82,6 +78,13 @@ def sum_gradients(optimizer, strategy, *, compression: str = "none", resolved_on
 
     optimizer.aggregate_gradients = aggregate_gradients
     return optimizer
+
+
+def _tensorflow_sum(values: list) -> list:
+    """The strategy's own all-reduce (MultiWorkerMirroredStrategy: V2 collectives) of a replica's values."""
+    import tensorflow as tf
+
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
 
 
 def _compress(gradients: list, compression: str) -> list:
@@ -115,10 +118,9 @@ def _resolved_once_reducer(strategy, pack_bytes: int) -> Callable[[list], list] 
         from tensorflow.python.distribute import device_util
         from tensorflow.python.ops import collective_ops
 
-        context = tf.distribute.get_replica_context()
         if tf.executing_eagerly():
             # Keras's run_eagerly: no traced function to keep a kernel in, so nothing to resolve once.
-            return context.all_reduce(tf.distribute.ReduceOp.SUM, values)
+            return _tensorflow_sum(values)
         # The replica's device: MirroredStrategy's replica threads run under it; with one local
         # device MultiWorkerMirroredStrategy may set none, and that device is the only one.
         device = device_util.current() or local_devices[0]
@@ -145,7 +147,7 @@ def _resolved_once_reducer(strategy, pack_bytes: int) -> Callable[[list], list] 
             # Embedding gradients (TensorFlow all-gathers IndexedSlices) and any of unknown shape:
             # left to TensorFlow, after distrain's packs.
             with tf.control_dependencies([previous] if previous is not None else []):
-                reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, [values[i] for i in others])
+                reduced = _tensorflow_sum([values[i] for i in others])
             for i, g in zip(others, reduced):
                 out[i] = g
         return out
