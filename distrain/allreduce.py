@@ -155,6 +155,27 @@ def _resolved_once_reducer(strategy, pack_bytes: int) -> Callable[[list], list] 
     return reduce
 
 
+def keep_collectives_apart() -> None:
+    """Stops Grappler's scoped allocator from merging the V1 collectives of a traced function.
+
+    MultiWorkerMirroredStrategy turns it on for ``CollectiveReduce`` (V1) when it configures the
+    runtime; its own all-reduces are V2, which it does not touch. On distrain's V1 collectives it
+    merges a function's collectives into one, even across the control edges that order them
+    (for 2 KiB packs ``TF_CPP_VMODULE=scoped_allocator_optimizer=2`` logs "UnaryElementwiseRewriter::
+    Rewrite CollectiveReduce to: CollectiveReduce, CollectiveReduce_1"): ``all_reduce_pack_bytes`` is silently
+    undone, and the merged collective runs under the instance key of one of them with another
+    length, which TensorFlow rejects if that key is also used unmerged in another function ("Shape
+    mismatch in the collective instance"). Must run before the first traced function.
+    """
+    from tensorflow.python.eager import context
+
+    ctx = context.context()
+    if getattr(ctx, "_collective_scoped_allocator_enabled_ops", None):
+        ctx._collective_scoped_allocator_enabled_ops = None
+        # The call options of this thread were made from the config with it on.
+        ctx.function_call_options = None
+
+
 def _packs(dense: list, positions: list[int], pack_bytes: int) -> list[list[int]]:
     """Positions of the gradients in each collective: by dtype, then in packs of ~pack_bytes."""
     by_dtype: dict[Any, list[int]] = {}

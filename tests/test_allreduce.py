@@ -191,31 +191,40 @@ def test_fp16_all_reduce_over_two_replicas_stays_close_to_one_process(one_proces
     assert max(diffs) > 1e-7, "fp16 compression changed nothing: is it applied?"
 
 
-def _two_workers_against_one_process(one_process, tmp_path, workers_factory, label: str, **job) -> list[float]:
-    """Trains the job on 2 multi_worker processes; the relative differences to one process's weights."""
+def _two_workers_against_one_process(one_process, tmp_path, workers_factory, label: str, env: dict | None = None,
+                                     **job) -> tuple[list[float], list[str]]:
+    """Trains the job on 2 multi_worker processes: the relative differences to one process's
+    weights, and the workers' logs."""
     path = _job(tmp_path / "job.yaml", strategy="multi_worker", **job)
     ports = free_ports(2)
     cmd = [*DISTRAIN, "train", str(path), "--run-dir", str(tmp_path / "run")]
-    workers = workers_factory([cmd, cmd], [worker_env(TF_CONFIG=tf_config(ports, i)) for i in range(2)])
+    workers = workers_factory([cmd, cmd], [worker_env(TF_CONFIG=tf_config(ports, i), **(env or {})) for i in range(2)])
     assert workers.wait(timeout=240) == [0, 0], workers.output()
     diffs = _relative_differences(model_weights(tmp_path / "run"), model_weights(one_process))
     print(f"{label} vs one process, relative L2 per weight tensor:", ", ".join(f"{d:.1e}" for d in diffs))
-    return diffs
+    return diffs, [log.read_text() for log in workers.logs]
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_packed_all_reduce_over_two_workers_is_exact(one_process, tmp_path, workers_factory):
     # 2 KiB packs split this CNN's gradients (320 B of conv, 5.2 KB of dense) into more than one all-reduce.
-    diffs = _two_workers_against_one_process(one_process, tmp_path, workers_factory, "packed", pack=2048)
+    # Grappler's scoped allocator, which logs what it rewrites at this level, must leave them apart
+    # (allreduce.keep_collectives_apart): without that it merged them into one.
+    verbose = {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_CPP_VMODULE": "scoped_allocator_optimizer=2"}
+    diffs, logs = _two_workers_against_one_process(one_process, tmp_path, workers_factory, "packed", env=verbose,
+                                                   pack=2048)
     assert max(diffs) <= 1e-5, diffs
+    assert all("ScopedAllocatorOptimizer" in log for log in logs), "the optimizer's log is missing: is the level set?"
+    assert not any("Rewrite CollectiveReduce" in log for log in logs), [
+        line for log in logs for line in log.splitlines() if "Rewrite CollectiveReduce" in line]
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_tensorflows_own_all_reduce_over_two_workers_is_exact(one_process, tmp_path, workers_factory):
-    diffs = _two_workers_against_one_process(one_process, tmp_path, workers_factory, "TensorFlow's all-reduce",
-                                             all_reduce="tensorflow")
+    diffs, _ = _two_workers_against_one_process(one_process, tmp_path, workers_factory, "TensorFlow's all-reduce",
+                                                all_reduce="tensorflow")
     assert max(diffs) <= 1e-5, diffs
 
 
@@ -223,8 +232,8 @@ def test_tensorflows_own_all_reduce_over_two_workers_is_exact(one_process, tmp_p
 @pytest.mark.timeout(300)
 def test_fp16_all_reduce_over_two_workers_resolved_once_stays_close_to_one_process(one_process, tmp_path,
                                                                                     workers_factory):
-    diffs = _two_workers_against_one_process(one_process, tmp_path, workers_factory, "fp16 (2 workers)",
-                                             compression="fp16")
+    diffs, _ = _two_workers_against_one_process(one_process, tmp_path, workers_factory, "fp16 (2 workers)",
+                                                compression="fp16")
     assert max(diffs) <= FP16_TOLERANCE, diffs
     assert max(diffs) > 1e-7, "fp16 compression changed nothing: is it applied?"
 
