@@ -160,11 +160,11 @@ def keep_collectives_apart() -> None:
 
     MultiWorkerMirroredStrategy turns it on for ``CollectiveReduce`` (V1) when it configures the
     runtime; its own all-reduces are V2, which it does not touch. On distrain's V1 collectives it
-    merges a function's collectives into one, even across the control edges that order them
-    (for 2 KiB packs ``TF_CPP_VMODULE=scoped_allocator_optimizer=2`` logs "UnaryElementwiseRewriter::
-    Rewrite CollectiveReduce to: CollectiveReduce, CollectiveReduce_1"): ``all_reduce_pack_bytes`` is silently
-    undone, and the merged collective runs under the instance key of one of them with another
-    length, which TensorFlow rejects if that key is also used unmerged in another function ("Shape
+    merges a function's collectives into one, even across the control edges that order them (for
+    2 KiB packs, ``TF_CPP_VMODULE=scoped_allocator_optimizer=2`` logs "Rewrite CollectiveReduce
+    to: CollectiveReduce, CollectiveReduce_1"). So ``all_reduce_pack_bytes`` is silently undone,
+    and the merged collective runs under the instance key of one of them with another length,
+    which TensorFlow rejects where that key is also used unmerged in another function ("Shape
     mismatch in the collective instance"). Must run before the first traced function.
     """
     from tensorflow.python.eager import context
