@@ -106,8 +106,9 @@ def _resolved_once_reducer(strategy, pack_bytes: int) -> Callable[[list], list] 
     extended = strategy.extended
     keys = getattr(extended, "_collective_keys", None)
     devices = getattr(extended, "worker_devices", None)
-    if keys is None or not devices or not hasattr(keys, "get_group_key"):
+    if not devices or not hasattr(keys, "get_group_key"):
         return None
+    keep_collectives_apart()
     local_devices = list(devices)
     group_key = keys.get_group_key(local_devices)
     group_size = strategy.num_replicas_in_sync
@@ -165,7 +166,8 @@ def keep_collectives_apart() -> None:
     to: CollectiveReduce, CollectiveReduce_1"). So ``all_reduce_pack_bytes`` is silently undone,
     and the merged collective runs under the instance key of one of them with another length,
     which TensorFlow rejects where that key is also used unmerged in another function ("Shape
-    mismatch in the collective instance"). Must run before the first traced function.
+    mismatch in the collective instance"). Called where the V1 reducer is made, before any
+    function holding one is traced.
     """
     from tensorflow.python.eager import context
 

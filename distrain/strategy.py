@@ -192,10 +192,6 @@ def build(spec_distribute, world: World) -> Distribution:
         options = tf.distribute.experimental.CommunicationOptions(
             implementation=implementation, bytes_per_pack=spec_distribute.all_reduce_pack_bytes)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-        if gradient_all_reduce(spec_distribute.gradient_all_reduce, bool(gpus)) == "resolved_once":
-            from distrain.allreduce import keep_collectives_apart
-
-            keep_collectives_apart()
     elif name == "mirrored":
         devices = list(spec_distribute.devices) or None
         if devices is None and not gpus:
