@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, busy_share, env, free_ports, machine, record, run_group  # noqa: E402
+from common import REPO, bare_cnn_step, busy_share, env, free_ports, machine, record, run_group  # noqa: E402
 
 PY = sys.executable
 BATCH = 64
@@ -47,31 +47,9 @@ def worker(steps_per_call: int, all_reduce: str, steps: int, profiled: int, trac
     sys.path.insert(0, str(REPO))
     from distrain.tf_startup import import_tensorflow
     tf = import_tensorflow()
-    from distrain.allreduce import sum_gradients
-    from distrain.models import build_model
-
     config = json.loads(os.environ["TF_CONFIG"])
-    workers = len(config["cluster"]["worker"])
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    strategy.extended.experimental_enable_get_next_as_optional = False  # as distrain's training input
-    rng = tf.random.Generator.from_seed(1)
-    images = rng.uniform([2048, 28, 28, 1])
-    labels = tf.cast(rng.uniform([2048], maxval=10, dtype=tf.int64), tf.int32)
-
-    def dataset(_context):
-        return tf.data.Dataset.from_tensor_slices((images, labels)).repeat().batch(BATCH, drop_remainder=True).prefetch(2)
-
-    with strategy.scope():
-        model = build_model("cnn", (28, 28, 1), 10, filters=64)
-        optimizer = sum_gradients(tf.keras.optimizers.Adam(1e-3), strategy, resolved_once=all_reduce == "resolved_once")
-    batches = iter(strategy.distribute_datasets_from_function(dataset))
-    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(reduction="none")
-
-    def replica_step(x, y):
-        with tf.GradientTape() as tape:
-            loss = tf.nn.compute_average_loss(loss_fn(y, model(x, training=True)), global_batch_size=BATCH * workers)
-        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-        return loss
+    replica_step, batches = bare_cnn_step(tf, strategy, resolved_once=all_reduce == "resolved_once", batch=BATCH)
 
     @tf.function
     def train(iterator):

@@ -80,6 +80,45 @@ def steady_images_per_s(run_dir: Path) -> float:
     return statistics.median(e["images_per_s"] for e in epochs[1:])
 
 
+def bare_cnn_step(tf, strategy, *, resolved_once: bool = True, batch: int = 64):
+    """The course CNN's training step without Keras's ``fit``: forward, backward, the gradient sum
+    (distrain's, ``distrain/allreduce.py``, on MultiWorkerMirroredStrategy), Adam.
+
+    Returns ``(replica_step, batches)``: the function for ``strategy.run`` and an iterator over
+    synthetic batches of ``batch`` per replica to feed it, distributed under MultiWorkerMirroredStrategy.
+    """
+    sys.path.insert(0, str(REPO))
+    from distrain.allreduce import sum_gradients
+    from distrain.models import build_model
+
+    distributed = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if distributed:
+        strategy.extended.experimental_enable_get_next_as_optional = False  # as distrain's training input
+    rng = tf.random.Generator.from_seed(1)
+    images = rng.uniform([2048, 28, 28, 1])
+    labels = tf.cast(rng.uniform([2048], maxval=10, dtype=tf.int64), tf.int32)
+
+    def dataset(_context=None):
+        return tf.data.Dataset.from_tensor_slices((images, labels)).repeat().batch(batch, drop_remainder=True).prefetch(2)
+
+    with strategy.scope():
+        model = build_model("cnn", (28, 28, 1), 10, filters=64)
+        optimizer = tf.keras.optimizers.Adam(1e-3)
+        if distributed:
+            optimizer = sum_gradients(optimizer, strategy, resolved_once=resolved_once)
+    batches = iter(strategy.distribute_datasets_from_function(dataset) if distributed else dataset())
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(reduction="none")
+    global_batch = batch * strategy.num_replicas_in_sync
+
+    def replica_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.nn.compute_average_loss(loss_fn(y, model(x, training=True)), global_batch_size=global_batch)
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return loss
+
+    return replica_step, batches
+
+
 def busy_share(seconds: float = 1.0) -> float:
     """The share of both cores in use during ``seconds`` (before a run: anything else running?)."""
     def ticks():

@@ -22,6 +22,8 @@ bandwidth), so "2 x alone" cannot be reached by any distributed setup on this ma
 All measure the same thing: images/s over the steps after a warm-up, from the chief's step times.
 
     .venv/bin/python benchmarks/pinned.py [--models cnn,mobilenet_v2] [--batches 64,256] [--no-ray] [--record]
+
+With --record, each (model, batch) table replaces its own section of docs/performance.md when it is done.
 """
 from __future__ import annotations
 
@@ -221,21 +223,21 @@ def main() -> None:
         parser.error("--only measures part of the table; it cannot --record")
     if (os.cpu_count() or 1) < 2:
         sys.exit("pinned.py needs 2 cores")
-    sections = []
+    machine_line = f"Machine: {machine()}."
     for model in args.models.split(","):
         for batch in map(int, args.batches.split(",")):
             rates, busy = measure(model, batch, args.repeats, not args.no_ray,
                                   [o for o in args.only.split(",") if o])
-            sections.append(table(model, batch, rates, busy, args.repeats))
-            print(sections[-1] + "\n", flush=True)
-    text = ("Each process pinned to its own core (`taskset -c`), `TF_NUM_INTRAOP_THREADS=1`, "
-            "`TF_NUM_INTEROP_THREADS=1`; the 1-process rows pinned to core 0. Command: `.venv/bin/python "
-            f"benchmarks/pinned.py --models {args.models} --batches {args.batches} --repeats {args.repeats}"
-            f"{' --no-ray' if args.no_ray else ''}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n"
-            + "\n\n".join(sections) + f"\n\nMachine: {machine()}.")
-    print(text)
-    if args.record:
-        record("pinned", text)
+            text = ("Each process pinned to its own core (`taskset -c`), `TF_NUM_INTRAOP_THREADS=1`, "
+                    "`TF_NUM_INTEROP_THREADS=1`; the 1-process rows pinned to core 0. Command: `.venv/bin/python "
+                    f"benchmarks/pinned.py --models {model} --batches {batch} --repeats {args.repeats}"
+                    f"{' --no-ray' if args.no_ray else ''}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n"
+                    + table(model, batch, rates, busy, args.repeats) + f"\n\n{machine_line}")
+            print(text + "\n", flush=True)
+            if args.record:
+                # One section per table, written as soon as it is measured: a partial run (one model,
+                # or a run stopped half-way) replaces only the tables it measured.
+                record(f"pinned-{model}-{batch}", text)
 
 
 if __name__ == "__main__":
