@@ -127,10 +127,12 @@ def lockstep_ceiling(a: list[float], b: list[float]) -> float:
 
 
 def mean_step(reports: list[dict]) -> float:
+    """Mean step time (s) over the processes of a pair, each process's mean first."""
     return statistics.mean(statistics.mean(r["step_times"]) for r in reports)
 
 
 def cnn_parameters() -> int:
+    """The course CNN's parameter count: the floats its gradient all-reduce sums."""
     sys.path.insert(0, str(REPO))
     from distrain.tf_startup import import_tensorflow
     import_tensorflow()
