@@ -7,7 +7,7 @@ benchmarks/pinned.py. Three measurements:
   rounds      R rounds, each alternating four runs: 2 independent processes, then 2
               MultiWorkerMirroredStrategy workers, of a bare training step (the course CNN, 64 per
               replica, Adam, a custom loop; the workers sum gradients with distrain's all-reduce,
-              distrain/allreduce.py); then the same pair as `distrain bench`. Per round, each
+              distrain/backends/allreduce.py); then the same pair as `distrain bench`. Per round, each
               pair's efficiency (2 workers against 2 independent processes) and, from the
               independent processes' step times, the lockstep ceiling: their mean step over the
               mean of max(one's step, the other's step), step by step. That is what 2 workers
@@ -48,7 +48,7 @@ def worker(mode: str, steps: int, elements: int) -> dict:
     sys.path.insert(0, str(REPO))
     from distrain.tf_startup import import_tensorflow
     tf = import_tensorflow()
-    from distrain.allreduce import keep_collectives_apart
+    from distrain.backends.allreduce import keep_collectives_apart
 
     together = bool(os.environ.get("TF_CONFIG"))
     strategy = tf.distribute.MultiWorkerMirroredStrategy() if together else tf.distribute.get_strategy()

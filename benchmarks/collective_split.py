@@ -16,7 +16,7 @@ records some steps on both workers, and the trace gives, per all-reduce:
 It runs this with 1 and with 4 training steps per tf.function call (a loop inside the function,
 as Keras's steps_per_execution does), to show the cache at work: from the second step of a call
 on, the instance is cached and the non-leader does not ask. Then once more with distrain's own
-gradient all-reduce (distrain/allreduce.py, the multi_worker default on CPU): TensorFlow's V1
+gradient all-reduce (distrain/backends/allreduce.py, the multi_worker default on CPU): TensorFlow's V1
 collective op, resolved on its first step only, so no step asks. The split comes from the profiler and
 repeats from run to run; "ms a step" is one run's, and moves by about a millisecond between runs
 on this 2-core VM (use benchmarks/pinned.py for throughput).
@@ -49,7 +49,7 @@ def worker(steps_per_call: int, all_reduce: str, steps: int, profiled: int, trac
     tf = import_tensorflow()
     config = json.loads(os.environ["TF_CONFIG"])
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    replica_step, batches = bare_cnn_step(tf, strategy, resolved_once=all_reduce == "resolved_once", batch=BATCH)
+    replica_step, batches = bare_cnn_step(tf, strategy, setup_once=all_reduce == "setup_once", batch=BATCH)
 
     @tf.function
     def train(iterator):
@@ -128,8 +128,8 @@ def main() -> None:
     busy = busy_share()
     rows = ["| gradient all-reduce | steps per tf.function call | ms a step | task | complete params, median ms | "
             "complete params over 0.2 ms | ring, median ms |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    names = {"tensorflow": "MultiWorkerMirroredStrategy's (V2)", "resolved_once": "distrain's, resolved once (V1)"}
-    for all_reduce, steps_per_call in (("tensorflow", 1), ("tensorflow", 4), ("resolved_once", 1)):
+    names = {"tensorflow": "MultiWorkerMirroredStrategy's (V2)", "setup_once": "distrain's, resolved once (V1)"}
+    for all_reduce, steps_per_call in (("tensorflow", 1), ("tensorflow", 4), ("setup_once", 1)):
         for r in measure(steps_per_call, all_reduce, args.steps, args.profiled):
             role = "0 (group leader)" if r["task"] == 0 else str(r["task"])
             rows.append(f"| {names[all_reduce]} | {steps_per_call} | {r['ms_per_step']:.2f} | {role} | "

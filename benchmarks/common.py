@@ -80,15 +80,15 @@ def steady_images_per_s(run_dir: Path) -> float:
     return statistics.median(e["images_per_s"] for e in epochs[1:])
 
 
-def bare_cnn_step(tf, strategy, *, resolved_once: bool = True, batch: int = 64):
+def bare_cnn_step(tf, strategy, *, setup_once: bool = True, batch: int = 64):
     """The course CNN's training step without Keras's ``fit``: forward, backward, the gradient sum
-    (distrain's, ``distrain/allreduce.py``, on MultiWorkerMirroredStrategy), Adam.
+    (distrain's, ``distrain/backends/allreduce.py``, on MultiWorkerMirroredStrategy), Adam.
 
     Returns ``(replica_step, batches)``: the function for ``strategy.run`` and an iterator over
     synthetic batches of ``batch`` per replica to feed it, distributed under MultiWorkerMirroredStrategy.
     """
     sys.path.insert(0, str(REPO))
-    from distrain.allreduce import sum_gradients
+    from distrain.backends.allreduce import sum_gradients
     from distrain.models import build_model
 
     distributed = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
@@ -105,7 +105,7 @@ def bare_cnn_step(tf, strategy, *, resolved_once: bool = True, batch: int = 64):
         model = build_model("cnn", (28, 28, 1), 10, filters=64)
         optimizer = tf.keras.optimizers.Adam(1e-3)
         if distributed:
-            optimizer = sum_gradients(optimizer, strategy, resolved_once=resolved_once)
+            optimizer = sum_gradients(optimizer, strategy, setup_once=setup_once)
     batches = iter(strategy.distribute_datasets_from_function(dataset) if distributed else dataset())
     loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(reduction="none")
     global_batch = batch * strategy.num_replicas_in_sync

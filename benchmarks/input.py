@@ -64,15 +64,16 @@ CHILD_INPUT = r'''
 import json, sys, time
 import distrain
 import tensorflow as tf
-from distrain import data as data_lib
+from distrain.data import sources
+from distrain.data.pipelines import Pipelines, steps_per_epoch
 from distrain.spec import spec_from_dict
 
 source, path, size, channels, batches, flip = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 spec = spec_from_dict({"data": {"source": source, "path": path, "image_size": [size, size], "batch_size_per_replica": 32,
                                 "validation_split": 0.0, "test_split": 0.01, "augment": {"flip": flip}}}).data
-splits = data_lib.load(spec, 1, channels=channels)
-steps = data_lib.steps_per_epoch(splits.train_size_global, 32)
-pipes = data_lib.Pipelines(splits, 32, steps, 1, (size, size, channels), spec.augment)
+splits = sources.load(spec, 1, channels=channels)
+steps = steps_per_epoch(splits.train_size_global, 32)
+pipes = Pipelines(splits, 32, steps, 1, (size, size, channels), spec.augment)
 it = iter(pipes.train(tf.distribute.InputContext(1, 0, 1), 100))
 for _ in range(10):  # warm-up: tracing, thread pools, the first prefetch
     next(it)
@@ -87,14 +88,15 @@ CHILD_RESUME = r'''
 import json, sys, time
 import distrain
 import tensorflow as tf
-from distrain import data as data_lib
+from distrain.data import sources
+from distrain.data.pipelines import Pipelines, steps_per_epoch
 from distrain.spec import spec_from_dict
 
 path, size, fraction = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 spec = spec_from_dict({"data": {"source": "tfrecord", "path": path, "image_size": [size, size]}}).data
-splits = data_lib.load(spec, 1, channels=3)
-steps = data_lib.steps_per_epoch(splits.train_size_global, 32)
-pipes = data_lib.Pipelines(splits, 32, steps, 1, (size, size, 3), spec.augment)
+splits = sources.load(spec, 1, channels=3)
+steps = steps_per_epoch(splits.train_size_global, 32)
+pipes = Pipelines(splits, 32, steps, 1, (size, size, 3), spec.augment)
 next(iter(pipes.train(tf.distribute.InputContext(1, 0, 1), 1)))  # warm-up (tracing)
 start = int(steps * fraction)
 t = time.perf_counter()
@@ -237,7 +239,7 @@ def main() -> None:
             + "".join(f"| {name} | {i:.0f} | {m:.0f} | **{i / m:.1f}** |\n" for name, i, m in rows))
 
         # 3. TFRecord vs the same folder's JPEGs, and the cost of resuming a TFRecord stream.
-        from distrain import tfrecord
+        from distrain.data import tfrecord
 
         tfr = {}
         for label, size in (("resized", [64, 64]), ("original", None)):

@@ -17,47 +17,10 @@ In one process it runs what one process can (``one_device``, ``mirrored`` over t
 """
 from __future__ import annotations
 
-import itertools
 import os
-import sys
-import types
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
 from distrain.errors import UsageError
-
-# Callables the API was given that no reference can name (lambdas, closures, partials) live as
-# attributes of this module for the process's lifetime, so they have a reference like any other.
-CALLABLES_MODULE = "distrain_callables"
-_counter = itertools.count(1)
-
-
-def reference_of(obj: Union[str, Callable], what: str) -> str:
-    """The import reference naming ``obj``: itself for a string, ``module:qualname`` for a function
-    defined at the top of a module (a notebook's ``__main__`` included), else a name in
-    ``distrain_callables`` (valid in this process only)."""
-    if isinstance(obj, str):
-        return obj
-    if not callable(obj):
-        raise UsageError(f"distrain.train: {what}: expected a function or an import reference, got "
-                         f"{type(obj).__name__}")
-    module_name = getattr(obj, "__module__", None)
-    qualname = getattr(obj, "__qualname__", "")
-    module = sys.modules.get(module_name or "")
-    if module is not None and qualname and "<" not in qualname:
-        target: Any = module
-        for part in qualname.split("."):
-            target = getattr(target, part, None)
-        if target is obj:
-            return f"{module_name}:{qualname}"
-    holder = sys.modules.get(CALLABLES_MODULE)
-    if holder is None:
-        holder = sys.modules[CALLABLES_MODULE] = types.ModuleType(
-            CALLABLES_MODULE, "Functions given to distrain.train that have no import reference of their own.")
-    base = "".join(c if c.isalnum() else "_" for c in getattr(obj, "__name__", "") or what).strip("_") or what
-    name = f"{base}_{next(_counter)}"
-    setattr(holder, name, obj)
-    return f"{CALLABLES_MODULE}:{name}"
 
 
 def train(job: Union[str, os.PathLike, Mapping[str, Any]], *, model: Union[str, Callable, None] = None,
@@ -83,39 +46,18 @@ def train(job: Union[str, os.PathLike, Mapping[str, Any]], *, model: Union[str, 
         UsageError: bad input (one line naming the key, the reference, the file), before training.
         TrainingStopped: preempted, a peer lost or a NaN loss (``exit_code`` says which).
     """
-    import distrain  # noqa: F401  (tf-keras for tf.keras, before the user's code imports TensorFlow)
-    from distrain.cli import resolve_run_dir
-    from distrain.spec import read_job, spec_from_dict
-    from distrain.user_code import check_spec
-    from distrain.world import detect
+    from distrain import startup
+    from distrain.user_code import reference_of
 
-    if isinstance(job, Mapping):
-        raw, source, base_dir = dict(job), "distrain.train(job=dict)", Path.cwd()
-    elif isinstance(job, (str, os.PathLike)):
-        path = Path(job)
-        raw, source, base_dir = read_job(path), str(path), path.parent
-    else:
-        raise UsageError(f"distrain.train: job: expected a job file's path or a dict, got {type(job).__name__}")
-    if isinstance(overrides, str):
-        raise UsageError("distrain.train: overrides: expected a list of key.path=value strings, got one string")
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UsageError(f"{source}: expected a mapping of keys at the top level")
-    for key, value in (("model", model), ("data", data)):
-        if value is None:
-            continue
-        section = raw.get(key) if raw.get(key) is not None else {}
-        if not isinstance(section, dict):
-            raise UsageError(f"{source}: {key}: expected a mapping of keys, got {section!r}")
-        section = dict(section)
-        section["name" if key == "model" else "source"] = reference_of(value, key)
-        raw[key] = section
-    spec = spec_from_dict(raw, source=source, overrides=overrides, base_dir=base_dir)
-    check_spec(spec, source)
-    world = detect(port_override=spec.distribute.port)
-    directory = resolve_run_dir(spec, run_dir=Path(run_dir) if run_dir else None, run_id=None,
-                                world_size=world.world_size)
+    try:  # the arguments themselves; what they hold is checked by the start-up, as on the command line
+        if not isinstance(job, (str, os.PathLike, Mapping)):
+            raise UsageError(f"job: expected a job file's path or a dict, got {type(job).__name__}")
+        if isinstance(overrides, str):
+            raise UsageError("overrides: expected a list of key.path=value strings, got one string")
+        model, data = (None if fn is None else reference_of(fn, what) for what, fn in (("model", model), ("data", data)))
+    except UsageError as err:
+        raise UsageError(f"distrain.train: {err}") from None
+    begun = startup.start(job, overrides, model=model, data=data, run_dir=run_dir)
     from distrain.run import train as run_train
 
-    return run_train(spec, directory, world=world)
+    return run_train(begun.spec, begun.run_dir, world=begun.world)

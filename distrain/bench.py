@@ -266,7 +266,7 @@ def measure_baseline(job: str, overrides: Sequence[str], steps: int, warmup: int
     return Baseline(result["images_per_s_per_replica"], result["step_time_s"]["median"], "measured")
 
 
-def run_bench(spec, *, steps: int, warmup: int, baseline: Optional[Baseline] | str, world=None,
+def run_bench(spec, *, steps: int, warmup: int, baseline: Optional[Baseline] | str, world,
               run_dir: Optional[Path] = None, baseline_fn=None) -> dict:
     """Benchmarks ``spec`` in this process, as one worker of ``world``.
 
@@ -275,16 +275,13 @@ def run_bench(spec, *, steps: int, warmup: int, baseline: Optional[Baseline] | s
         steps: timed steps, after ``warmup`` untimed ones.
         baseline: "auto" (``baseline_fn`` measures one replica when the run has several),
             None, or a given ``Baseline``.
-        world: this process's place (default: detected; ``distrain ray`` passes its own).
+        world: this process's place (``startup.start``).
         run_dir: where the run writes (default: a temporary directory, removed afterwards).
         baseline_fn: returns the measured ``Baseline`` (called before TensorFlow starts here).
 
     Returns:
         The result (see ``summarize``), plus the job, model, world and batch arithmetic.
     """
-    from distrain.world import detect
-
-    world = world or detect(port_override=spec.distribute.port)
     guess = replicas_guess(spec, world)
     if baseline == "auto":
         baseline = baseline_fn() if guess > 1 and baseline_fn else None
@@ -356,53 +353,26 @@ def add_parser(subparsers) -> None:
     p.set_defaults(handler=cmd_bench)
 
 
-def shared_run_dir(spec, world, run_dir: Optional[Path], env=os.environ) -> Optional[Path]:
-    """Where the workers of a benchmark write: one directory they all see, when there are several.
-
-    The start-up rendezvous keeps the run's secret there (``rendezvous``), so separate temporary
-    directories per worker would leave the others waiting for it. One worker, or a secret given
-    with ``DISTRAIN_SECRET_FILE``: ``run_dir`` as given (None: a temporary directory). Under SLURM:
-    ``OUTPUT_DIR/NAME/bench-slurm-JOB.STEP``, new for every ``srun``.
-
-    Raises:
-        UsageError: several workers outside SLURM without ``--run-dir`` or the secret file, or a
-            ``--run-dir`` that holds a backup (a benchmark there would resume instead of measuring).
-    """
-    from distrain.rendezvous import SECRET_ENV
-    from distrain.rundir import RunDir
-
-    if run_dir is None and world.world_size > 1 and not env.get(SECRET_ENV):
-        if not env.get("SLURM_JOB_ID"):
-            raise UsageError("--run-dir: required with several workers outside SLURM: a fresh directory every worker "
-                             f"sees (the start-up rendezvous keeps its secret there), or set {SECRET_ENV}")
-        run_dir = Path(spec.output_dir) / spec.name / f"bench-slurm-{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', 0)}"
-    if run_dir is not None and RunDir(run_dir).backup_step() > 0:
-        raise UsageError(f"--run-dir: {run_dir} holds a run's backup; a benchmark there would resume it: give a fresh "
-                         "directory")
-    return run_dir
-
-
 def cmd_bench(args) -> int:
     """``distrain bench``: checks every input, then benchmarks; the chief prints the result."""
-    from distrain.spec import load_spec
+    from distrain import startup
 
     if args.steps < 1:
         raise UsageError(f"--steps: expected a positive integer, got {args.steps}")
     if args.warmup < 0:
         raise UsageError(f"--warmup: expected a non-negative integer, got {args.warmup}")
-    spec = load_spec(args.job, args.overrides)
-    data_shape(spec)  # an image folder without classes fails here, before anything starts
     baseline = parse_baseline(args.baseline)
+    # The user's code and the world are checked, and the run dir located, before the baseline or
+    # any peer starts.
+    begun = startup.start(args.job, args.overrides, purpose="bench", run_dir=args.run_dir)
+    spec, world = begun.spec, begun.world
+    data_shape(spec)  # an image folder without classes fails here, before anything starts
 
     def measure() -> Baseline:
         return measure_baseline(args.job, args.overrides, args.steps, args.warmup, args.baseline_timeout)
 
-    from distrain.world import detect
-
-    world = detect(port_override=spec.distribute.port)
-    run_dir = shared_run_dir(spec, world, args.run_dir)
     result = run_bench(spec, steps=args.steps, warmup=args.warmup, baseline=baseline, world=world,
-                       run_dir=run_dir, baseline_fn=measure)
+                       run_dir=begun.run_dir, baseline_fn=measure)
     if world.is_chief:
         print(json.dumps(result, indent=1) if args.json else format_result(result), flush=True)
     return 0

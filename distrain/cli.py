@@ -3,7 +3,6 @@ only by the commands that need it, after every input has been checked."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -67,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from distrain.report import add_report_parser
     add_report_parser(sub)
-    from distrain.datacli import add_parser as add_data_parser
+    from distrain.data.cli import add_parser as add_data_parser
     add_data_parser(sub)
     from distrain.bench import add_parser as add_bench_parser
     add_bench_parser(sub)
@@ -82,24 +81,8 @@ def _add_launcher_parsers(sub) -> None:
     register_parsers(sub)
 
 
-def resolve_run_dir(spec, *, run_dir: Optional[Path], run_id: Optional[str], world_size: int,
-                    env=os.environ) -> Path:
-    """Where a run writes. Every worker must compute the same directory, so a time-stamped id is
-    only allowed for a single process; launchers give a job id."""
-    if run_dir:
-        return run_dir
-    run_id = run_id or env.get("DISTRAIN_RUN_ID") or (f"slurm-{env['SLURM_JOB_ID']}" if env.get("SLURM_JOB_ID") else None)
-    if run_id is None:
-        if world_size > 1:
-            raise UsageError("--run-dir: required with several workers outside SLURM (each worker must "
-                             "name the same directory), or set DISTRAIN_RUN_ID")
-        run_id = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(spec.output_dir) / spec.name / run_id
-
-
 def cmd_train(args) -> int:
-    from distrain.spec import load_spec
-    from distrain.world import detect
+    from distrain import startup
 
     job = args.job
     if args.resume:
@@ -110,17 +93,11 @@ def cmd_train(args) -> int:
             raise UsageError("--run-dir: give --resume RUN_DIR or --run-dir, not two different dirs")
     if job is None:
         raise UsageError("train: give a job file (e.g. jobs/quickstart.yaml) or --resume RUN_DIR")
-    spec = load_spec(job, args.overrides)
-    from distrain.user_code import check_spec
-
-    check_spec(spec, str(job))  # the user's code imports and fits its contract, before any worker starts
-    world = detect(port_override=spec.distribute.port)
-    run_dir = args.resume or resolve_run_dir(spec, run_dir=args.run_dir, run_id=args.run_id,
-                                             world_size=world.world_size)
+    begun = startup.start(job, args.overrides, run_dir=args.resume or args.run_dir, run_id=args.run_id)
     from distrain.run import train
 
-    summary = train(spec, run_dir, world=world)
-    if world.is_chief:
+    summary = train(begun.spec, begun.run_dir, world=begun.world)
+    if begun.world.is_chief:
         test = summary["test"]
         print(f"test accuracy: {test.get('accuracy', float('nan')):.4f}  loss: {test.get('loss', float('nan')):.4f}"
               f"  ({summary['steps']} steps, {summary['world_size']} worker(s), {summary['replicas']} replica(s))"
@@ -129,12 +106,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from distrain.spec import dump_spec, load_spec
+    from distrain import startup
+    from distrain.spec import dump_spec
 
-    spec = load_spec(args.job, args.overrides)
-    from distrain.user_code import check_spec
-
-    check_spec(spec, args.job)
+    spec = startup.check(args.job, args.overrides)
     if not args.quiet:
         print(dump_spec(spec), end="")
         print(f"# {args.job}: valid", file=sys.stderr)
@@ -201,7 +176,7 @@ def cmd_env(args) -> int:
     from distrain.world import detect
 
     world = detect(port_override=args.port)
-    from distrain.strategy import choose_strategy
+    from distrain.backends.factory import choose_strategy
     from distrain.tf_startup import import_tensorflow
 
     tf = import_tensorflow()

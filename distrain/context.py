@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 from distrain import lr as lr_lib
 from distrain.accumulation import accumulation_for
-from distrain.data import steps_per_epoch
+from distrain.data.pipelines import steps_per_epoch
 from distrain.errors import UsageError
 from distrain.rundir import RunDir
 from distrain.spec import JobSpec

@@ -49,14 +49,13 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from distrain.errors import EXIT_PEER_LOST, TrainingStopped, UsageError
-from distrain.rundir import RunDir
+from distrain.rundir import SECRET_ENV, RunDir
 from distrain.world import World
 
 log = logging.getLogger("distrain")
 
 PROTOCOL = "distrain-rendezvous/1"
 SECRET_FILE = RunDir.RENDEZVOUS_SECRET  # in the run dir
-SECRET_ENV = "DISTRAIN_SECRET_FILE"
 _SECRET_PREFIX = "distrain-secret "
 MAX_LINE = 4096  # bytes; a longer line is not a peer of ours
 HANDSHAKE_S = 10.0  # an accepted connection must authenticate within this, or it is dropped

@@ -4,7 +4,7 @@ A run is a sequence of named stages, each a function below:
 
 1. ``open_run_dir``: the run dir, logging, ``job.yaml`` (chief).
 2. ``rendezvous.meet``: every worker present (or exit 76 naming the missing), before TensorFlow.
-   ``strategy.build``: the distribution, before any other TensorFlow op of the process.
+   ``backends.factory.build``: the distribution, before any other TensorFlow op of the process.
 3. ``load_data``: the data source, this worker's share of it.
 4. ``context.resolve``: the ``RunContext`` (batch arithmetic, steps, LR plan, input shape, start step).
 5. ``build_model``: model, optimizer and backup restore, inside the strategy's scope.
@@ -78,12 +78,13 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     started = time.time()
     world = world or detect(port_override=spec.distribute.port)
     rundir = open_run_dir(spec, run_dir, world)
-    from distrain import context, strategy
+    from distrain import context
+    from distrain.backends import factory
     from distrain import lr as lr_lib
     from distrain.rendezvous import meet
 
     meet(world, rundir.root, spec.distribute.startup_timeout_s)  # every peer present before any TF collective
-    dist = strategy.build(spec.distribute, world)  # first TensorFlow op of the process
+    dist = factory.build(spec.distribute, world)  # first TensorFlow op of the process
     data = load_data(spec, dist)
     ctx = context.resolve(spec, world, dist, data, rundir)
     log.info("%s", ctx.describe())
@@ -154,18 +155,18 @@ def record_segment(ctx: RunContext) -> None:
 
 def load_data(spec: JobSpec, dist):
     """This worker's data (for image folders: its shard of the files), decoded with the model's channels."""
-    from distrain import data as data_lib
     from distrain.context import image_channels
+    from distrain.data import sources
     from distrain.models import default_input_shape
     from distrain.user_code import is_reference
 
     channels = image_channels(spec, default_input_shape(spec.model.name))
     if is_reference(spec.data.source):  # the user's loader (distrain.user_data)
-        from distrain import user_data
+        from distrain.data import user as user_data
 
         data = user_data.load(spec.data, spec.seed)
     else:
-        data = data_lib.load(spec.data, spec.seed, channels=channels, shard=(dist.pipeline_id, dist.num_pipelines))
+        data = sources.load(spec.data, spec.seed, channels=channels, shard=(dist.pipeline_id, dist.num_pipelines))
     if data.synthetic:
         log.warning("data.source synthetic: random images and labels, for throughput only; accuracy means nothing")
     return data
@@ -222,9 +223,9 @@ def build_model(ctx: RunContext) -> Trainee:
 
 def build_inputs(ctx: RunContext, data) -> Inputs:
     """The distributed train, validation and test datasets; training starts at ``ctx.start_step``."""
-    from distrain import data as data_lib
-    from distrain.inputwatch import InputWatch
-    from distrain.user_data import make_pipelines
+    from distrain.data.inputwatch import InputWatch
+    from distrain.data.pipelines import eval_steps
+    from distrain.data.user import make_pipelines
 
     spec, dist = ctx.spec, ctx.dist
     watch = InputWatch(batches_per_step=dist.local_replicas)
@@ -237,8 +238,8 @@ def build_inputs(ctx: RunContext, data) -> Inputs:
         train=dist.distribute_datasets(lambda ic: pipes.train(ic, spec.train.epochs, ctx.start_step), even=True),
         val=dist.distribute_datasets(lambda ic: pipes.evaluation(ic, "val")) if val_size else None,
         test=dist.distribute_datasets(lambda ic: pipes.evaluation(ic, "test")),
-        val_steps=data_lib.eval_steps(val_size, ctx.global_batch) if val_size else None,
-        test_steps=data_lib.eval_steps(test_size, ctx.global_batch),
+        val_steps=eval_steps(val_size, ctx.global_batch) if val_size else None,
+        test_steps=eval_steps(test_size, ctx.global_batch),
         local_test_examples=len(range(dist.pipeline_id, test_size, dist.num_pipelines)))
 
 

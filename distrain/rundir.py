@@ -1,7 +1,8 @@
 """The run dir: every path a run writes, and the one way files in it are replaced.
 
-Every worker of a run names the same directory (``runs/<job>/<run id>`` or ``--run-dir``). Its
-layout is defined here and nowhere else; ``report``, the launchers and the SLURM shell launcher
+Every worker of a run names the same directory (``runs/<job>/<run id>`` or ``--run-dir``). Where
+it lives (``RunDir.for_training``, ``for_bench``, ``for_slurm_launcher``, ``for_ray``) and its layout
+are defined here and nowhere else; ``report``, the launchers and the SLURM shell launcher
 (``slurm/distrain-launch.sh``, checked by ``tests/test_rundir.py``) read the same names::
 
     job.yaml            the resolved job (chief, at start)
@@ -23,12 +24,17 @@ Nothing here imports TensorFlow.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import re
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Mapping, Optional, Union
+
+from distrain.errors import UsageError
 
 PathLike = Union[str, os.PathLike]
+# A rendezvous secret file every worker reads instead of RUN_DIR/.rendezvous-secret (``rendezvous``).
+SECRET_ENV = "DISTRAIN_SECRET_FILE"
 
 
 @contextlib.contextmanager
@@ -89,8 +95,84 @@ class RunDir:
     SCRATCH = ".workertemp"
     RENDEZVOUS_SECRET = ".rendezvous-secret"
 
+    RAY_RUN = "run"  # distrain ray: STORAGE/NAME/run, the same for every attempt
+
     def __init__(self, root: PathLike):
         self.root = Path(root)
+
+    # -- where a run dir lives -----------------------------------------------------------------
+
+    @staticmethod
+    def run_id(env: Mapping[str, str], *, explicit: Optional[str] = None) -> Optional[str]:
+        """The run's id every worker agrees on: ``--run-id``, ``$DISTRAIN_RUN_ID`` or ``slurm-$SLURM_JOB_ID``
+        (None: no launcher named one)."""
+        if explicit:
+            return explicit
+        if env.get("DISTRAIN_RUN_ID"):
+            return env["DISTRAIN_RUN_ID"]
+        return f"slurm-{env['SLURM_JOB_ID']}" if env.get("SLURM_JOB_ID") else None
+
+    @classmethod
+    def for_training(cls, output_dir: str, name: str, *, run_dir: Optional[PathLike] = None,
+                     run_id: Optional[str] = None, world_size: int = 1, env: Mapping[str, str] = os.environ,
+                     now: Optional[datetime.datetime] = None) -> Path:
+        """Where a training run writes: ``run_dir`` as given, else ``OUTPUT_DIR/NAME/<run id>``.
+
+        Every worker must compute the same directory, so a time-stamped id is only allowed for a
+        single process; launchers give a job id.
+
+        Raises:
+            UsageError: several workers and nothing they could all agree on.
+        """
+        if run_dir:
+            return Path(run_dir)
+        run_id = cls.run_id(env, explicit=run_id)
+        if run_id is None:
+            if world_size > 1:
+                raise UsageError("--run-dir: required with several workers outside SLURM (each worker must "
+                                 "name the same directory), or set DISTRAIN_RUN_ID")
+            run_id = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+        return Path(output_dir) / name / run_id
+
+    @classmethod
+    def for_bench(cls, output_dir: str, name: str, *, run_dir: Optional[PathLike] = None, world_size: int = 1,
+                  env: Mapping[str, str] = os.environ) -> Optional[Path]:
+        """Where the workers of ``distrain bench`` write: one directory they all see, when there are several.
+
+        The start-up rendezvous keeps the run's secret there (``rendezvous``), so separate temporary
+        directories per worker would leave the others waiting for it. One worker, or a secret given
+        with ``DISTRAIN_SECRET_FILE``: ``run_dir`` as given (None: a temporary directory). Under SLURM:
+        ``OUTPUT_DIR/NAME/bench-slurm-JOB.STEP``, new for every ``srun``.
+
+        Raises:
+            UsageError: several workers outside SLURM without ``--run-dir`` or the secret file, or a
+                ``--run-dir`` that holds a backup (a benchmark there would resume instead of measuring).
+        """
+        if run_dir is None and world_size > 1 and not env.get(SECRET_ENV):
+            if not env.get("SLURM_JOB_ID"):
+                raise UsageError("--run-dir: required with several workers outside SLURM: a fresh directory every "
+                                 f"worker sees (the start-up rendezvous keeps its secret there), or set {SECRET_ENV}")
+            run_dir = Path(output_dir) / name / f"bench-slurm-{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', 0)}"
+        if run_dir is not None and cls(run_dir).backup_step() > 0:
+            raise UsageError(f"--run-dir: {run_dir} holds a run's backup; a benchmark there would resume it: give a "
+                             "fresh directory")
+        return Path(run_dir) if run_dir is not None else None
+
+    @staticmethod
+    def for_slurm_launcher(runs_dir: str, name: str, *, bench: bool, env: Mapping[str, str] = os.environ,
+                           cwd: Optional[PathLike] = None) -> Path:
+        """The run dir ``slurm/distrain-launch.sh`` gives every task of an sbatch job: ``$DISTRAIN_RUN_DIR``,
+        else ``RUNS_DIR/NAME/slurm-JOBID`` (``bench-slurm-JOBID`` for a benchmark), absolute. Keyed by
+        the job id, so a requeued job finds its backup."""
+        given = env.get("DISTRAIN_RUN_DIR")
+        path = Path(given) if given else Path(runs_dir) / name / f"{'bench-' if bench else ''}slurm-{env['SLURM_JOB_ID']}"
+        return path if path.is_absolute() else Path(cwd or os.getcwd()) / path
+
+    @classmethod
+    def for_ray(cls, experiment_dir: PathLike) -> Path:
+        """``distrain ray``'s run dir, ``STORAGE/NAME/run``: the same for every attempt, so a
+        restarted worker group resumes from the backup."""
+        return Path(experiment_dir) / cls.RAY_RUN
 
     def __fspath__(self) -> str:
         return str(self.root)
@@ -128,8 +210,6 @@ class RunDir:
         except FileNotFoundError:
             return []
         except ValueError:
-            from distrain.errors import UsageError
-
             raise UsageError(f"{self.segments}: not JSON; it records the run's global batch: restore it, or "
                              "remove it to take the job's batch arithmetic") from None
         return segments if isinstance(segments, list) else []

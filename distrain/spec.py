@@ -9,6 +9,7 @@ Nothing here imports TensorFlow, so a bad job fails in milliseconds, before any 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import types
@@ -22,16 +23,23 @@ import yaml
 from distrain.errors import UsageError
 from distrain.models import MODELS, model_params
 
+log = logging.getLogger("distrain")
+
 DATA_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder", "tfrecord", "synthetic")
 STREAMED_SOURCES = ("image_folder", "tfrecord")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "horovod")
 
 
 def _check(*, choices: Sequence[Any] = (), min: float | None = None, max: float | None = None,
-           min_exclusive: bool = False, max_exclusive: bool = False, doc: str = "") -> dict:
-    """Field metadata: the constraints the validator enforces, and the reference text of the key."""
+           min_exclusive: bool = False, max_exclusive: bool = False, doc: str = "",
+           renamed: Optional[dict[str, str]] = None) -> dict:
+    """Field metadata: the constraints the validator enforces, and the reference text of the key.
+
+    ``renamed`` maps old values of a choice to their new names: an old value still works, with a
+    one-line notice naming the new one.
+    """
     return {"choices": tuple(choices), "min": min, "max": max, "min_exclusive": min_exclusive,
-            "max_exclusive": max_exclusive, "doc": doc}
+            "max_exclusive": max_exclusive, "doc": doc, "renamed": dict(renamed or {})}
 
 
 @dataclass(frozen=True)
@@ -129,7 +137,7 @@ class DistributeSpec:
     preemption_check_every: int = field(default=10, metadata=_check(min=1, doc="steps between agreements on stopping (preemption, NaN)"))
     gradient_compression: str = field(default="none", metadata=_check(choices=("none", "fp16"), doc="multi_worker, mirrored, horovod: all-reduce gradients as float16 (half the bytes; docs/performance.md)"))
     all_reduce_pack_bytes: int = field(default=0, metadata=_check(min=0, doc="multi_worker: all-reduce gradients in packs of about this many bytes (CommunicationOptions.bytes_per_pack); 0: one pack"))
-    gradient_all_reduce: str = field(default="auto", metadata=_check(choices=("auto", "resolved_once", "tensorflow"), doc="multi_worker: resolved_once sums gradients with collectives TensorFlow resolves on the first step only; tensorflow: MultiWorkerMirroredStrategy's own, which asks the group leader over gRPC before every step's all-reduce; auto: resolved_once on CPU workers, tensorflow on GPUs (docs/distributed.md)"))
+    gradient_all_reduce: str = field(default="auto", metadata=_check(choices=("auto", "setup_once", "tensorflow"), renamed={"resolved_once": "setup_once"}, doc="multi_worker: setup_once sums gradients with collectives set up on the first step only, so no step waits for a round trip to the group leader; tensorflow: MultiWorkerMirroredStrategy's own, which asks the group leader over gRPC before every step's all-reduce; auto: setup_once on CPU workers, tensorflow on GPUs (docs/distributed.md). The old name resolved_once still works"))
 
 
 @dataclass(frozen=True)
@@ -224,6 +232,10 @@ def _scalar(value: Any, typ: type, meta: dict, path: str) -> Any:
         out = float(value)
     else:  # pragma: no cover - a schema bug, not user input
         raise TypeError(f"unsupported field type {typ}")
+    renamed = meta.get("renamed") or {}
+    if out in renamed:
+        log.warning("%s: %s is now called %s; the old name still works, for now", path, out, renamed[out])
+        out = renamed[out]
     choices = meta.get("choices") or ()
     if choices and out not in choices:
         raise _Invalid(path, f"expected one of {', '.join(map(str, choices))}, got {_show(value)}")

@@ -25,13 +25,15 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import itertools
 import os
 import re
 import sys
 import traceback
+import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 from distrain.errors import UsageError
 
@@ -485,3 +487,37 @@ def check_spec(spec, source: str = "") -> None:
         if source:
             raise UsageError(f"{source}: {err}") from None
         raise
+
+
+# Callables the API was given that no reference can name (lambdas, closures, partials) live as
+# attributes of this module for the process's lifetime, so they have a reference like any other.
+CALLABLES_MODULE = "distrain_callables"
+_counter = itertools.count(1)
+
+
+def reference_of(obj: Union[str, Callable], what: str) -> str:
+    """The import reference naming ``obj``: itself for a string, ``module:qualname`` for a function
+    defined at the top of a module (a notebook's ``__main__`` included), else a name in
+    ``distrain_callables`` (valid in this process only)."""
+    if isinstance(obj, str):
+        return obj
+    if not callable(obj):
+        raise UsageError(f"{what}: expected a function or an import reference, got "
+                         f"{type(obj).__name__}")
+    module_name = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", "")
+    module = sys.modules.get(module_name or "")
+    if module is not None and qualname and "<" not in qualname:
+        target: Any = module
+        for part in qualname.split("."):
+            target = getattr(target, part, None)
+        if target is obj:
+            return f"{module_name}:{qualname}"
+    holder = sys.modules.get(CALLABLES_MODULE)
+    if holder is None:
+        holder = sys.modules[CALLABLES_MODULE] = types.ModuleType(
+            CALLABLES_MODULE, "Functions given to distrain.train that have no import reference of their own.")
+    base = "".join(c if c.isalnum() else "_" for c in getattr(obj, "__name__", "") or what).strip("_") or what
+    name = f"{base}_{next(_counter)}"
+    setattr(holder, name, obj)
+    return f"{CALLABLES_MODULE}:{name}"

@@ -70,12 +70,18 @@ distrain_launch() {
   bench_args=(${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"})
 
   # 1. The job and the allocation, before anything starts.
-  local info rc name="" strategy="" tensorboard=""
+  local info rc strategy="" tensorboard="" run_dir=""
   local nodes=${SLURM_JOB_NUM_NODES:-1}
   local tasks=${SLURM_NTASKS:-$nodes}
+  local -a mode_args=()
+  if [[ $mode == bench ]]; then mode_args=(--bench); fi
   rc=0
+  # distrain decides the run dir (RunDir.for_slurm_launcher): $DISTRAIN_RUN_DIR, else
+  # RUNS_DIR/NAME/slurm-JOBID (bench-slurm-JOBID for a benchmark), keyed by the job id so a
+  # requeued job finds its backup.
   info=$("$distrain" slurm check "$job" --nodes "$nodes" --tasks "$tasks" \
-         --gpus-per-node "${SLURM_GPUS_ON_NODE:-0}" ${set_args[@]+"${set_args[@]}"}) || rc=$?
+         --gpus-per-node "${SLURM_GPUS_ON_NODE:-0}" --runs-dir "$runs_dir" ${mode_args[@]+"${mode_args[@]}"} \
+         ${set_args[@]+"${set_args[@]}"}) || rc=$?
   if ((rc == 2)); then
     return 2  # distrain printed the one-line reason
   elif ((rc != 0)); then
@@ -85,17 +91,13 @@ distrain_launch() {
   local key value
   while IFS='=' read -r key value; do
     case $key in
-      name) name=$value ;;
       strategy) strategy=$value ;;
       tensorboard) tensorboard=$value ;;
+      run_dir) run_dir=$value ;;
     esac
   done <<<"$info"
 
-  # 2. The run dir, keyed by the job id so a requeued job finds its backup; TensorBoard.
-  local kind=""
-  if [[ $mode == bench ]]; then kind=bench-; fi
-  local run_dir=${DISTRAIN_RUN_DIR:-$runs_dir/$name/${kind}slurm-$SLURM_JOB_ID}
-  [[ $run_dir == /* ]] || run_dir=$PWD/$run_dir
+  # 2. The run dir and TensorBoard.
   local tb_port=${DISTRAIN_TB_PORT:-6006} login=${SLURM_SUBMIT_HOST:-LOGIN_NODE}
   echo "$me: job $SLURM_JOB_ID${SLURM_RESTART_COUNT:+ (restart $SLURM_RESTART_COUNT)}: $job," \
        "$tasks task(s) on ${SLURM_JOB_NODELIST:-$nodes node(s)}, strategy $strategy"

@@ -1,4 +1,4 @@
-"""How gradients are summed (``distrain/allreduce.py``): ``distribute.gradient_all_reduce``
+"""How gradients are summed (``distrain/backends/allreduce.py``): ``distribute.gradient_all_reduce``
 (collectives resolved once, or MultiWorkerMirroredStrategy's own), ``distribute.gradient_compression:
 fp16`` (tf.distribute and Horovod) and ``distribute.all_reduce_pack_bytes`` (packs).
 
@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from conftest import DISTRAIN, REPO, free_ports, model_weights, run_distrain, tf_config, worker_env, write_job
-from distrain.allreduce import INSTANCE_KEY_BASE, pack_by_size
+from distrain.backends.allreduce import INSTANCE_KEY_BASE, pack_by_size
 from distrain.errors import UsageError
 from distrain.spec import spec_from_dict
-from distrain.strategy import gradient_all_reduce
+from distrain.backends.factory import gradient_all_reduce
 
 # Measured 2026-11-29 (these tests, -s): fp16 all-reduce vs one process after 6 SGD steps, largest
 # relative L2 over the weight tensors 1.8e-3 (mirrored, 2 replicas) and 2.1e-4 (Horovod, 2 ranks).
@@ -42,7 +42,7 @@ logging: {{tensorboard: false, verbose: 0}}
 
 
 def _job(path: Path, *, per_replica=16, strategy="one_device", cpu_devices=0, compression="none", pack=0,
-         all_reduce="resolved_once") -> Path:
+         all_reduce="setup_once") -> Path:
     return write_job(path, JOB.format(per_replica=per_replica, strategy=strategy, cpu_devices=cpu_devices,
                                       compression=compression, pack=pack, all_reduce=all_reduce))
 
@@ -64,10 +64,18 @@ def test_spec_accepts_the_options_and_names_a_bad_value():
         spec_from_dict({"distribute": {"gradient_all_reduce": "v1"}})
 
 
+def test_the_old_name_resolved_once_still_works_with_a_notice(caplog):
+    with caplog.at_level("WARNING", logger="distrain"):
+        spec = spec_from_dict({"distribute": {"gradient_all_reduce": "resolved_once"}})
+    assert spec.distribute.gradient_all_reduce == "setup_once"
+    assert [r.getMessage() for r in caplog.records] == [
+        "distribute.gradient_all_reduce: resolved_once is now called setup_once; the old name still works, for now"]
+
+
 def test_auto_resolves_once_on_cpu_workers_and_leaves_gpus_to_tensorflow():
-    assert gradient_all_reduce("auto", gpus=False) == "resolved_once"
+    assert gradient_all_reduce("auto", gpus=False) == "setup_once"
     assert gradient_all_reduce("auto", gpus=True) == "tensorflow"
-    for requested in ("resolved_once", "tensorflow"):
+    for requested in ("setup_once", "tensorflow"):
         assert gradient_all_reduce(requested, gpus=True) == gradient_all_reduce(requested, gpus=False) == requested
 
 
@@ -89,19 +97,19 @@ TRACE_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from distrain.tf_startup import import_tensorflow
     tf = import_tensorflow()
-    from distrain.allreduce import sum_gradients
+    from distrain.backends.allreduce import sum_gradients
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     rank = strategy.cluster_resolver.task_id
     with strategy.scope():
         variables = [tf.Variable(tf.zeros([3])), tf.Variable(tf.zeros([2, 2])), tf.Variable(tf.zeros([], tf.float64)),
                      tf.Variable(tf.zeros([4, 2]))]
     report = {"group_key": strategy.extended._cross_device_ops._launchers[0]._group_key}
-    modes = [("tensorflow", 0), ("resolved_once", 0), ("resolved_once", 16)]
+    modes = [("tensorflow", 0), ("setup_once", 0), ("setup_once", 16)]
     steps = {}
     for mode, pack_bytes in modes if rank == 0 else [modes[0], modes[2], modes[1]]:
         with strategy.scope():
             optimizer = sum_gradients(tf.keras.optimizers.SGD(1.0), strategy,
-                                      resolved_once=mode == "resolved_once", pack_bytes=pack_bytes)
+                                      setup_once=mode == "setup_once", pack_bytes=pack_bytes)
         def make(optimizer, mode):
             @tf.function
             def step():
@@ -131,7 +139,7 @@ TRACE_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(180)
-def test_resolved_once_uses_v1_collectives_whose_keys_every_worker_derives_alike(tmp_path, workers_factory):
+def test_setup_once_uses_v1_collectives_whose_keys_every_worker_derives_alike(tmp_path, workers_factory):
     script = tmp_path / "trace.py"
     script.write_text(TRACE_SCRIPT)
     ports = free_ports(2)
@@ -143,7 +151,7 @@ def test_resolved_once_uses_v1_collectives_whose_keys_every_worker_derives_alike
     worker0 = reports[0]
     # TensorFlow's own: V2 ops only (their instance keys are fed at each call).
     assert worker0["tensorflow/0"]["v1"] == [] and worker0["tensorflow/0"]["v2"] > 0
-    once, packed = worker0["resolved_once/0"], worker0["resolved_once/16"]
+    once, packed = worker0["setup_once/0"], worker0["setup_once/16"]
     # Resolved once: V1 ops on the strategy's group and this worker's CPU, no V2 all-reduce left (the
     # embedding's rows go to TensorFlow's all-gather); one op per dtype, or with 16-byte packs float64
     # alone and float32 in two (the 2x2's 16 B first: last layers first, then the 12 B).
@@ -158,7 +166,7 @@ def test_resolved_once_uses_v1_collectives_whose_keys_every_worker_derives_alike
     # accepts because the shape is the one it first saw for it.
     assert len({k for _, k, _, _ in once["v1"]} & {k for _, k, _, _ in packed["v1"]}) == 1
     # Worker 1 traced in another order and chose the same keys.
-    for name in ("resolved_once/0", "resolved_once/16"):
+    for name in ("setup_once/0", "setup_once/16"):
         assert [op[:3] for op in reports[1][name]["v1"]] == [op[:3] for op in worker0[name]["v1"]], name
     # Every way summed both workers' gradients: 2 SGD steps of learning rate 1 moved each variable
     # by 2 x 3 x (1, 2, 3), and the embedding's row 1 by 2 x 3 x 4, on both workers (TensorFlow's
@@ -166,7 +174,7 @@ def test_resolved_once_uses_v1_collectives_whose_keys_every_worker_derives_alike
     embedding = [0.0, 0.0, 24.0, 24.0, 0.0, 0.0, 0.0, 0.0]
     for report in reports:
         assert report["tensorflow/0"]["moved"] == [[6.0] * 3, [12.0] * 4, [0.0], [0.0] * 8]
-        for name in ("resolved_once/0", "resolved_once/16"):
+        for name in ("setup_once/0", "setup_once/16"):
             assert report[name]["moved"] == [[6.0] * 3, [12.0] * 4, [18.0], embedding], name
 
 
@@ -230,7 +238,7 @@ def test_tensorflows_own_all_reduce_over_two_workers_is_exact(one_process, tmp_p
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
-def test_fp16_all_reduce_over_two_workers_resolved_once_stays_close_to_one_process(one_process, tmp_path,
+def test_fp16_all_reduce_over_two_workers_setup_once_stays_close_to_one_process(one_process, tmp_path,
                                                                                     workers_factory):
     diffs, _ = _two_workers_against_one_process(one_process, tmp_path, workers_factory, "fp16 (2 workers)",
                                                 compression="fp16")

@@ -96,7 +96,7 @@ def test_unsharded_dataset_fails_with_one_line(tmp_path):
     # Under mirrored a single pipeline is right; the check needs two pipelines, so call it directly.
     import tensorflow as tf
 
-    from distrain.user_data import DatasetPipelines, load_datasets
+    from distrain.data.user import DatasetPipelines, load_datasets
     from distrain.spec import spec_from_dict
 
     splits = load_datasets(spec_from_dict({}).data, unsharded, "nb:unsharded")

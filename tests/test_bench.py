@@ -150,21 +150,16 @@ def test_two_workers_measure_a_baseline_and_only_the_chief_prints(tmp_path, work
     assert '"efficiency"' not in outputs[1]  # the other worker prints nothing
 
 
-def test_several_workers_need_a_shared_run_dir(tmp_path):
-    from distrain.errors import UsageError
-    from distrain.spec import spec_from_dict
-    from distrain.world import World
 
-    spec = spec_from_dict({"name": "b"})
-    two = World(launcher="tf_config", rank=1, world_size=2)
-    with pytest.raises(UsageError, match="--run-dir: required with several workers outside SLURM"):
-        bench.shared_run_dir(spec, two, None, env={})
-    assert bench.shared_run_dir(spec, two, None, env={"DISTRAIN_SECRET_FILE": "/s"}) is None
-    assert bench.shared_run_dir(spec, World(launcher="local"), None, env={}) is None
-    assert bench.shared_run_dir(spec, two, None, env={"SLURM_JOB_ID": "81", "SLURM_STEP_ID": "2"}) == \
-        tmp_path.__class__("runs/b/bench-slurm-81.2")
-    used = tmp_path / "used"
-    (used / "backup").mkdir(parents=True)
-    (used / "backup" / "checkpoint").write_text('model_checkpoint_path: "ckpt-8"\n')
-    with pytest.raises(UsageError, match="holds a run's backup"):
-        bench.shared_run_dir(spec, two, used, env={})
+
+def test_a_bad_user_model_exits_2_before_the_baseline_or_any_peer_starts(tmp_path):
+    # Worker 0 of 2 under TF_CONFIG: past the start-up checks it would measure its baseline in a
+    # child process and then wait at the rendezvous for worker 1, which never comes.
+    (tmp_path / "net.py").write_text("def build(input_shape):\n    raise AssertionError('never built')\n")
+    job = write_job(tmp_path / "job.yaml", "name: bad\nmodel: {name: net.py:build}\ndata: {source: digits}\n")
+    env = worker_env(TF_CONFIG=tf_config(free_ports(2), 0))
+    result = run_distrain(["bench", str(job), "--run-dir", str(tmp_path / "run")], env=env, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("distrain: error:")]
+    assert len(error) == 1 and "model.name" in error[0] and "net.py:build" in error[0], result.stderr
+    assert "baseline" not in result.stderr and not (tmp_path / "run").exists()

@@ -38,12 +38,12 @@ def test_saved_model_loads_in_safe_mode_and_predicts_the_same(quickstart_run, tm
     import distrain  # noqa: F401
     import tensorflow as tf
 
-    from distrain import data as data_lib
+    from distrain.data import sources
     from distrain.models import load_trained_model
     from distrain.spec import load_spec
 
     spec = load_spec(run_dir / "job.yaml")
-    splits = data_lib.load(spec.data, spec.seed)
+    splits = sources.load(spec.data, spec.seed)
     x = splits.x_test[:64] * splits.rescale
     model = load_trained_model(run_dir / "model.keras")
     first = model.predict(x, verbose=0)

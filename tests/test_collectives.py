@@ -9,7 +9,7 @@ import pytest
 
 from conftest import DISTRAIN, backup_step, free_ports, tf_config, worker_env, write_job
 from distrain.errors import EXIT_PEER_LOST
-from distrain.watchdog import Watchdog
+from distrain.backends.watchdog import Watchdog
 
 # 1150 training digits, 8 per replica x 2 workers: 71 steps/epoch.
 JOB = """

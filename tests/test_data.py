@@ -12,7 +12,9 @@ import distrain  # noqa: F401  (tf-keras before TensorFlow)
 import tensorflow as tf
 from tf_keras.src.utils import data_utils
 
-from distrain import data as data_lib
+from distrain.data import sources
+from distrain.data.pipelines import Pipelines, eval_steps, replica_batches, steps_per_epoch
+from distrain.data.splits import Splits
 from distrain.errors import UsageError
 from distrain.spec import spec_from_dict
 
@@ -37,21 +39,21 @@ def accept_tiny_files(monkeypatch):
 
 
 def test_digits_split_sizes_shapes_dtypes():
-    s = data_lib.load(data_spec(source="digits"), seed=1)
+    s = sources.load(data_spec(source="digits"), seed=1)
     assert (len(s.x_train), len(s.x_val), len(s.x_test)) == (1150, 288, 359)
     assert s.input_shape == (8, 8, 1) and s.x_train.dtype == np.float32 and s.y_train.dtype == np.int32
     assert s.num_classes == 10 and s.rescale == pytest.approx(1 / 16) and not s.synthetic
     all_x = np.concatenate([s.x_train, s.x_val, s.x_test]).reshape(1797, -1)
     assert len(np.unique(all_x, axis=0)) == len(np.unique(all_x, axis=0))  # nothing lost
     assert len(all_x) == 1797
-    again = data_lib.load(data_spec(source="digits"), seed=1)
+    again = sources.load(data_spec(source="digits"), seed=1)
     assert np.array_equal(again.y_val, s.y_val)
-    other = data_lib.load(data_spec(source="digits"), seed=2)
+    other = sources.load(data_spec(source="digits"), seed=2)
     assert not np.array_equal(other.y_val, s.y_val)
 
 
 def test_synthetic_is_flagged_and_shaped():
-    s = data_lib.load(data_spec(source="synthetic", synthetic={"shape": [16, 16, 3], "classes": 4, "examples": 100}), 0)
+    s = sources.load(data_spec(source="synthetic", synthetic={"shape": [16, 16, 3], "classes": 4, "examples": 100}), 0)
     assert s.synthetic and s.input_shape == (16, 16, 3) and s.x_train.dtype == np.uint8 and s.num_classes == 4
 
 
@@ -71,7 +73,7 @@ def test_fashion_mnist_loader_reads_its_cache_format(tmp_path, offline):
     _idx(root / "train-labels-idx1-ubyte.gz", y_train, 2049)
     _idx(root / "t10k-images-idx3-ubyte.gz", x_test, 2051)
     _idx(root / "t10k-labels-idx1-ubyte.gz", y_test, 2049)
-    s = data_lib.load(data_spec(source="fashion_mnist", cache_dir=str(tmp_path), validation_split=0.2), seed=0)
+    s = sources.load(data_spec(source="fashion_mnist", cache_dir=str(tmp_path), validation_split=0.2), seed=0)
     assert (len(s.x_train), len(s.x_val), len(s.x_test)) == (40, 10, 20)
     assert s.input_shape == (28, 28, 1) and s.x_train.dtype == np.uint8 and s.num_classes == 10
     assert np.array_equal(s.x_test[..., 0], x_test)
@@ -84,7 +86,7 @@ def test_mnist_loader_reads_its_cache_format(tmp_path, offline, accept_tiny_file
     np.savez(root / "mnist.npz", x_train=rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
              y_train=np.arange(30, dtype=np.uint8) % 10, x_test=rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
              y_test=np.arange(10, dtype=np.uint8))
-    s = data_lib.load(data_spec(source="mnist", cache_dir=str(tmp_path)), seed=0)
+    s = sources.load(data_spec(source="mnist", cache_dir=str(tmp_path)), seed=0)
     assert (len(s.x_train), len(s.x_val), len(s.x_test)) == (24, 6, 10)
     assert s.input_shape == (28, 28, 1)
 
@@ -105,21 +107,21 @@ def _cifar_files(root, name, files, label_key, classes):
 def test_cifar10_loader_reads_its_cache_format(tmp_path, offline, accept_tiny_files):
     files = [(f"data_batch_{i}", 10000) for i in range(1, 6)] + [("test_batch", 1000)]
     _cifar_files(tmp_path / "datasets", "cifar-10-batches-py", files, b"labels", 10)
-    s = data_lib.load(data_spec(source="cifar10", cache_dir=str(tmp_path), validation_split=0.1, limit=500), seed=0)
+    s = sources.load(data_spec(source="cifar10", cache_dir=str(tmp_path), validation_split=0.1, limit=500), seed=0)
     assert s.input_shape == (32, 32, 3) and len(s.x_train) == 500 and s.num_classes == 10
     assert s.y_train.dtype == np.int32 and s.y_train.ndim == 1
 
 
 def test_cifar100_loader_reads_its_cache_format(tmp_path, offline, accept_tiny_files):
     _cifar_files(tmp_path / "datasets", "cifar-100-python", [("train", 400), ("test", 100)], b"fine_labels", 100)
-    s = data_lib.load(data_spec(source="cifar100", cache_dir=str(tmp_path)), seed=0)
+    s = sources.load(data_spec(source="cifar100", cache_dir=str(tmp_path)), seed=0)
     assert (len(s.x_train), len(s.x_val), len(s.x_test)) == (320, 80, 100)
     assert s.num_classes == 100
 
 
 def test_missing_keras_dataset_offline_is_a_clear_error(tmp_path, offline):
     with pytest.raises(UsageError) as info:
-        data_lib.load(data_spec(source="fashion_mnist", cache_dir=str(tmp_path)), seed=0)
+        sources.load(data_spec(source="fashion_mnist", cache_dir=str(tmp_path)), seed=0)
     message = str(info.value)
     assert message.startswith("data.source: fashion_mnist is not in the Keras cache")
     assert str(tmp_path / "datasets" / "fashion-mnist") in message and "\n" not in message
@@ -129,7 +131,7 @@ def _index_splits(n_train=100, n_val=37):
     # Each example's pixel value is its index, so a batch tells which examples it holds.
     def arr(n, offset):
         return (np.arange(n, dtype=np.float32) + offset).reshape(n, 1, 1, 1)
-    return data_lib.Splits(arr(n_train, 0), np.zeros(n_train, np.int32), arr(n_val, 1000), np.zeros(n_val, np.int32),
+    return Splits(arr(n_train, 0), np.zeros(n_train, np.int32), arr(n_val, 1000), np.zeros(n_val, np.int32),
                            arr(n_val, 1000), np.zeros(n_val, np.int32), 2, 1.0)
 
 
@@ -143,8 +145,8 @@ NO_AUGMENT = spec_from_dict({}).data.augment
 @pytest.mark.parametrize("pipelines,replicas_per_pipeline", [(2, 1), (4, 1), (2, 2)])
 def test_train_shards_are_disjoint_cover_the_epoch_and_equal_one_process(pipelines, replicas_per_pipeline):
     splits, global_batch, epochs = _index_splits(), 8, 2
-    steps = data_lib.steps_per_epoch(100, global_batch)  # 12 whole global batches, 4 examples dropped
-    pipes = data_lib.Pipelines(splits, global_batch, steps, 7, (1, 1, 1), NO_AUGMENT)
+    steps = steps_per_epoch(100, global_batch)  # 12 whole global batches, 4 examples dropped
+    pipes = Pipelines(splits, global_batch, steps, 7, (1, 1, 1), NO_AUGMENT)
     single = _batches(pipes.train(tf.distribute.InputContext(1, 0, 1), epochs))
     assert len(single) == steps * epochs
     replicas = pipelines * replicas_per_pipeline
@@ -162,7 +164,7 @@ def test_train_shards_are_disjoint_cover_the_epoch_and_equal_one_process(pipelin
 
 
 def test_train_stream_resumes_at_any_step():
-    pipes = data_lib.Pipelines(_index_splits(), 8, 12, 7, (1, 1, 1), NO_AUGMENT)
+    pipes = Pipelines(_index_splits(), 8, 12, 7, (1, 1, 1), NO_AUGMENT)
     ctx = tf.distribute.InputContext(2, 1, 2)
     full = _batches(pipes.train(ctx, 3))
     for start in (0, 5, 12, 30):
@@ -172,22 +174,22 @@ def test_train_stream_resumes_at_any_step():
 @pytest.mark.parametrize("pipelines,global_batch", [(1, 8), (2, 8), (3, 9)])
 def test_evaluation_covers_every_example_exactly_once(pipelines, global_batch):
     splits = _index_splits(n_val=37)
-    pipes = data_lib.Pipelines(splits, global_batch, 12, 7, (1, 1, 1), NO_AUGMENT)
+    pipes = Pipelines(splits, global_batch, 12, 7, (1, 1, 1), NO_AUGMENT)
     seen = []
     for i in range(pipelines):
         seen += sum(_batches(pipes.evaluation(tf.distribute.InputContext(pipelines, i, pipelines), "val")), [])
     assert sorted(seen) == list(range(1000, 1037))
-    assert data_lib.eval_steps(37, 8) == 5
+    assert eval_steps(37, 8) == 5
 
 
 def test_global_batch_larger_than_data_is_a_usage_error():
     with pytest.raises(UsageError, match="data.batch_size_per_replica: the global batch \\(256\\)"):
-        data_lib.steps_per_epoch(100, 256)
+        steps_per_epoch(100, 256)
 
 
 def test_pipeline_resizes_and_rescales():
-    s = data_lib.load(data_spec(source="digits"), seed=0)
-    pipes = data_lib.Pipelines(s, 16, 4, 0, (16, 16, 1), spec_from_dict({"data": {"augment": {"flip": "horizontal"}}}).data.augment)
+    s = sources.load(data_spec(source="digits"), seed=0)
+    pipes = Pipelines(s, 16, 4, 0, (16, 16, 1), spec_from_dict({"data": {"augment": {"flip": "horizontal"}}}).data.augment)
     x, y = next(iter(pipes.train(tf.distribute.InputContext(1, 0, 1), 1)))
     assert x.shape == (16, 16, 16, 1) and x.dtype == tf.float32 and y.dtype == tf.int32
     assert float(tf.reduce_max(x)) <= 1.0 + 1e-6
@@ -203,6 +205,6 @@ def test_pipeline_resizes_and_rescales():
 def test_replica_batches_split_the_last_step_evenly(n, replicas, expected):
     import tensorflow as tf
 
-    batches = [b.numpy().tolist() for b in data_lib.replica_batches(tf, tf.data.Dataset.range(n), 4, replicas)]
+    batches = [b.numpy().tolist() for b in replica_batches(tf, tf.data.Dataset.range(n), 4, replicas)]
     assert [len(b) for b in batches] == expected
     assert sum(batches, []) == list(range(n))  # every example once, in order

@@ -1,4 +1,4 @@
-"""The Horovod backend (``distrain/horovod.py``) with real processes on 127.0.0.1:
+"""The Horovod backend (``distrain/backends/horovod.py``) with real processes on 127.0.0.1:
 
 - ``horovodrun -np 2 --gloo`` trains the same weights as one process with the same global batch,
   its epoch and test metrics are those over both ranks, and only rank 0 writes the run's files;
@@ -24,9 +24,9 @@ import pytest
 
 from conftest import (DISTRAIN, Workers, assert_same_weights, backup_step, files_written, free_ports, model_weights,
                       run_distrain, worker_env, write_job)
-from distrain import horovod as hvd_backend
+from distrain.backends import horovod as hvd_backend
 from distrain.errors import UsageError
-from distrain.strategy import choose_strategy
+from distrain.backends.factory import choose_strategy
 from distrain.world import World, detect
 
 pytestmark = [pytest.mark.horovod, pytest.mark.multiprocess]

@@ -41,7 +41,7 @@ PROBE = """
 import os, sys, time
 import distrain
 from pathlib import Path
-from distrain import strategy
+from distrain.backends import factory
 from distrain.rendezvous import meet
 from distrain.spec import DistributeSpec
 from distrain.world import detect
@@ -50,7 +50,7 @@ world = detect()
 meet(world, Path(sys.argv[1]), 120)
 if world.rank == 1 and os.environ.get("PROBE_DELAY_RANK1"):
     time.sleep(float(os.environ["PROBE_DELAY_RANK1"]))  # rank 0 waits in hvd.init with Gloo listening
-strategy.build(DistributeSpec(strategy=sys.argv[2]), world)
+factory.build(DistributeSpec(strategy=sys.argv[2]), world)
 print("READY", flush=True)
 time.sleep(300)
 """

@@ -1,10 +1,13 @@
 """The run dir's layout lives in RunDir; the shell launcher, report and Ray agree with it."""
+import datetime
 import os
 import re
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO
+from distrain.errors import UsageError
 from distrain.rundir import RunDir, replacing, write_atomically
 
 
@@ -71,3 +74,39 @@ def test_no_run_dir_name_is_a_literal_outside_rundir():
             if any(f'"{n}"' in code or f"'{n}'" in code for n in names):
                 offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_a_training_run_dir_is_the_one_every_worker_computes():
+    now = datetime.datetime(2026, 12, 4, 1, 2, 3)
+    assert RunDir.for_training("runs", "cnn", run_dir="/given", world_size=4, env={}) == Path("/given")
+    assert RunDir.for_training("runs", "cnn", run_id="a", env={"DISTRAIN_RUN_ID": "b"}) == Path("runs/cnn/a")
+    assert RunDir.for_training("out", "cnn", world_size=2, env={"DISTRAIN_RUN_ID": "b", "SLURM_JOB_ID": "7"}) == \
+        Path("out/cnn/b")
+    assert RunDir.for_training("runs", "cnn", world_size=2, env={"SLURM_JOB_ID": "7"}) == Path("runs/cnn/slurm-7")
+    assert RunDir.for_training("runs", "cnn", env={}, now=now) == Path("runs/cnn/20261204-010203")
+    with pytest.raises(UsageError, match="--run-dir: required with several workers outside SLURM"):
+        RunDir.for_training("runs", "cnn", world_size=2, env={}, now=now)
+
+
+def test_a_benchmark_run_dir_is_shared_by_its_workers_and_never_holds_a_backup(tmp_path):
+    with pytest.raises(UsageError, match="--run-dir: required with several workers outside SLURM"):
+        RunDir.for_bench("runs", "b", world_size=2, env={})
+    assert RunDir.for_bench("runs", "b", world_size=2, env={"DISTRAIN_SECRET_FILE": "/s"}) is None
+    assert RunDir.for_bench("runs", "b", world_size=1, env={}) is None
+    assert RunDir.for_bench("runs", "b", world_size=2, env={"SLURM_JOB_ID": "81", "SLURM_STEP_ID": "2"}) == \
+        Path("runs/b/bench-slurm-81.2")
+    used = tmp_path / "used"
+    (used / "backup").mkdir(parents=True)
+    (used / "backup" / "checkpoint").write_text('model_checkpoint_path: "ckpt-8"\n')
+    with pytest.raises(UsageError, match="holds a run's backup"):
+        RunDir.for_bench("runs", "b", run_dir=used, world_size=2, env={})
+
+
+def test_the_slurm_launcher_and_ray_run_dirs():
+    env = {"SLURM_JOB_ID": "812"}
+    assert RunDir.for_slurm_launcher("runs", "cnn", bench=False, env=env, cwd="/home/u") == \
+        Path("/home/u/runs/cnn/slurm-812")
+    assert RunDir.for_slurm_launcher("/scratch", "cnn", bench=True, env=env) == Path("/scratch/cnn/bench-slurm-812")
+    assert RunDir.for_slurm_launcher("runs", "cnn", bench=False, env={**env, "DISTRAIN_RUN_DIR": "r/x"},
+                                     cwd="/w") == Path("/w/r/x")
+    assert RunDir.for_ray("/storage/cnn-a") == Path("/storage/cnn-a/run")

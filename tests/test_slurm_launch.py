@@ -489,7 +489,7 @@ def test_horovod_render_runs_one_task_per_slot_on_two_nodes(slurm_two_nodes, tmp
 
     if importlib.util.find_spec("horovod") is None or not (REPO / "distrain" / "horovod.py").exists():
         if os.environ.get("DISTRAIN_REQUIRE_HOROVOD"):
-            pytest.fail("DISTRAIN_REQUIRE_HOROVOD is set but Horovod or distrain/horovod.py is missing", pytrace=False)
+            pytest.fail("DISTRAIN_REQUIRE_HOROVOD is set but Horovod or distrain/backends/horovod.py is missing", pytrace=False)
         pytest.skip("Horovod is not installed (scripts/install-horovod.sh builds it)")
     job = write_job(tmp_path / "hvd.yaml", JOB.format(name="hvd", epochs=2, steps=10, tensorboard="false"))
     script = rendered(tmp_path, job, "--nodes", "2", "--tasks-per-node", "1", "--strategy", "horovod")

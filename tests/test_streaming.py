@@ -10,7 +10,10 @@ import pytest
 import distrain  # noqa: F401  (tf-keras before TensorFlow)
 import tensorflow as tf
 
-from distrain import cli, data as data_lib, imagefiles, tfrecord
+from distrain import cli
+from distrain.data import imagefiles, tfrecord
+from distrain.data import sources
+from distrain.data.pipelines import Pipelines, steps_per_epoch
 from distrain.errors import UsageError
 from distrain.spec import spec_from_dict
 
@@ -58,7 +61,7 @@ def image_ids(splits, positions):
 
 
 def pipelines(splits, global_batch=16, seed=7):
-    return data_lib.Pipelines(splits, global_batch, data_lib.steps_per_epoch(splits.train_size_global, global_batch),
+    return Pipelines(splits, global_batch, steps_per_epoch(splits.train_size_global, global_batch),
                               seed, splits.input_shape, NO_AUGMENT)
 
 
@@ -66,7 +69,7 @@ def test_a_folder_is_listed_and_checked_not_decoded(folder, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("load() decoded an image")
     monkeypatch.setattr(tf.io, "decode_image", refuse)
-    s = data_lib.load(spec_for(folder), seed=5)
+    s = sources.load(spec_for(folder), seed=5)
     assert (s.train_size_global, s.val_size, s.test_size) == (64, 16, 20)
     assert s.input_shape == (8, 8, 3) and s.num_classes == 4 and len(s.files) == COUNT
     # Positions of files, labels from the class folder, the splits disjoint and complete.
@@ -78,7 +81,7 @@ def test_a_folder_is_listed_and_checked_not_decoded(folder, monkeypatch):
 @pytest.mark.parametrize("num_pipelines,replicas_per_pipeline", [(2, 1), (4, 1), (2, 2)])
 def test_streamed_folder_shards_are_disjoint_cover_each_epoch_and_equal_one_process(folder, num_pipelines,
                                                                                     replicas_per_pipeline):
-    s = data_lib.load(spec_for(folder), seed=5)
+    s = sources.load(spec_for(folder), seed=5)
     pipes, epochs = pipelines(s), 2
     steps = pipes.steps
     single = ids(pipes.train(tf.distribute.InputContext(1, 0, 1), epochs))
@@ -98,7 +101,7 @@ def test_streamed_folder_shards_are_disjoint_cover_each_epoch_and_equal_one_proc
 
 
 def test_streamed_folder_resumes_at_any_step(folder):
-    pipes = pipelines(data_lib.load(spec_for(folder), seed=5), global_batch=8)
+    pipes = pipelines(sources.load(spec_for(folder), seed=5), global_batch=8)
     ctx = tf.distribute.InputContext(2, 1, 2)
     full = ids(pipes.train(ctx, 3))
     assert len(full) == 3 * pipes.steps
@@ -108,7 +111,7 @@ def test_streamed_folder_resumes_at_any_step(folder):
 
 @pytest.mark.parametrize("num_pipelines", [1, 2, 3])
 def test_streamed_evaluation_deals_each_worker_its_share(folder, num_pipelines):
-    s = data_lib.load(spec_for(folder), seed=5)
+    s = sources.load(spec_for(folder), seed=5)
     pipes = pipelines(s, global_batch=6)
     for which, expected in (("val", s.x_val), ("test", s.x_test)):
         shares = [sum(ids(pipes.evaluation(tf.distribute.InputContext(num_pipelines, i, num_pipelines), which)), [])
@@ -119,7 +122,7 @@ def test_streamed_evaluation_deals_each_worker_its_share(folder, num_pipelines):
 
 
 def test_folder_labels_follow_the_class_folders(folder):
-    s = data_lib.load(spec_for(folder), seed=5)
+    s = sources.load(spec_for(folder), seed=5)
     x, y = next(pipelines(s).train(tf.distribute.InputContext(1, 0, 1), 1).as_numpy_iterator())
     assert x.dtype == np.float32 and y.dtype == np.int32
     assert (x[:, 0, 0, 0].astype(int) % 4 == y).all()  # image k is in class folder k % 4
@@ -129,8 +132,8 @@ def test_folder_labels_follow_the_class_folders(folder):
 def test_decoded_cache_serves_later_epochs_bit_identical_without_the_files(tmp_path, cache):
     root = solid_folder(tmp_path / "imgs")
     where = str(tmp_path / "cache") if cache == "dir" else "memory"
-    s = data_lib.load(spec_for(root, cache=where), seed=5)
-    streamed = pipelines(data_lib.load(spec_for(root), seed=5))
+    s = sources.load(spec_for(root, cache=where), seed=5)
+    streamed = pipelines(sources.load(spec_for(root), seed=5))
     ctx = tf.distribute.InputContext(1, 0, 1)
     expected = ids(streamed.train(ctx, 2))
     pipes = pipelines(s)
@@ -148,9 +151,9 @@ def test_decoded_cache_serves_later_epochs_bit_identical_without_the_files(tmp_p
 
 def test_a_cache_that_cannot_fit_is_a_usage_error(folder, tmp_path):
     with pytest.raises(UsageError, match=r"data.cache: memory would need .* GiB for 100 decoded examples of \[40000, 40000, 3\]"):
-        data_lib.load(spec_for(folder, cache="memory", image_size=[40000, 40000]), seed=5)
+        sources.load(spec_for(folder, cache="memory", image_size=[40000, 40000]), seed=5)
     with pytest.raises(UsageError, match=r"data.cache: .* GiB free, the cache needs up to"):
-        data_lib.load(spec_for(folder, cache=str(tmp_path / "c"), image_size=[400000, 400000]), seed=5)
+        sources.load(spec_for(folder, cache=str(tmp_path / "c"), image_size=[400000, 400000]), seed=5)
 
 
 def test_cache_only_for_streamed_sources():
@@ -187,12 +190,12 @@ def test_a_few_corrupt_files_are_skipped_on_every_worker_with_a_warning(tmp_path
     caplog.set_level(logging.WARNING, "distrain")
     logging.getLogger("distrain").propagate = True
     spec = spec_for(root)
-    s = data_lib.load(spec, seed=5)
+    s = sources.load(spec, seed=5)
     assert len(s.files) == 120 and not any("zz-cut" in f for f in s.files)
     assert "skipping 1 of 121 images that cannot be decoded, on every worker alike" in caplog.text
     assert "zz-cut.png: truncated PNG" in caplog.text
     # Every worker lists, checks and splits alike: the same files in the same positions.
-    assert np.array_equal(data_lib.load(spec, seed=5, shard=(1, 2)).files, s.files)
+    assert np.array_equal(sources.load(spec, seed=5, shard=(1, 2)).files, s.files)
     x, _ = next(pipelines(s).train(tf.distribute.InputContext(1, 0, 1), 1).as_numpy_iterator())
     assert x.shape == (16, 8, 8, 3)
 
@@ -202,7 +205,7 @@ def test_many_corrupt_files_are_a_usage_error(tmp_path):
     for k in range(3):
         (root / "ant" / f"bad{k}.jpg").write_text("oops")
     with pytest.raises(UsageError) as info:
-        data_lib.load(spec_for(root), seed=5)
+        sources.load(spec_for(root), seed=5)
     assert str(info.value).startswith("data.path: 3 of 23 images in ") and "distrain data inspect" in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -211,14 +214,14 @@ def test_an_empty_class_folder_is_a_usage_error(tmp_path):
     root = solid_folder(tmp_path / "imgs", count=8, size=(4, 4))
     (root / "eel").mkdir()
     with pytest.raises(UsageError, match=r"data.path: class folder .*eel has no images"):
-        data_lib.load(spec_for(root), seed=5)
+        sources.load(spec_for(root), seed=5)
 
 
 def test_a_path_this_node_cannot_see_is_a_usage_error(tmp_path):
     spec = spec_for(solid_folder(tmp_path / "imgs", count=8, size=(4, 4)))
     (tmp_path / "imgs").rename(tmp_path / "elsewhere")  # validated on the login node, gone on this one
     with pytest.raises(UsageError, match=r"is not a directory on .*every node must see the data"):
-        data_lib.load(spec, seed=5)
+        sources.load(spec, seed=5)
 
 
 def test_mixed_channels_are_converted_with_a_warning(tmp_path, caplog):
@@ -228,9 +231,9 @@ def test_mixed_channels_are_converted_with_a_warning(tmp_path, caplog):
     Image.new("L", (4, 4), 200).save(root / "ant" / "gray.png")
     caplog.set_level(logging.WARNING, "distrain")
     logging.getLogger("distrain").propagate = True
-    s = data_lib.load(spec_for(root), seed=0, channels=3)
+    s = sources.load(spec_for(root), seed=0, channels=3)
     assert "mixes colour modes (1 with 1 channel, 8 with 3 channels); every image is converted to 3 channels" in caplog.text
-    pipes = data_lib.Pipelines(s, 1, 1, 0, (8, 8, 3), NO_AUGMENT)
+    pipes = Pipelines(s, 1, 1, 0, (8, 8, 3), NO_AUGMENT)
     shapes = {x.shape for which in ("val", "test") for x, _ in pipes.evaluation(tf.distribute.InputContext(1, 0, 1), which)}
     assert shapes == {(1, 8, 8, 3)}
 
@@ -243,8 +246,8 @@ def test_pack_writes_equal_shards_and_metadata(packed, folder):
     assert {s: meta["splits"][s]["count"] for s in tfrecord.SPLITS} == {"train": 64, "val": 16, "test": 20}
     assert [s["count"] for s in meta["splits"]["train"]["shards"]] == [16, 16, 16, 16]
     # The split is the one the image_folder source makes with the same seed.
-    s = data_lib.load(spec_for(folder), seed=5)
-    records = data_lib.load(spec_for(packed, "tfrecord"), seed=5)
+    s = sources.load(spec_for(folder), seed=5)
+    records = sources.load(spec_for(packed, "tfrecord"), seed=5)
     pipes = pipelines(records)
     val = sum(ids(pipes.evaluation(tf.distribute.InputContext(1, 0, 1), "val")), [])
     assert sorted(val) == image_ids(s, s.x_val)
@@ -252,11 +255,11 @@ def test_pack_writes_equal_shards_and_metadata(packed, folder):
 
 @pytest.mark.parametrize("num_pipelines", [1, 2, 4])
 def test_tfrecord_shards_are_disjoint_and_cover_each_epoch(packed, folder, num_pipelines):
-    s = data_lib.load(spec_for(packed, "tfrecord"), seed=5, shard=(0, num_pipelines))
+    s = sources.load(spec_for(packed, "tfrecord"), seed=5, shard=(0, num_pipelines))
     pipes, epochs = pipelines(s), 2
     shards = [ids(pipes.train(tf.distribute.InputContext(num_pipelines, i, num_pipelines), epochs))
               for i in range(num_pipelines)]
-    whole = data_lib.load(spec_for(folder), seed=5)
+    whole = sources.load(spec_for(folder), seed=5)
     train_ids = image_ids(whole, whole.x_train)
     for shard in shards:
         assert len(shard) == epochs * pipes.steps  # every worker runs the same number of steps
@@ -268,7 +271,7 @@ def test_tfrecord_shards_are_disjoint_and_cover_each_epoch(packed, folder, num_p
 
 
 def test_tfrecord_resumes_at_the_same_step(packed):
-    pipes = pipelines(data_lib.load(spec_for(packed, "tfrecord"), seed=5, shard=(1, 2)), global_batch=8)
+    pipes = pipelines(sources.load(spec_for(packed, "tfrecord"), seed=5, shard=(1, 2)), global_batch=8)
     ctx = tf.distribute.InputContext(2, 1, 2)
     full = ids(pipes.train(ctx, 3))
     for start in (3, pipes.steps, 2 * pipes.steps + 5):
@@ -277,14 +280,14 @@ def test_tfrecord_resumes_at_the_same_step(packed):
 
 def test_tfrecord_cache_gives_the_same_batches(packed):
     ctx = tf.distribute.InputContext(1, 0, 1)
-    streamed = ids(pipelines(data_lib.load(spec_for(packed, "tfrecord"), seed=5)).train(ctx, 2))
-    cached = pipelines(data_lib.load(spec_for(packed, "tfrecord", cache="memory"), seed=5))
+    streamed = ids(pipelines(sources.load(spec_for(packed, "tfrecord"), seed=5)).train(ctx, 2))
+    cached = pipelines(sources.load(spec_for(packed, "tfrecord", cache="memory"), seed=5))
     assert ids(cached.train(ctx, 2)) == streamed
     assert int(cached.decoded_cache().filled.sum()) == 64  # every training record, by its example number
 
 
 def test_tfrecord_evaluation_covers_every_example_once(packed):
-    s = data_lib.load(spec_for(packed, "tfrecord"), seed=5)
+    s = sources.load(spec_for(packed, "tfrecord"), seed=5)
     pipes = pipelines(s, global_batch=6)
     seen = [sum(ids(pipes.evaluation(tf.distribute.InputContext(3, i, 3), "test")), []) for i in range(3)]
     assert len(sum(seen, [])) == len(set(sum(seen, []))) == s.test_size == 20
@@ -294,18 +297,18 @@ def test_tfrecord_bad_directories_are_usage_errors(packed, tmp_path):
     with pytest.raises(UsageError, match="has no distrain-data.json"):
         spec_from_dict({"data": {"source": "tfrecord", "path": str(tmp_path)}})
     with pytest.raises(UsageError, match="data.path: .* has 4 training shards for 8 input pipelines"):
-        data_lib.load(spec_for(packed, "tfrecord"), seed=5, shard=(0, 8))
+        sources.load(spec_for(packed, "tfrecord"), seed=5, shard=(0, 8))
     copy = tmp_path / "copy"
     copy.mkdir()
     (copy / tfrecord.METADATA).write_text((packed / tfrecord.METADATA).read_text())
     with pytest.raises(UsageError, match=r"shard .*train-00000-of-00004.tfrecord listed in .* is missing on "):
-        data_lib.load(spec_for(copy, "tfrecord"), seed=5)
+        sources.load(spec_for(copy, "tfrecord"), seed=5)
 
 
 def test_pack_resized_jpeg_trains_at_its_size(folder, tmp_path):
     out = tmp_path / "tfr"
     tfrecord.pack(str(folder), str(out), shards=2, image_size=[6, 6], progress=False)
-    s = data_lib.load(spec_for(out, "tfrecord", image_size=[6, 6]), seed=0)
+    s = sources.load(spec_for(out, "tfrecord", image_size=[6, 6]), seed=0)
     x, y = next(pipelines(s).train(tf.distribute.InputContext(1, 0, 1), 1).as_numpy_iterator())
     assert x.shape == (16, 6, 6, 3)
     # JPEG of a solid image decodes to within a step of its value; the label follows the class folder.

@@ -50,7 +50,7 @@ train(load_spec(sys.argv[1]), Path(sys.argv[2]), extra_callbacks=[KillAtStep7()]
 def sources(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("streaming-data")
     folder = solid_folder(tmp / "imgs")
-    from distrain import tfrecord
+    from distrain.data import tfrecord
 
     tfrecord.pack(str(folder), str(tmp / "tfr"), shards=4, seed=7, progress=False)
     return {"image_folder": folder, "tfrecord": tmp / "tfr"}

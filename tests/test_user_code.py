@@ -19,7 +19,8 @@ import pytest
 
 import distrain  # noqa: F401  (tf-keras before anything imports TensorFlow)
 from conftest import REPO, run_distrain, write_job
-from distrain import user_code, user_data
+from distrain import user_code
+from distrain.data import user as user_data
 from distrain.cli import main
 from distrain.errors import EXIT_USAGE, UsageError
 from distrain.spec import dump_spec, load_spec, spec_from_dict

@@ -7,7 +7,7 @@ import pytest
 
 from distrain.errors import UsageError
 from distrain.nodelist import expand_hostlist, expand_tasks_per_node
-from distrain.strategy import choose_strategy
+from distrain.backends.factory import choose_strategy
 from distrain.world import World, detect, job_port, parse_tf_config, slurm_tf_config
 
 IDENTITY = lambda nodes: list(nodes)  # noqa: E731 - node names are their addresses in these tests

@@ -37,7 +37,6 @@ from distrain.rundir import RunDir, write_atomically
 
 log = logging.getLogger("distrain")
 
-RUN_SUBDIR = "run"  # STORAGE/NAME/run: distrain's run dir, the same for every attempt
 RESULT_FILE = "distrain-result.json"  # STORAGE/NAME/distrain-result.json: the Result, for scripts and tests
 POINTER_FILE = "distrain.json"  # inside each Ray checkpoint: where distrain's backup is
 DEFAULT_STORAGE = "~/ray_results"  # Ray's own default; on several nodes it must be shared storage
@@ -87,7 +86,7 @@ class RayRequest:
 
     @property
     def run_dir(self) -> Path:
-        return self.experiment_dir / RUN_SUBDIR
+        return RunDir.for_ray(self.experiment_dir)
 
 
 def make_request(*, workers: int, spec_name: str, gpus_per_worker: int = 0, cpus_per_worker: float = 1.0,
@@ -129,7 +128,7 @@ def make_request(*, workers: int, spec_name: str, gpus_per_worker: int = 0, cpus
 
 def check_strategy(spec, request: RayRequest) -> None:
     """The job's ``distribute.strategy`` must work with Ray's workers (checked before starting them)."""
-    from distrain.strategy import choose_strategy
+    from distrain.backends.factory import choose_strategy
     from distrain.world import World
 
     world = World(launcher="ray", world_size=request.workers)
@@ -231,12 +230,11 @@ def add_parser(subparsers) -> None:
 
 def cmd_ray(args) -> int:
     """``distrain ray``: validate everything, then ``TensorflowTrainer(...).fit()``."""
-    from distrain.spec import load_spec, spec_to_dict
+    from distrain import startup
+    from distrain.spec import spec_to_dict
+    from distrain.user_code import code_to_ship
 
-    spec = load_spec(args.job, args.overrides)
-    from distrain.user_code import check_spec, code_to_ship
-
-    check_spec(spec, args.job)  # the user's code imports here, before Ray starts a worker
+    spec = startup.check(args.job, args.overrides)  # the user's code imports here, before Ray starts a worker
     shipped = code_to_ship(spec)
     request = make_request(workers=args.workers, spec_name=spec.name, gpus_per_worker=args.gpus_per_worker,
                            cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
@@ -352,8 +350,6 @@ def train_loop(config: dict) -> Optional[dict]:
     Returns:
         The run summary on rank 0 (Ray hands it back as ``Result.return_value``), else None.
     """
-    import distrain  # noqa: F401  (first: selects tf-keras, should anything import TensorFlow later)
-
     require_tf_keras()
     import ray.train
 
@@ -361,29 +357,30 @@ def train_loop(config: dict) -> Optional[dict]:
     # print a line per collective. distrain's own logger is set up by run.train.
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
 
-    from distrain.run import train
+    from distrain import startup, user_code
     from distrain.spec import spec_from_dict
     from distrain.world import detect
-
-    from distrain import user_code
 
     # The user's files arrived through py_modules: where their paths do not exist on this node,
     # their references import the copies.
     for path, module_name in config.get("shipped", {}).items():
         user_code.ship(path, module_name)
     context = ray.train.get_context()
-    spec = spec_from_dict(config["spec"], source="distrain ray")
-    run_dir = Path(config["run_dir"])
     world = dataclasses.replace(detect(), launcher="ray", job_id=context.get_experiment_name())
     if (world.rank, world.world_size) != (context.get_world_rank(), context.get_world_size()):
         raise RuntimeError(f"TF_CONFIG says rank {world.rank}/{world.world_size}, Ray says "
                            f"{context.get_world_rank()}/{context.get_world_size()}")
+    begun = startup.start(spec_from_dict(config["spec"], source="distrain ray"), source="distrain ray",
+                          run_dir=config["run_dir"], world=world)
+    run_dir = begun.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     # Which process is which rank, for people (and the fault-tolerance test) who need to signal one.
     RunDir(run_dir).ray_worker_pid(world.rank).write_text(f"{os.getpid()}\n")
 
     reporter = ray_report_callback(run_dir, world.is_chief)
-    summary = train(spec, run_dir, world=world, extra_callbacks=[reporter])
+    from distrain.run import train
+
+    summary = train(begun.spec, run_dir, world=world, extra_callbacks=[reporter])
     # A last report with the test metrics: every worker reports as often as the others.
     final = {k: v[-1] for k, v in summary.get("history", {}).items() if v}
     final.update({f"test_{k}": v for k, v in summary.get("test", {}).items()})

@@ -29,16 +29,17 @@ Layouts (``--strategy`` or the job's ``distribute.strategy``; ``auto`` is resolv
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
+from distrain.backends.factory import choose_strategy
 from distrain.errors import EXIT_FAILED, UsageError
-from distrain.rundir import write_atomically
-from distrain.strategy import choose_strategy
+from distrain.rundir import RunDir, write_atomically
 from distrain.world import World
 
 DEFAULT_TIME = "24:00:00"
@@ -397,27 +398,36 @@ def _settings(s: _Script) -> list:
 
 
 def check_allocation(job: str, *, nodes: int, tasks: int, gpus_per_node: int,
-                     overrides: Sequence[str] = ()) -> dict:
+                     overrides: Sequence[str] = (), runs_dir: Optional[str] = None, bench: bool = False,
+                     env: Mapping[str, str] = os.environ) -> dict:
     """What the batch script needs before ``srun``: the job is valid and fits the allocation.
 
+    Args:
+        runs_dir: the script's ``RUNS_DIR``; given, the result names the run dir too
+            (``RunDir.for_slurm_launcher``: ``$DISTRAIN_RUN_DIR`` or ``RUNS_DIR/NAME/[bench-]slurm-JOBID``).
+        bench: the script runs ``distrain bench`` (``MODE=bench``).
+
     Returns:
-        ``{"name", "strategy", "tensorboard"}``: the run's name (its directory), the strategy
-        the run will use, whether it writes TensorBoard logs.
+        ``{"name", "strategy", "tensorboard"}`` and, with ``runs_dir``, ``"run_dir"``: the run's
+        name, the strategy the run will use, whether it writes TensorBoard logs, where it writes.
 
     Raises:
         UsageError: the job is invalid or cannot run on this allocation.
     """
-    from distrain.spec import load_spec
+    from distrain import startup
 
-    spec = load_spec(job, overrides)
     # On the node, before srun: the user's code (model.name, data.source, ...) must import here.
-    from distrain.user_code import check_spec
-
-    check_spec(spec, job)
+    spec = startup.check(job, overrides)
     asked = f"the allocation (SLURM_NTASKS={tasks}, SLURM_JOB_NUM_NODES={nodes})"
     strategy = check_layout(spec.distribute.strategy, nodes=nodes, tasks=tasks, gpus_per_node=gpus_per_node,
                             source=_strategy_source(job, overrides), asked=asked)
-    return {"name": spec.name, "strategy": strategy, "tensorboard": str(spec.logging.tensorboard).lower()}
+    info = {"name": spec.name, "strategy": strategy, "tensorboard": str(spec.logging.tensorboard).lower()}
+    if runs_dir is not None:
+        if not env.get("SLURM_JOB_ID") and not env.get("DISTRAIN_RUN_DIR"):
+            raise UsageError("--runs-dir: the run dir is keyed by SLURM_JOB_ID, which is not set: run this inside "
+                             "an sbatch job, or set DISTRAIN_RUN_DIR")
+        info["run_dir"] = str(RunDir.for_slurm_launcher(runs_dir, spec.name, bench=bench, env=env))
+    return info
 
 
 EPILOG = """\
@@ -470,8 +480,11 @@ def add_parser(subparsers) -> None:
 
     c = sub.add_parser("check", help="(used by slurm/distrain-launch.sh) check a job against the allocation",
                        description="Check JOB and its overrides against a SLURM allocation; print "
-                                   "name=, strategy= and tensorboard= lines. Exit 2 with one line if it cannot run.")
+                                   "name=, strategy=, tensorboard= (and with --runs-dir, run_dir=) lines. Exit 2 with "
+                                   "one line if it cannot run.")
     c.add_argument("job")
+    c.add_argument("--runs-dir", help="the script's RUNS_DIR: print the run dir of this sbatch job too")
+    c.add_argument("--bench", action="store_true", help="the run dir of a benchmark (MODE=bench)")
     c.add_argument("--nodes", type=int, required=True)
     c.add_argument("--tasks", type=int, required=True)
     c.add_argument("--gpus-per-node", type=int, default=0)
@@ -510,6 +523,6 @@ def cmd_render(args) -> int:
 
 def cmd_check(args) -> int:
     info = check_allocation(args.job, nodes=args.nodes, tasks=args.tasks, gpus_per_node=args.gpus_per_node,
-                            overrides=args.overrides)
+                            overrides=args.overrides, runs_dir=args.runs_dir, bench=args.bench)
     print("\n".join(f"{k}={v}" for k, v in info.items()))
     return 0

@@ -32,7 +32,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 import tensorflow as tf
 
 from distrain.errors import UsageError
-from distrain.distribution import Distribution
+from distrain.backends.distribution import Distribution
 from distrain.world import World
 
 log = logging.getLogger("distrain")

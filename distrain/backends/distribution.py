@@ -1,11 +1,12 @@
 """The backend interface: what a run asks of tf.distribute or Horovod, whichever is underneath.
 
-``Distribution`` is the base; ``strategy.TFDistribution`` (one_device, mirrored, multi_worker)
+``Distribution`` is the base; ``tensorflow.TFDistribution`` (one_device, mirrored, multi_worker)
 and ``horovod.HorovodDistribution`` implement it, each constructed complete by its own module's
-``build``. The run talks only to these methods, so it never asks which backend it has.
+``build``, which ``factory.build`` calls. The run talks only to these methods, so it never asks
+which backend it has.
 
-Module layout (no import cycles): this module imports neither backend; ``strategy`` imports it and,
-inside ``strategy.build``, ``horovod``; ``horovod`` imports only this module.
+Module layout (no import cycles): this module imports neither backend; each backend imports it;
+``factory`` imports ``tensorflow`` and, inside ``factory.build``, ``horovod``.
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ from typing import Optional
 
 import numpy as np
 
-from distrain import imagefiles
+from distrain.data import imagefiles
 from distrain.errors import UsageError
 from distrain.rundir import replacing, write_atomically
 
@@ -114,7 +114,7 @@ def usable_per_pipeline(shard_counts: list[int], num_pipelines: int) -> int:
 
 def load(data, channels: int, shard: tuple[int, int]):
     """The ``Splits`` of a packed directory for pipeline ``shard[0]`` of ``shard[1]``."""
-    from distrain.splits import Splits
+    from distrain.data.splits import Splits
 
     records = read_metadata(data.path)
     train_counts = [c for _, c in records.shards["train"]]
@@ -268,7 +268,7 @@ def pack(folder: str, out_dir: str, *, shards: int, image_size: Optional[list[in
     """
     import tensorflow as tf
 
-    from distrain.splits import split_indices
+    from distrain.data.splits import split_indices
 
     out = Path(out_dir)
     if (out / METADATA).exists():

@@ -93,14 +93,14 @@ def check_arrays(text: str, where: str, result: Any, num_classes: Optional[int] 
 
 def load_arrays(data, seed: int, fn: Callable, text: str, num_classes: Optional[int] = None):
     """A ``load_data``-style function's arrays as ``distrain.splits.Splits`` (validation cut by the seed)."""
-    from distrain import data as data_lib
+    from distrain.data import sources
 
     result = fn()  # the user's exceptions keep their own traceback
     x_train, y_train, x_test, y_test, classes = check_arrays(
         text, f"{getattr(fn, '__name__', text)} ({defined_at(fn)})", result, num_classes)
     rescale = data.rescale or (1 / 255 if x_train.dtype == np.uint8 else 1.0)
-    splits = data_lib.cap_examples(
-        data_lib.train_test_splits(x_train, y_train, x_test, y_test, data, seed, classes, rescale), data.limit)
+    splits = sources.cap_examples(
+        sources.train_test_splits(x_train, y_train, x_test, y_test, data, seed, classes, rescale), data.limit)
     return replace(splits, train_size_global=len(splits.x_train))
 
 
@@ -273,6 +273,6 @@ def make_pipelines(splits, global_batch: int, steps: int, seed: int, input_shape
     the user's pipeline is opaque)."""
     if isinstance(splits, DatasetSplits):
         return splits.pipelines(global_batch, steps, seed, input_shape, augment)
-    from distrain import data as data_lib
+    from distrain.data.pipelines import Pipelines
 
-    return data_lib.Pipelines(splits, global_batch, steps, seed, input_shape, augment, watch=watch)
+    return Pipelines(splits, global_batch, steps, seed, input_shape, augment, watch=watch)

@@ -10,7 +10,7 @@ optimizer, stay as they are) for two things:
   summed gradient (about 3 significant digits, measured in docs/performance.md). Half the bytes a
   step sends: the term that dominates a step on a slow network. Horovod has its own switch
   (``hvd.Compression.fp16``), set in ``distrain.horovod``.
-- **Collectives resolved once** (``distribute.gradient_all_reduce: resolved_once``, multi_worker).
+- **Collectives set up once** (``distribute.gradient_all_reduce: setup_once``, multi_worker).
   MultiWorkerMirroredStrategy's all-reduce is TensorFlow's ``CollectiveReduceV2``, whose instance
   key is fed anew at every call of the step function and whose parameters are resolved at every
   execution. On every worker but the group leader that resolution is a gRPC request to the leader
@@ -41,7 +41,7 @@ log = logging.getLogger("distrain")
 INSTANCE_KEY_BASE = 1 << 30
 
 
-def sum_gradients(optimizer, strategy, *, compression: str = "none", resolved_once: bool = False,
+def sum_gradients(optimizer, strategy, *, compression: str = "none", setup_once: bool = False,
                   pack_bytes: int = 0):
     """Makes a tf-keras optimizer sum its gradients over the strategy's replicas distrain's way.
 
@@ -49,20 +49,20 @@ def sum_gradients(optimizer, strategy, *, compression: str = "none", resolved_on
         optimizer: a tf-keras optimizer, created in the strategy's scope.
         strategy: the ``tf.distribute`` strategy the optimizer trains under.
         compression: ``none`` or ``fp16`` (``distribute.gradient_compression``).
-        resolved_once: all-reduce with collectives whose parameters are resolved on their first
+        setup_once: all-reduce with collectives whose parameters are resolved on their first
             step only (MultiWorkerMirroredStrategy; ``distribute.gradient_all_reduce``).
-        pack_bytes: with ``resolved_once``: one collective per about this many bytes, in the
+        pack_bytes: with ``setup_once``: one collective per about this many bytes, in the
             strategy's packing; 0: one collective per dtype.
 
     Returns:
-        The same optimizer. With ``resolved_once`` on a strategy whose collective keys cannot be
+        The same optimizer. With ``setup_once`` on a strategy whose collective keys cannot be
         read (another TensorFlow version), TensorFlow's own all-reduce stays, with a warning.
     """
     reduce = None
-    if resolved_once:
-        reduce = _resolved_once_reducer(strategy, pack_bytes)
+    if setup_once:
+        reduce = _setup_once_reducer(strategy, pack_bytes)
         if reduce is None:
-            log.warning("distribute.gradient_all_reduce: resolved_once needs MultiWorkerMirroredStrategy's "
+            log.warning("distribute.gradient_all_reduce: setup_once needs MultiWorkerMirroredStrategy's "
                         "collective keys, which this TensorFlow does not expose; using TensorFlow's all-reduce")
     if reduce is None and compression == "none":
         return optimizer
@@ -101,7 +101,7 @@ def _uncompress(summed: list, gradients: list) -> list:
     return [s if s.dtype == g.dtype else tf.cast(s, g.dtype) for s, g in zip(summed, gradients)]
 
 
-def _resolved_once_reducer(strategy, pack_bytes: int) -> Callable[[list], list] | None:
+def _setup_once_reducer(strategy, pack_bytes: int) -> Callable[[list], list] | None:
     """The all-reduce of a list of gradients with V1 collectives, or None without the strategy's keys."""
     extended = strategy.extended
     keys = getattr(extended, "_collective_keys", None)
