@@ -76,7 +76,9 @@ def run_group(commands: list[list[str]], envs: list[dict], timeout: float = 900,
 
 def steady_images_per_s(run_dir: Path) -> float:
     """Median images/s over the epochs after the first (which includes tracing and warm-up)."""
-    epochs = json.loads((run_dir / "history.json").read_text())
+    from distrain.rundir import RunDir
+
+    epochs = json.loads(RunDir(run_dir).history.read_text())
     return statistics.median(e["images_per_s"] for e in epochs[1:])
 
 

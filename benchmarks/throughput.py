@@ -59,7 +59,7 @@ def main() -> None:
     distrain_rates, plain_rates = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        job = write_job(tmp / "job.yaml", strategy="one_device", batch=args.batch, epochs=args.epochs,
+        job = write_job(tmp / "throughput.yaml", strategy="one_device", batch=args.batch, epochs=args.epochs,
                         examples=args.examples)
         for i in range(args.repeats):
             run_dir = tmp / f"run{i}"

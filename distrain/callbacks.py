@@ -18,13 +18,14 @@ Keras calls callbacks in list order for every hook, so ``build_callbacks`` fixes
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import signal
 import threading
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 import tensorflow as tf
 
@@ -36,36 +37,42 @@ log = logging.getLogger("distrain")
 
 
 class RunState:
-    """What the run's callbacks share: the global step, the preemption request, the LR plan.
+    """What the run's callbacks share as it trains: the global step, the preemption request, the
+    time spent training. The run's fixed numbers (global batch, LR plan, start step) are the
+    context's (``ctx``).
 
     ``step`` is the optimizer's step count kept in Python (``RunMetrics``, the first callback,
     advances it): reading ``optimizer.iterations`` at every step would make Python wait for each
     step to finish before Keras can queue the next one.
     """
 
-    def __init__(self, global_batch: int, plan, start_step: int = 0):
-        self.global_batch = global_batch
-        self.plan = plan
-        self.step = start_step
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.step = ctx.start_step
         self.signal_received: Optional[str] = None
         self.train_time_s = 0.0  # epochs' wall time in this process, validation included
 
-    def install_signal_handlers(self) -> dict:
-        """SIGTERM and SIGUSR1 (SLURM's ``--signal=USR1@90``) ask for a stop at the next agreed step."""
-        previous = {}
+    @contextlib.contextmanager
+    def stop_on_signals(self) -> Iterator[None]:
+        """Within it, SIGTERM and SIGUSR1 (SLURM's ``--signal=USR1@90``) ask for a stop at the next
+        agreed step; on leaving, the handlers before it are back."""
         if threading.current_thread() is not threading.main_thread():
             # Ray Train V2 runs the training function in a thread, where signal.signal raises
             # ValueError; there Ray's FailureConfig handles lost and preempted workers.
             log.info("not in the main thread: SIGTERM/SIGUSR1 are left to the launcher")
-            return previous
+            yield
+            return
 
         def handler(signum, _frame):
             self.signal_received = signal.Signals(signum).name
             log.warning("received %s: stopping at the next agreed step boundary", self.signal_received)
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            previous[sig] = signal.signal(sig, handler)
-        return previous
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
 
 def _loss_is_finite(logs) -> bool:
@@ -102,7 +109,7 @@ class RunMetrics(StepCallback):
     def _lr(self) -> float:
         # The schedule's own formula for the step just applied (optimizer step `step - 1`): the
         # optimizer's ScheduledLR computes the same value (tests/test_lr.py), without a device read.
-        return lr_at(self.state.plan, self.state.step - 1)
+        return lr_at(self.state.ctx.plan, self.state.step - 1)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
@@ -120,7 +127,7 @@ class RunMetrics(StepCallback):
         if logs is not None and self._steps:
             logs["lr"] = self._lr()
             # Includes validation time; the step-level rate in TensorBoard excludes it.
-            logs["images_per_s"] = self._steps * self.state.global_batch / elapsed
+            logs["images_per_s"] = self._steps * self.state.ctx.global_batch / elapsed
             logs["step_time_s"] = elapsed / self._steps
 
 
@@ -222,7 +229,8 @@ class HistoryFiles(StepCallback):
         write_atomically(self.csv, "\n".join(lines) + "\n")
 
 
-def build_callbacks(ctx, state: RunState, backup, checkpoints, *, input_watch=None, tensorboard=(), extra=()) -> list:
+def build_callbacks(ctx, state: RunState, backup, checkpoints, *, input_watch=None, tensorboard=None,
+                    extra=()) -> list:
     """The run's callback list, in the order documented at the top of this module.
 
     Args:
@@ -232,7 +240,8 @@ def build_callbacks(ctx, state: RunState, backup, checkpoints, *, input_watch=No
         checkpoints: the ``checkpoint.UserCheckpoints``.
         input_watch: the ``inputwatch.InputWatch`` of the training pipeline (adds
             ``input_wait_fraction`` to the epoch logs, so it runs before what logs them).
-        tensorboard: the chief's TensorBoard callbacks (``tensorboard_log.tensorboard_callbacks``).
+        tensorboard: makes the TensorBoard callbacks (``tensorboard_log.tensorboard_callbacks``);
+            called on the chief only, which writes the files a user sees.
         extra: more callbacks (Ray's reporting, a user's), run before ``Agreement``.
     """
     spec = ctx.spec
@@ -249,7 +258,7 @@ def build_callbacks(ctx, state: RunState, backup, checkpoints, *, input_watch=No
                                  save_best=c.save_best))
     if ctx.is_chief:
         callbacks.append(HistoryFiles(state, ctx.run_dir))
-        callbacks.extend(tensorboard)
+        callbacks.extend(tensorboard() if tensorboard else ())
     callbacks.extend(extra)
     callbacks.append(Agreement(ctx.dist, state, backup, every=spec.distribute.preemption_check_every,
                                terminate_on_nan=spec.train.terminate_on_nan))

@@ -79,7 +79,9 @@ class Backup:
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
         self.optimizer = optimizer
         target = self.directory if files.is_chief else files.scratch / RunDir.BACKUP
-        self.manager = tf.train.CheckpointManager(self.checkpoint, str(target), max_to_keep=2)
+        # The prefix is RunDir's: RunDir.backup_step reads the step from the index by it.
+        self.manager = tf.train.CheckpointManager(self.checkpoint, str(target), max_to_keep=2,
+                                                  checkpoint_name=RunDir.BACKUP_PREFIX)
         self.last_saved_step = -1
 
     @property
@@ -113,35 +115,35 @@ class Backup:
 class UserCheckpoints:
     """Weights the user keeps: every N epochs/steps (the last K) and the best by a metric.
 
-    Files: ``checkpoints/epoch-0003.weights.h5`` or ``step-000150.weights.h5``, ``best.weights.h5``
-    with ``best.json`` (epoch, step, metric and value), and ``index.json`` listing the kept files.
+    Files (named by ``RunDir``): ``checkpoints/epoch-0003.weights.h5`` or ``step-000150.weights.h5``,
+    ``best.weights.h5`` with ``best.json`` (epoch, step, metric and value), and ``index.json`` listing
+    the kept files.
     """
 
     def __init__(self, model, run_dir: RunDir, files: WorkerFiles, *, keep: int, monitor: str, mode: str):
         self.model = model
-        self.directory = run_dir.checkpoints
+        self.run_dir = run_dir
         self.files = files
         self.keep = keep
         self.monitor = monitor
         self.mode = mode if mode != "auto" else ("max" if re.search(r"acc|auc|precision|recall", monitor) else "min")
         self.best: Optional[float] = None
         self.kept: list[str] = []
-        index = self.directory / "index.json"
+        index = run_dir.checkpoint_index
         if index.exists():  # resumed run: keep rotating the same files
             state = json.loads(index.read_text())
             self.kept, self.best = state.get("kept", []), state.get("best")
 
     def _write_weights(self, path: Path) -> None:
         with self.files.write(path) as tmp:
-            self.model.save_weights(str(tmp))  # .weights.h5: Keras's one-file weights format
+            self.model.save_weights(str(tmp))
 
     def _write_json(self, path: Path, payload: dict) -> None:
         with self.files.write(path) as tmp:
             tmp.write_text(json.dumps(payload, indent=1))
 
     def save_periodic(self, name: str) -> None:
-        path = self.directory / f"{name}.weights.h5"
-        self._write_weights(path)
+        self._write_weights(self.run_dir.checkpoint_weights(name))
         if not self.files.is_chief:
             return
         if name in self.kept:
@@ -150,7 +152,7 @@ class UserCheckpoints:
         while len(self.kept) > self.keep:
             old = self.kept.pop(0)
             with contextlib.suppress(FileNotFoundError):
-                (self.directory / f"{old}.weights.h5").unlink()
+                self.run_dir.checkpoint_weights(old).unlink()
         self._write_index()
 
     def consider_best(self, logs: dict, epoch: int, step: int) -> bool:
@@ -163,12 +165,12 @@ class UserCheckpoints:
         if not better:
             return False
         self.best = value
-        self._write_weights(self.directory / "best.weights.h5")
-        self._write_json(self.directory / "best.json",
+        self._write_weights(self.run_dir.best_weights)
+        self._write_json(self.run_dir.best_meta,
                          {"epoch": epoch, "step": step, "monitor": self.monitor, "value": value})
         if self.files.is_chief:
             self._write_index()
         return True
 
     def _write_index(self) -> None:
-        self._write_json(self.directory / "index.json", {"kept": self.kept, "best": self.best})
+        self._write_json(self.run_dir.checkpoint_index, {"kept": self.kept, "best": self.best})

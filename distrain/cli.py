@@ -201,8 +201,6 @@ COMMANDS = {"train": cmd_train, "validate": cmd_validate, "models": cmd_models, 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``distrain`` console script; returns the exit code."""
-    import distrain  # noqa: F401  (selects tf-keras before anything imports TensorFlow)
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose:

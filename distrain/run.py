@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -98,7 +97,7 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     with dist.collective_deadline():  # from the first collective (the weights' broadcast) to the last
         trainee = build_model(ctx)
         inputs = build_inputs(ctx, data)
-        state = RunState(ctx.global_batch, ctx.plan, ctx.start_step)
+        state = RunState(ctx)
         callbacks = build_run_callbacks(ctx, trainee, state, data, inputs.watch, extra_callbacks)
         history, test = fit_and_evaluate(ctx, trainee, inputs, callbacks, state)
         return finish(ctx, trainee, state, history, test, data, started)
@@ -252,8 +251,8 @@ def build_run_callbacks(ctx: RunContext, trainee: Trainee, state, data, input_wa
     c = ctx.spec.checkpoint
     checkpoints = UserCheckpoints(trainee.model, ctx.run_dir, trainee.files, keep=c.keep, monitor=c.monitor,
                                   mode=c.mode)
-    tensorboard = tensorboard_callbacks(ctx, state, synthetic=data.synthetic) if ctx.is_chief else ()
-    return build_callbacks(ctx, state, trainee.backup, checkpoints, input_watch=input_watch, tensorboard=tensorboard,
+    return build_callbacks(ctx, state, trainee.backup, checkpoints, input_watch=input_watch,
+                           tensorboard=lambda: tensorboard_callbacks(ctx, state, synthetic=data.synthetic),
                            extra=list(extra))
 
 
@@ -272,22 +271,19 @@ def fit_and_evaluate(ctx: RunContext, trainee: Trainee, inputs: Inputs, callback
     # fit() asks this hook where a recovering run starts; answering with the restored step makes
     # the first epoch run only its remaining steps, so the total step count stays exact.
     model._maybe_load_initial_counters_from_ckpt = lambda *_: (ctx.start_epoch, ctx.step_in_start_epoch)
-    previous_handlers = state.install_signal_handlers()
     try:
-        history = model.fit(inputs.train, epochs=ctx.spec.train.epochs, steps_per_epoch=ctx.steps_per_epoch,
-                            initial_epoch=ctx.start_epoch, validation_data=inputs.val,
-                            validation_steps=inputs.val_steps, callbacks=callbacks,
-                            verbose=ctx.spec.logging.verbose if ctx.is_chief else 0)
-        test = model.evaluate(inputs.test, steps=inputs.test_steps, verbose=0, return_dict=True,
-                              callbacks=dist.evaluation_callbacks())
-        test = dist.average_metrics(model, test, inputs.local_test_examples)
+        with state.stop_on_signals():
+            history = model.fit(inputs.train, epochs=ctx.spec.train.epochs, steps_per_epoch=ctx.steps_per_epoch,
+                                initial_epoch=ctx.start_epoch, validation_data=inputs.val,
+                                validation_steps=inputs.val_steps, callbacks=callbacks,
+                                verbose=ctx.spec.logging.verbose if ctx.is_chief else 0)
+            test = model.evaluate(inputs.test, steps=inputs.test_steps, verbose=0, return_dict=True,
+                                  callbacks=dist.evaluation_callbacks())
+            test = dist.average_metrics(model, test, inputs.local_test_examples)
     except tf.errors.OpError as err:
         if not dist.peer_lost(err):
             raise
         raise TrainingStopped(peer_lost_message(err, ctx.world), EXIT_PEER_LOST) from err
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
     return history, test
 
 

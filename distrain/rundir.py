@@ -11,8 +11,10 @@ are defined here and nowhere else; ``report``, the launchers and the SLURM shell
     history.json/.csv   one row per finished epoch (chief)
     curves.png          accuracy and loss per epoch (chief, at the end)
     model.keras         the trained model (chief)
-    checkpoints/        the weights the user keeps (chief)
-    backup/             the resume state (chief; ``backup/checkpoint`` is its index)
+    checkpoints/        the weights the user keeps (chief): <name>.weights.h5 (epoch-0003,
+                        step-000150), best.weights.h5 with best.json, index.json (what is kept)
+    backup/             the resume state (chief; ``backup/checkpoint`` is its index, ``ckpt-<step>``
+                        its checkpoints)
     tensorboard/        TensorBoard event files (chief)
     logs/rank<r>.log    every worker's log
     .ray-worker-<r>.pid under distrain ray: the pid of each rank's process
@@ -87,7 +89,12 @@ class RunDir:
     MODEL = "model.keras"
     CHECKPOINTS = "checkpoints"
     BACKUP = "backup"
+    CHECKPOINT_INDEX = "index.json"  # inside checkpoints/: the kept files and the best value
+    BEST_WEIGHTS = "best"  # checkpoints/best.weights.h5
+    BEST_META = "best.json"  # inside checkpoints/: epoch, step, metric and value of the best weights
+    WEIGHTS_SUFFIX = ".weights.h5"  # Keras's one-file weights format (it picks the format by the suffix)
     BACKUP_INDEX = "checkpoint"  # tf.train.CheckpointManager's index file inside backup/
+    BACKUP_PREFIX = "ckpt"  # backup/ckpt-<step>: CheckpointManager's checkpoint_name, numbered by the step
     TENSORBOARD = "tensorboard"
     # TensorBoard "runs" (sub-directories of tensorboard/); report.py reads what tensorboard_log writes.
     TB_TRAIN, TB_VALIDATION, TB_TEST = "train", "validation", "test"
@@ -238,6 +245,22 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.root / self.CHECKPOINTS
 
+    def checkpoint_weights(self, name: str) -> Path:
+        """``checkpoints/<name>.weights.h5``: a kept set of weights (``epoch-0003``, ``step-000150``, ``best``)."""
+        return self.checkpoints / f"{name}{self.WEIGHTS_SUFFIX}"
+
+    @property
+    def checkpoint_index(self) -> Path:
+        return self.checkpoints / self.CHECKPOINT_INDEX
+
+    @property
+    def best_weights(self) -> Path:
+        return self.checkpoint_weights(self.BEST_WEIGHTS)
+
+    @property
+    def best_meta(self) -> Path:
+        return self.checkpoints / self.BEST_META
+
     @property
     def backup(self) -> Path:
         return self.root / self.BACKUP
@@ -285,7 +308,7 @@ class RunDir:
             text = self.backup_index.read_text()
         except OSError:
             return 0
-        match = re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', text, re.M)
+        match = re.search(rf'^model_checkpoint_path: "{re.escape(self.BACKUP_PREFIX)}-(\d+)"', text, re.M)
         return int(match.group(1)) if match else 0
 
     def is_started(self) -> bool:

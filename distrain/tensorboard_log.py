@@ -145,8 +145,8 @@ class StepScalars(StepCallback):
         # The step logs are global: run.py sets distribute_reduction_method = "first".
         values = {k: float(v) for k, v in logs.items() if k in self.model.metrics_names and _is_number(v)}
         values.update(lr=logs.get("lr"), step_time_s=step_time,
-                      images_per_s=self.state.global_batch / step_time,
-                      images_per_s_per_replica=self.state.global_batch / step_time / self.replicas)
+                      images_per_s=self.state.ctx.global_batch / step_time,
+                      images_per_s_per_replica=self.state.ctx.global_batch / step_time / self.replicas)
         _scalars(self.writers[TRAIN], STEP_PREFIX, values, step)
         self.writers.flush()
 

@@ -76,10 +76,9 @@ def startup_notices_filtered() -> Iterator[None]:
 def import_tensorflow():
     """``import tensorflow``, and the device query that probes CUDA, with the notices filtered.
 
-    Imports ``distrain`` first, so that ``tf.keras`` is tf-keras. Later ``import tensorflow``
-    statements get the same module.
+    ``tf.keras`` is tf-keras: this module is inside the ``distrain`` package, whose ``__init__``
+    selects it first. Later ``import tensorflow`` statements get the same module.
     """
-    import distrain  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow loads)
     from distrain import malloc
 
     # Before TensorFlow's threads take their arenas; after them (a user's script imported

@@ -474,8 +474,6 @@ def check_spec(spec, source: str = "") -> None:
     if not references(spec) and spec.train.loss == DEFAULT_LOSS and spec.train.metrics == ["accuracy"] \
             and not spec.train.from_logits:
         return  # nothing of the user's: no need to import TensorFlow here
-    import distrain  # noqa: F401  (tf-keras for the user's `import tensorflow`)
-
     try:
         if is_reference(spec.model.name):
             model_function(spec.model.name, params=spec.model.params,

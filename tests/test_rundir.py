@@ -62,16 +62,30 @@ def test_shell_launcher_paths_are_run_dir_paths():
     assert used <= known, f"paths the shell launcher uses that RunDir does not define: {used - known}"
 
 
+def _run_dir_names() -> list[str]:
+    """Every file and directory name RunDir owns (its string class attributes)."""
+    return sorted({v for k, v in vars(RunDir).items() if k.isupper() and isinstance(v, str)})
+
+
 def test_no_run_dir_name_is_a_literal_outside_rundir():
-    names = [RunDir.JOB, RunDir.SUMMARY, RunDir.HISTORY, RunDir.HISTORY_CSV, RunDir.CURVES, RunDir.MODEL,
-             RunDir.SCRATCH]
+    """distrain/ and benchmarks/ name run-dir files through RunDir. A name with a dot (``summary.json``,
+    ``.weights.h5``) may not end a string literal (``"summary.json"``, ``f"{name}.weights.h5"``); a bare
+    word (``backup``, ``train``, also a split's name) may not be a path component: ``/ "backup"``,
+    ``"backup/..."`` or ``".../backup"``."""
+    names = _run_dir_names()
+    assert {"index.json", "best.json", ".weights.h5", "ckpt", "checkpoint", "segments.json"} <= set(names)
+    dotted = [n for n in names if "." in n]
+    words = [n for n in names if "." not in n]
+    alternatives = "|".join(map(re.escape, words))
+    path_use = re.compile(r"""/\s*f?["'](%s)["'/]|["'](%s)/|/(%s)["']""" % ((alternatives,) * 3))
+    dotted_use = re.compile(r"""(?<!["'])["'](?:[^"'\s]*[/}])?(%s)["']""" % "|".join(map(re.escape, dotted)))
     offenders = []
-    for path in (REPO / "distrain").rglob("*.py"):
+    for path in [*(REPO / "distrain").rglob("*.py"), *(REPO / "benchmarks").rglob("*.py")]:
         if path.name == "rundir.py":
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
-            if any(f'"{n}"' in code or f"'{n}'" in code for n in names):
+            if dotted_use.search(code) or path_use.search(code):
                 offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
 

@@ -16,14 +16,13 @@ The contract is told by the function's signature:
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from distrain.errors import UsageError
-from distrain.user_code import ARRAYS, DATASET, check_call, data_function, defined_at, resolve
+from distrain.user_code import ARRAYS, data_function, defined_at
 
 KEY = "data.source"
 SPLITS = ("train", "validation", "test")
@@ -259,8 +258,6 @@ class DatasetPipelines:
 
 def load(data, seed: int):
     """``data.source`` as a reference: ``Splits`` for ``fn()``, ``DatasetSplits`` for ``fn(ctx, split)``."""
-    import distrain  # noqa: F401  (tf-keras before the user's module imports TensorFlow)
-
     fn, kind = data_function(data.source)
     if kind == ARRAYS:
         return load_arrays(data, seed, fn, data.source)
