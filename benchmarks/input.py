@@ -59,21 +59,21 @@ print(json.dumps({"first_step_s": FirstStep.at, "wall_s": time.time() - started,
                   "history": summary["history"]}))
 '''
 
-# The input pipeline alone: the run's own Pipelines, one pipeline, batches pulled as fast as they come.
+# The input pipeline alone: the run's own pipelines, one pipeline, batches pulled as fast as they come.
 CHILD_INPUT = r'''
 import json, sys, time
 import distrain
 import tensorflow as tf
 from distrain.data import sources
-from distrain.data.pipelines import Pipelines, steps_per_epoch
+from distrain.data.pipelines import steps_per_epoch
 from distrain.spec import spec_from_dict
 
 source, path, size, channels, batches, flip = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 spec = spec_from_dict({"data": {"source": source, "path": path, "image_size": [size, size], "batch_size_per_replica": 32,
                                 "validation_split": 0.0, "test_split": 0.01, "augment": {"flip": flip}}}).data
 splits = sources.load(spec, 1, channels=channels)
-steps = steps_per_epoch(splits.train_size_global, 32)
-pipes = Pipelines(splits, 32, steps, 1, (size, size, channels), spec.augment)
+steps = steps_per_epoch(splits.train_size, 32)
+pipes = splits.pipelines(32, steps, 1, (size, size, channels), spec.augment)
 it = iter(pipes.train(tf.distribute.InputContext(1, 0, 1), 100))
 for _ in range(10):  # warm-up: tracing, thread pools, the first prefetch
     next(it)
@@ -89,14 +89,14 @@ import json, sys, time
 import distrain
 import tensorflow as tf
 from distrain.data import sources
-from distrain.data.pipelines import Pipelines, steps_per_epoch
+from distrain.data.pipelines import steps_per_epoch
 from distrain.spec import spec_from_dict
 
 path, size, fraction = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 spec = spec_from_dict({"data": {"source": "tfrecord", "path": path, "image_size": [size, size]}}).data
 splits = sources.load(spec, 1, channels=3)
-steps = steps_per_epoch(splits.train_size_global, 32)
-pipes = Pipelines(splits, 32, steps, 1, (size, size, 3), spec.augment)
+steps = steps_per_epoch(splits.train_size, 32)
+pipes = splits.pipelines(32, steps, 1, (size, size, 3), spec.augment)
 next(iter(pipes.train(tf.distribute.InputContext(1, 0, 1), 1)))  # warm-up (tracing)
 start = int(steps * fraction)
 t = time.perf_counter()
@@ -232,7 +232,7 @@ def main() -> None:
             mob_model = model_rate(tmp, "mobilenet_v2", 224, 3, 16, 6)
             rows.append(("MobileNetV2, 224x224x3", mob_in, mob_model))
         tables["input-vs-model"] = (
-            f"Input pipeline alone (read, decode, resize, flip, batch 32; the run's own `Pipelines`) vs the model "
+            f"Input pipeline alone (read, decode, resize, flip, batch 32; the run's own pipelines) vs the model "
             f"training on in-memory synthetic data of the same shape; {small:,}-image folder of 128x128 JPEGs, one "
             f"process, 2 intra-op threads.\n\n"
             f"| model, input | input images/s | model images/s | **input / model** (goal ≥ 2) |\n| --- | --- | --- | --- |\n"

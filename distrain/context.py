@@ -138,7 +138,7 @@ def resolve(spec: JobSpec, world: World, dist, data, run_dir: RunDir) -> RunCont
         spec: the validated job.
         world: this process's place in the job.
         dist: the backend (its ``replicas`` and ``local_replicas``).
-        data: the loaded data (``train_size_global``, ``input_shape``, ``num_classes``).
+        data: the loaded ``data.pipelines.Source`` (``train_size``, ``input_shape``, ``num_classes``).
         run_dir: the run dir; its backup, if any, gives the start step.
 
     Raises:
@@ -149,7 +149,7 @@ def resolve(spec: JobSpec, world: World, dist, data, run_dir: RunDir) -> RunCont
     start_step = run_dir.backup_step()
     global_batch = global_batch_of(spec, dist.replicas, run_dir, start_step)
     accumulation = accumulation_for(global_batch, per_replica, dist.replicas)
-    steps = steps_per_epoch(data.train_size_global, global_batch, spec.train.steps_per_epoch)
+    steps = steps_per_epoch(data.train_size, global_batch, spec.train.steps_per_epoch)
     plan = lr_lib.LRPlan.from_spec(spec.train, global_batch=global_batch, per_replica_batch=per_replica,
                                    steps_per_epoch=steps)
     return RunContext(

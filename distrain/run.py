@@ -7,7 +7,7 @@ A run is a sequence of named stages, each a function below:
    ``backends.factory.build``: the distribution, before any other TensorFlow op of the process.
 3. ``load_data``: the data source, this worker's share of it.
 4. ``context.resolve``: the ``RunContext`` (batch arithmetic, steps, LR plan, input shape, start step).
-5. ``build_model``: model, optimizer and backup restore, inside the strategy's scope.
+5. ``build_trainee``: model, optimizer and backup restore, inside the strategy's scope.
 6. ``build_inputs``: the ``tf.data`` pipelines, from the start step.
 7. ``build_run_callbacks``: the callbacks, in their required order.
 8. ``fit_and_evaluate``: ``fit``, then the test evaluation over all workers.
@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from distrain.context import RunContext
 from distrain.errors import EXIT_PEER_LOST, TrainingStopped
@@ -30,17 +30,24 @@ from distrain.rundir import RunDir, write_atomically
 from distrain.spec import JobSpec, dump_spec
 from distrain.world import World, detect
 
+if TYPE_CHECKING:  # annotations only: TensorFlow is imported by the stages that need it
+    import tensorflow as tf
+
+    from distrain.checkpoint import Backup, WorkerFiles
+    from distrain.data.inputwatch import InputWatch
+    from distrain.data.pipelines import Source
+
 log = logging.getLogger("distrain")
 
 
 @dataclass
 class Trainee:
-    """What ``build_model`` makes: the compiled model, its optimizer and the resume state."""
+    """What ``build_trainee`` makes: the compiled model, its optimizer and the resume state."""
 
-    model: Any
-    optimizer: Any
-    backup: Any
-    files: Any  # checkpoint.WorkerFiles: this worker's way to write run-dir files
+    model: tf.keras.Model
+    optimizer: tf.keras.optimizers.Optimizer
+    backup: Backup
+    files: WorkerFiles  # this worker's way to write run-dir files
 
 
 @dataclass
@@ -48,11 +55,11 @@ class Inputs:
     """The distributed datasets of a run, how many global steps evaluation takes, and the
     callback that measures how long training waits for its input."""
 
-    watch: Any  # inputwatch.InputWatch
-    train: Any
-    val: Any
-    test: Any
-    val_steps: Optional[int]
+    watch: InputWatch
+    train: tf.distribute.DistributedDataset
+    validation: Optional[tf.distribute.DistributedDataset]
+    test: tf.distribute.DistributedDataset
+    validation_steps: Optional[int]
     test_steps: int
     local_test_examples: int
 
@@ -95,7 +102,7 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     from distrain.callbacks import RunState
 
     with dist.collective_deadline():  # from the first collective (the weights' broadcast) to the last
-        trainee = build_model(ctx)
+        trainee = build_trainee(ctx)
         inputs = build_inputs(ctx, data)
         state = RunState(ctx)
         callbacks = build_run_callbacks(ctx, trainee, state, data, inputs.watch, extra_callbacks)
@@ -152,20 +159,14 @@ def record_segment(ctx: RunContext) -> None:
     write_atomically(ctx.run_dir.segments, json.dumps(previous + [segment], indent=1))
 
 
-def load_data(spec: JobSpec, dist):
-    """This worker's data (for image folders: its shard of the files), decoded with the model's channels."""
+def load_data(spec: JobSpec, dist) -> Source:
+    """This worker's data source (TFRecord: its share of the shards), decoded with the model's channels."""
     from distrain.context import image_channels
     from distrain.data import sources
     from distrain.models import default_input_shape
-    from distrain.user_code import is_reference
 
     channels = image_channels(spec, default_input_shape(spec.model.name))
-    if is_reference(spec.data.source):  # the user's loader (distrain.user_data)
-        from distrain.data import user as user_data
-
-        data = user_data.load(spec.data, spec.seed)
-    else:
-        data = sources.load(spec.data, spec.seed, channels=channels, shard=(dist.pipeline_id, dist.num_pipelines))
+    data = sources.load(spec.data, spec.seed, channels=channels, shard=(dist.pipeline_id, dist.num_pipelines))
     if data.synthetic:
         log.warning("data.source synthetic: random images and labels, for throughput only; accuracy means nothing")
     return data
@@ -180,7 +181,7 @@ def _optimizer(tf, spec: JobSpec, schedule):
     return tf.keras.optimizers.Adam(learning_rate=schedule)
 
 
-def build_model(ctx: RunContext) -> Trainee:
+def build_trainee(ctx: RunContext) -> Trainee:
     """The compiled model and optimizer, created in the strategy's scope, restored from the backup.
 
     Raises:
@@ -191,7 +192,7 @@ def build_model(ctx: RunContext) -> Trainee:
     from distrain import accumulation
     from distrain import lr as lr_lib
     from distrain.checkpoint import Backup, WorkerFiles
-    from distrain.models import build_model as build_course_model
+    from distrain.models import build_model
     from distrain.user_code import compile_args
 
     spec, dist = ctx.spec, ctx.dist
@@ -200,7 +201,7 @@ def build_model(ctx: RunContext) -> Trainee:
     # broadcasts the chief's, Horovod broadcasts rank 0's) and identical augmentation streams.
     tf.keras.utils.set_random_seed(spec.seed)
     with dist.scope():
-        model = build_course_model(spec.model.name, ctx.input_shape, ctx.num_classes, l1=spec.train.l1,
+        model = build_model(spec.model.name, ctx.input_shape, ctx.num_classes, l1=spec.train.l1,
                                    l2=spec.train.l2, **spec.model.params)
         optimizer = dist.wrap_optimizer(_optimizer(tf, spec, lr_lib.keras_schedule(ctx.plan)))
         loss, metrics = compile_args(spec.train)
@@ -224,20 +225,19 @@ def build_inputs(ctx: RunContext, data) -> Inputs:
     """The distributed train, validation and test datasets; training starts at ``ctx.start_step``."""
     from distrain.data.inputwatch import InputWatch
     from distrain.data.pipelines import eval_steps
-    from distrain.data.user import make_pipelines
 
     spec, dist = ctx.spec, ctx.dist
     watch = InputWatch(batches_per_step=dist.local_replicas)
-    pipes = make_pipelines(data, ctx.global_batch, ctx.steps_per_epoch, spec.seed, ctx.input_shape, spec.data.augment,
+    pipes = data.pipelines(ctx.global_batch, ctx.steps_per_epoch, spec.seed, ctx.input_shape, spec.data.augment,
                            watch=watch)
     val_size, test_size = data.val_size, data.test_size
     return Inputs(
         watch=watch,
         # Every pipeline yields exactly the run's steps (a user's dataset is repeated): even.
         train=dist.distribute_datasets(lambda ic: pipes.train(ic, spec.train.epochs, ctx.start_step), even=True),
-        val=dist.distribute_datasets(lambda ic: pipes.evaluation(ic, "val")) if val_size else None,
+        validation=dist.distribute_datasets(lambda ic: pipes.evaluation(ic, "validation")) if val_size else None,
         test=dist.distribute_datasets(lambda ic: pipes.evaluation(ic, "test")),
-        val_steps=eval_steps(val_size, ctx.global_batch) if val_size else None,
+        validation_steps=eval_steps(val_size, ctx.global_batch) if val_size else None,
         test_steps=eval_steps(test_size, ctx.global_batch),
         local_test_examples=len(range(dist.pipeline_id, test_size, dist.num_pipelines)))
 
@@ -274,8 +274,8 @@ def fit_and_evaluate(ctx: RunContext, trainee: Trainee, inputs: Inputs, callback
     try:
         with state.stop_on_signals():
             history = model.fit(inputs.train, epochs=ctx.spec.train.epochs, steps_per_epoch=ctx.steps_per_epoch,
-                                initial_epoch=ctx.start_epoch, validation_data=inputs.val,
-                                validation_steps=inputs.val_steps, callbacks=callbacks,
+                                initial_epoch=ctx.start_epoch, validation_data=inputs.validation,
+                                validation_steps=inputs.validation_steps, callbacks=callbacks,
                                 verbose=ctx.spec.logging.verbose if ctx.is_chief else 0)
             test = model.evaluate(inputs.test, steps=inputs.test_steps, verbose=0, return_dict=True,
                                   callbacks=dist.evaluation_callbacks())

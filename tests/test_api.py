@@ -96,12 +96,12 @@ def test_unsharded_dataset_fails_with_one_line(tmp_path):
     # Under mirrored a single pipeline is right; the check needs two pipelines, so call it directly.
     import tensorflow as tf
 
-    from distrain.data.user import DatasetPipelines, load_datasets
+    from distrain.data.user import load_datasets
     from distrain.spec import spec_from_dict
 
-    splits = load_datasets(spec_from_dict({}).data, unsharded, "nb:unsharded")
-    assert (splits.train_size_global, splits.val_size, splits.test_size, splits.num_classes) == (1200, 300, 297, 10)
-    pipes = DatasetPipelines(splits, global_batch=32, steps=3)
+    source = load_datasets(spec_from_dict({}).data, unsharded, "nb:unsharded")
+    assert (source.train_size, source.val_size, source.test_size, source.num_classes) == (1200, 300, 297, 10)
+    pipes = source.pipelines(32, 3, 0, source.input_shape, None)
     with pytest.raises(UsageError, match=r"^data.source: nb:unsharded: split 'test' of input pipeline 1 of 2 has "
                                          r"297 examples, expected 148 of 297; shard it with ds.shard"):
         pipes.evaluation(tf.distribute.InputContext(2, 1, 2), "test")

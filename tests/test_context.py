@@ -19,7 +19,7 @@ def _dist(replicas, local_replicas=None, name="multi_worker"):
 
 
 def _data(train=1000, shape=(8, 8, 1), classes=10):
-    return SimpleNamespace(train_size_global=train, input_shape=shape, num_classes=classes)
+    return SimpleNamespace(train_size=train, input_shape=shape, num_classes=classes)
 
 
 def test_resolve_batch_steps_and_plan(tmp_path):

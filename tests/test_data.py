@@ -13,8 +13,8 @@ import tensorflow as tf
 from tf_keras.src.utils import data_utils
 
 from distrain.data import sources
-from distrain.data.pipelines import Pipelines, eval_steps, replica_batches, steps_per_epoch
-from distrain.data.splits import Splits
+from distrain.data.arrays import ArraySource
+from distrain.data.pipelines import eval_steps, replica_batches, steps_per_epoch
 from distrain.errors import UsageError
 from distrain.spec import spec_from_dict
 
@@ -131,8 +131,8 @@ def _index_splits(n_train=100, n_val=37):
     # Each example's pixel value is its index, so a batch tells which examples it holds.
     def arr(n, offset):
         return (np.arange(n, dtype=np.float32) + offset).reshape(n, 1, 1, 1)
-    return Splits(arr(n_train, 0), np.zeros(n_train, np.int32), arr(n_val, 1000), np.zeros(n_val, np.int32),
-                           arr(n_val, 1000), np.zeros(n_val, np.int32), 2, 1.0)
+    return ArraySource(arr(n_train, 0), np.zeros(n_train, np.int32), arr(n_val, 1000), np.zeros(n_val, np.int32),
+                       arr(n_val, 1000), np.zeros(n_val, np.int32), 2, 1.0)
 
 
 def _batches(ds):
@@ -146,7 +146,7 @@ NO_AUGMENT = spec_from_dict({}).data.augment
 def test_train_shards_are_disjoint_cover_the_epoch_and_equal_one_process(pipelines, replicas_per_pipeline):
     splits, global_batch, epochs = _index_splits(), 8, 2
     steps = steps_per_epoch(100, global_batch)  # 12 whole global batches, 4 examples dropped
-    pipes = Pipelines(splits, global_batch, steps, 7, (1, 1, 1), NO_AUGMENT)
+    pipes = splits.pipelines(global_batch, steps, 7, (1, 1, 1), NO_AUGMENT)
     single = _batches(pipes.train(tf.distribute.InputContext(1, 0, 1), epochs))
     assert len(single) == steps * epochs
     replicas = pipelines * replicas_per_pipeline
@@ -164,7 +164,7 @@ def test_train_shards_are_disjoint_cover_the_epoch_and_equal_one_process(pipelin
 
 
 def test_train_stream_resumes_at_any_step():
-    pipes = Pipelines(_index_splits(), 8, 12, 7, (1, 1, 1), NO_AUGMENT)
+    pipes = _index_splits().pipelines(8, 12, 7, (1, 1, 1), NO_AUGMENT)
     ctx = tf.distribute.InputContext(2, 1, 2)
     full = _batches(pipes.train(ctx, 3))
     for start in (0, 5, 12, 30):
@@ -174,10 +174,10 @@ def test_train_stream_resumes_at_any_step():
 @pytest.mark.parametrize("pipelines,global_batch", [(1, 8), (2, 8), (3, 9)])
 def test_evaluation_covers_every_example_exactly_once(pipelines, global_batch):
     splits = _index_splits(n_val=37)
-    pipes = Pipelines(splits, global_batch, 12, 7, (1, 1, 1), NO_AUGMENT)
+    pipes = splits.pipelines(global_batch, 12, 7, (1, 1, 1), NO_AUGMENT)
     seen = []
     for i in range(pipelines):
-        seen += sum(_batches(pipes.evaluation(tf.distribute.InputContext(pipelines, i, pipelines), "val")), [])
+        seen += sum(_batches(pipes.evaluation(tf.distribute.InputContext(pipelines, i, pipelines), "validation")), [])
     assert sorted(seen) == list(range(1000, 1037))
     assert eval_steps(37, 8) == 5
 
@@ -189,7 +189,7 @@ def test_global_batch_larger_than_data_is_a_usage_error():
 
 def test_pipeline_resizes_and_rescales():
     s = sources.load(data_spec(source="digits"), seed=0)
-    pipes = Pipelines(s, 16, 4, 0, (16, 16, 1), spec_from_dict({"data": {"augment": {"flip": "horizontal"}}}).data.augment)
+    pipes = s.pipelines(16, 4, 0, (16, 16, 1), spec_from_dict({"data": {"augment": {"flip": "horizontal"}}}).data.augment)
     x, y = next(iter(pipes.train(tf.distribute.InputContext(1, 0, 1), 1)))
     assert x.shape == (16, 16, 16, 1) and x.dtype == tf.float32 and y.dtype == tf.int32
     assert float(tf.reduce_max(x)) <= 1.0 + 1e-6

@@ -63,13 +63,12 @@ def test_a_fast_pipeline_is_not(caplog):
 
 def test_the_marker_leaves_the_batches_alone():
     from distrain.data import sources
-    from distrain.data.pipelines import Pipelines
     from distrain.spec import spec_from_dict
 
     s = sources.load(spec_from_dict({}).data, seed=0)
     augment = spec_from_dict({}).data.augment
     ctx = tf.distribute.InputContext(1, 0, 1)
-    plain = Pipelines(s, 16, 3, 0, (8, 8, 1), augment).train(ctx, 1)
-    watched = Pipelines(s, 16, 3, 0, (8, 8, 1), augment, watch=InputWatch()).train(ctx, 1)
+    plain = s.pipelines(16, 3, 0, (8, 8, 1), augment).train(ctx, 1)
+    watched = s.pipelines(16, 3, 0, (8, 8, 1), augment, watch=InputWatch()).train(ctx, 1)
     for (a, y), (b, z) in zip(plain, watched):
         assert np.array_equal(a, b) and np.array_equal(y, z)

@@ -13,7 +13,7 @@ import tensorflow as tf
 from distrain import cli
 from distrain.data import imagefiles, tfrecord
 from distrain.data import sources
-from distrain.data.pipelines import Pipelines, steps_per_epoch
+from distrain.data.pipelines import steps_per_epoch
 from distrain.errors import UsageError
 from distrain.spec import spec_from_dict
 
@@ -55,14 +55,14 @@ def ids(ds):
     return [sorted(x[:, 0, 0, 0].astype(int).tolist()) for x, _ in ds.as_numpy_iterator()]
 
 
-def image_ids(splits, positions):
+def image_ids(source, positions):
     """The pixel values of the files at these positions (file ``0042.png`` holds value 42)."""
-    return sorted(int(splits.files[p].rsplit("/", 1)[1][:4]) for p in positions)
+    return sorted(int(source.files[p].rsplit("/", 1)[1][:4]) for p in positions)
 
 
-def pipelines(splits, global_batch=16, seed=7):
-    return Pipelines(splits, global_batch, steps_per_epoch(splits.train_size_global, global_batch),
-                              seed, splits.input_shape, NO_AUGMENT)
+def pipelines(source, global_batch=16, seed=7):
+    return source.pipelines(global_batch, steps_per_epoch(source.train_size, global_batch), seed, source.input_shape,
+                            NO_AUGMENT)
 
 
 def test_a_folder_is_listed_and_checked_not_decoded(folder, monkeypatch):
@@ -70,12 +70,12 @@ def test_a_folder_is_listed_and_checked_not_decoded(folder, monkeypatch):
         raise AssertionError("load() decoded an image")
     monkeypatch.setattr(tf.io, "decode_image", refuse)
     s = sources.load(spec_for(folder), seed=5)
-    assert (s.train_size_global, s.val_size, s.test_size) == (64, 16, 20)
+    assert (s.train_size, s.val_size, s.test_size) == (64, 16, 20)
     assert s.input_shape == (8, 8, 3) and s.num_classes == 4 and len(s.files) == COUNT
     # Positions of files, labels from the class folder, the splits disjoint and complete.
-    assert sorted(np.concatenate([s.x_train, s.x_val, s.x_test]).tolist()) == list(range(COUNT))
+    assert sorted(np.concatenate([s.train, s.validation, s.test]).tolist()) == list(range(COUNT))
     assert image_ids(s, range(COUNT)) == list(range(COUNT))
-    assert all(CLASSES[y] in s.files[x] for x, y in zip(s.x_train, s.y_train))
+    assert all(CLASSES[s.labels[x]] in s.files[x] for x in s.train)
 
 
 @pytest.mark.parametrize("num_pipelines,replicas_per_pipeline", [(2, 1), (4, 1), (2, 2)])
@@ -88,7 +88,7 @@ def test_streamed_folder_shards_are_disjoint_cover_each_epoch_and_equal_one_proc
     replicas = num_pipelines * replicas_per_pipeline
     shards = [ids(pipes.train(tf.distribute.InputContext(num_pipelines, i, replicas), epochs))
               for i in range(num_pipelines)]
-    train_ids = image_ids(s, s.x_train)
+    train_ids = image_ids(s, s.train)
     for epoch in range(epochs):
         seen = []
         for step in range(epoch * steps, (epoch + 1) * steps):
@@ -113,7 +113,7 @@ def test_streamed_folder_resumes_at_any_step(folder):
 def test_streamed_evaluation_deals_each_worker_its_share(folder, num_pipelines):
     s = sources.load(spec_for(folder), seed=5)
     pipes = pipelines(s, global_batch=6)
-    for which, expected in (("val", s.x_val), ("test", s.x_test)):
+    for which, expected in (("validation", s.validation), ("test", s.test)):
         shares = [sum(ids(pipes.evaluation(tf.distribute.InputContext(num_pipelines, i, num_pipelines), which)), [])
                   for i in range(num_pipelines)]
         assert sorted(sum(shares, [])) == image_ids(s, expected)
@@ -145,7 +145,7 @@ def test_decoded_cache_serves_later_epochs_bit_identical_without_the_files(tmp_p
     if cache == "dir":
         # A later run (a requeue) on this node finds every training image decoded already.
         again = pipelines(s)
-        assert int(again.decoded_cache().filled.sum()) == 64
+        assert int(again.decoded_cache.filled.sum()) == 64
         assert ids(again.train(ctx, 3, start_step=2 * pipes.steps)) != []
 
 
@@ -233,8 +233,8 @@ def test_mixed_channels_are_converted_with_a_warning(tmp_path, caplog):
     logging.getLogger("distrain").propagate = True
     s = sources.load(spec_for(root), seed=0, channels=3)
     assert "mixes colour modes (1 with 1 channel, 8 with 3 channels); every image is converted to 3 channels" in caplog.text
-    pipes = Pipelines(s, 1, 1, 0, (8, 8, 3), NO_AUGMENT)
-    shapes = {x.shape for which in ("val", "test") for x, _ in pipes.evaluation(tf.distribute.InputContext(1, 0, 1), which)}
+    pipes = s.pipelines(1, 1, 0, (8, 8, 3), NO_AUGMENT)
+    shapes = {x.shape for which in ("validation", "test") for x, _ in pipes.evaluation(tf.distribute.InputContext(1, 0, 1), which)}
     assert shapes == {(1, 8, 8, 3)}
 
 
@@ -249,8 +249,8 @@ def test_pack_writes_equal_shards_and_metadata(packed, folder):
     s = sources.load(spec_for(folder), seed=5)
     records = sources.load(spec_for(packed, "tfrecord"), seed=5)
     pipes = pipelines(records)
-    val = sum(ids(pipes.evaluation(tf.distribute.InputContext(1, 0, 1), "val")), [])
-    assert sorted(val) == image_ids(s, s.x_val)
+    val = sum(ids(pipes.evaluation(tf.distribute.InputContext(1, 0, 1), "validation")), [])
+    assert sorted(val) == image_ids(s, s.validation)
 
 
 @pytest.mark.parametrize("num_pipelines", [1, 2, 4])
@@ -260,7 +260,7 @@ def test_tfrecord_shards_are_disjoint_and_cover_each_epoch(packed, folder, num_p
     shards = [ids(pipes.train(tf.distribute.InputContext(num_pipelines, i, num_pipelines), epochs))
               for i in range(num_pipelines)]
     whole = sources.load(spec_for(folder), seed=5)
-    train_ids = image_ids(whole, whole.x_train)
+    train_ids = image_ids(whole, whole.train)
     for shard in shards:
         assert len(shard) == epochs * pipes.steps  # every worker runs the same number of steps
     for epoch in range(epochs):
@@ -283,7 +283,7 @@ def test_tfrecord_cache_gives_the_same_batches(packed):
     streamed = ids(pipelines(sources.load(spec_for(packed, "tfrecord"), seed=5)).train(ctx, 2))
     cached = pipelines(sources.load(spec_for(packed, "tfrecord", cache="memory"), seed=5))
     assert ids(cached.train(ctx, 2)) == streamed
-    assert int(cached.decoded_cache().filled.sum()) == 64  # every training record, by its example number
+    assert int(cached.decoded_cache.filled.sum()) == 64  # every training record, by its example number
 
 
 def test_tfrecord_evaluation_covers_every_example_once(packed):

@@ -4,9 +4,9 @@ that are kept hold all workers'.
 tf-keras's ``train_step`` returns ``metric.result()`` for every metric, and under
 MultiWorkerMirroredStrategy each result reads the metric's sync-on-read accumulators across the
 workers: one all-reduce per accumulator (two per ``Mean``), every step, each a round trip through
-the workers' gRPC servers (~1 ms on CPU even for a scalar). With the loss and one metric that is
-four collectives a step besides the gradients', which cost the course CNN on 2 pinned CPU workers
-about a quarter of its throughput (benchmarks/pinned.py, docs/performance.md).
+the workers' gRPC servers, even for a scalar. With the loss and one metric that is four
+collectives a step besides the gradients' (what they cost the course CNN on 2 pinned CPU workers:
+benchmarks/pinned.py, docs/performance.md).
 
 So distrain's training step returns the results of this worker's accumulators, and ``GlobalLogs``
 reads them across the workers where logs are kept: at the last step of each epoch (before

@@ -2,11 +2,10 @@
 
 TensorFlow can time out each collective itself (``CommunicationOptions(timeout_seconds=T)``), but
 each collective launched with a timeout starts threads that sleep for the whole of T before they
-end (measured here: 2 per all-reduce, TensorFlow 2.21 on CPU). A training step launches several,
-so a run keeps about steps/s x collectives per step x 2 x T threads alive: 2 workers of the course
-CNN at ~45 steps/s had 14,889 threads after 1,200 steps with T = 300 s and aborted
-(``std::system_error: Resource temporarily unavailable``) after about 2,000; on this machine the
-thread starts also cost 5-12% of each step.
+end (2 per all-reduce, TensorFlow 2.21 on CPU). A training step launches several, so a run keeps
+about steps/s x collectives per step x 2 x T threads alive, until thread creation fails
+(``std::system_error: Resource temporarily unavailable``) after a few thousand steps; the thread
+starts also cost part of each step (both measured in docs/performance.md).
 
 So distrain builds MultiWorkerMirroredStrategy without a timeout and keeps one watchdog thread per
 process: ``fit`` and ``evaluate`` beat it at every batch and epoch boundary (``Heartbeat``), and when

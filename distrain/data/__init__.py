@@ -1,7 +1,10 @@
 """The data layer: where examples come from and how each worker reads its share of them.
 
-``sources`` loads distrain's sources (digits, the Keras datasets, synthetic, image folders via
-``imagefiles``, TFRecord shards via ``tfrecord``) into ``splits.Splits``; ``user`` does the same for
-the user's own loader. ``pipelines`` turns them into the per-worker ``tf.data`` pipelines,
-``inputwatch`` measures how long training waits for them, and ``cli`` is ``distrain data``.
+``sources.load`` is the one dispatch on ``data.source``; each kind of source has its module:
+``arrays`` (digits, the Keras datasets, synthetic, the user's arrays), ``imagefolder`` (streamed
+files, listed and header-checked by ``imagefiles``), ``tfrecord`` (shards written by
+``distrain data pack``) and ``user`` (the user's loader, either contract). Each gives a
+``pipelines.Source`` that makes the per-worker ``tf.data`` pipelines; ``splits`` cuts examples
+into splits by the seed, ``inputwatch`` measures how long training waits for its input, and
+``cli`` is ``distrain data``.
 """

@@ -1,22 +1,49 @@
-"""The ``tf.data`` pipelines of distrain's sources: the index stream, per-worker sharding, batching.
+"""What every kind of source shares: the ``Source`` protocol, the batch arithmetic, and the
+``tf.data`` scaffolding of a pipeline (batching per replica, rescale, resize, augment, prefetch).
 
-The training pipeline of arrays and folders is an *index stream*: for each epoch a permutation of
-the training positions, seeded by (seed, epoch) and so identical on every worker, cut to
-``steps_per_epoch × global_batch`` and dealt out by position to the input pipelines. The union of
-the pipelines' batches at any global step is then exactly the batch one process would take at
-that step, which is what makes N workers train the same numbers as one, and what makes an exact
-resume possible: the stream can start at any global step, skipping positions without decoding.
+A source (``arrays.ArraySource``, ``imagefolder.ImageFolderSource``, ``tfrecord.TFRecordSource``,
+``user.DatasetSource``) knows its sizes and classes and makes its ``Pipelines``: per input pipeline
+(one per worker), the training batches from any global step and the evaluation batches.
+
+Arrays and folders feed training through an *index stream* (``index_stream``): for each epoch a
+permutation of the training positions, seeded by (seed, epoch) and so identical on every worker,
+cut to ``steps_per_epoch × global_batch`` and dealt out by position to the input pipelines. The
+union of the pipelines' batches at any global step is then exactly the batch one process would
+take at that step, which is what makes N workers train the same numbers as one, and what makes an
+exact resume possible: the stream can start at any global step, skipping positions without decoding.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Protocol
 
-import numpy as np
-
-from distrain.data import imagefiles
-from distrain.data.splits import Splits
 from distrain.errors import UsageError
+
+# The evaluation splits, as every source names them.
+EVALUATION_SPLITS = ("validation", "test")
+
+
+class Source(Protocol):
+    """What a run knows of its data once it is loaded, before any pipeline exists.
+
+    Attributes:
+        num_classes: classes of the labels (``model.num_classes`` overrides it in the context).
+        input_shape: the shape of one example as the data gives it (H, W, C).
+        train_size: training examples one epoch can draw from, over all workers.
+        val_size, test_size: validation and test examples over all workers.
+        synthetic: random data, for throughput only.
+    """
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+    train_size: int
+    val_size: int
+    test_size: int
+    synthetic: bool
+
+    def pipelines(self, global_batch: int, steps: int, seed: int, input_shape: tuple[int, ...], augment,
+                  watch=None) -> "Pipelines":
+        """This run's pipelines (see ``Pipelines`` for the arguments)."""
 
 
 def steps_per_epoch(train_size: int, global_batch: int, cap: Optional[int] = None) -> int:
@@ -47,6 +74,15 @@ def epoch_positions(n: int, take: int, seed: int, epoch, pipeline_id: int, num_p
     return perm[:take][pipeline_id::num_pipelines]
 
 
+def index_stream(tf, n: int, take: int, seed: int, input_context, epochs: int, start_epoch: int, skip: int):
+    """This pipeline's training positions (``0 .. n-1``) for epochs ``start_epoch .. epochs``, the
+    first ``skip`` left out: the replicas of this pipeline take its positions in turn, so skipping
+    the steps already done costs nothing (nothing is read or decoded for them)."""
+    pid, count = input_context.input_pipeline_id, input_context.num_input_pipelines
+    return tf.data.Dataset.range(start_epoch, epochs).flat_map(
+        lambda e: tf.data.Dataset.from_tensor_slices(epoch_positions(n, take, seed, e, pid, count))).skip(skip)
+
+
 def replica_batches(tf, ds, per_replica: int, local_replicas: int):
     """Evaluation batches for this pipeline's replicas: ``per_replica`` each, and the last step's
     remainder split over the replicas as evenly as possible.
@@ -73,90 +109,63 @@ def replica_batches(tf, ds, per_replica: int, local_replicas: int):
     return ds.batch(per_replica * local_replicas).flat_map(split_step)
 
 
-def _options(tf, deterministic: bool = True):
+def dataset_options(tf, deterministic: bool = True):
+    """Options of every pipeline: sharding is the source's job (the index stream, the shard
+    dealing, the user's function), so tf.distribute must not shard again."""
     options = tf.data.Options()
-    # Sharding is the index stream's job (or the shard dealing's); tf.distribute must not shard again.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     options.deterministic = deterministic
     return options
 
 
 class Pipelines:
-    """Builds the per-pipeline datasets for one run.
+    """The per-pipeline datasets of one run; each kind of source fills in where examples come from.
+
+    Subclasses give ``_train_batches`` (this pipeline's raw training batches of ``per_replica``
+    examples from the start step) and ``_evaluation_batches`` (this pipeline's raw batches of a
+    split); this class rescales, resizes and augments them, notes when each training batch is
+    ready (``watch``) and prefetches.
 
     Args:
-        splits: the examples (arrays, folder positions or TFRecord shards).
+        source: the source's examples.
         global_batch: per-replica batch × replicas in sync.
         steps: global steps per epoch.
         seed: shuffle seed.
         input_shape: the model's input shape; images are resized to it when the data differs.
         augment: the ``AugmentSpec`` (training only).
         watch: an ``inputwatch.InputWatch`` to note when each training batch is ready (optional).
+        rescale: the factor images are multiplied by (1: as given).
     """
 
-    def __init__(self, splits: Splits, global_batch: int, steps: int, seed: int,
-                 input_shape: tuple[int, ...], augment, watch=None) -> None:
-        self.splits = splits
+    def __init__(self, source, global_batch: int, steps: int, seed: int, input_shape: tuple[int, ...], augment,
+                 watch=None, rescale: float = 1.0) -> None:
+        self.source = source
         self.global_batch = global_batch
         self.steps = steps
         self.seed = seed
         self.input_shape = tuple(input_shape)
         self.augment = augment
         self.watch = watch
-        self._cache = None
+        self.rescale = rescale
 
-    def _prepare(self, tf, x):
-        x = tf.cast(x, tf.float32) * self.splits.rescale
-        if tuple(x.shape[1:3]) != self.input_shape[:2]:
-            x = tf.image.resize(x, self.input_shape[:2])
-        return x
+    # -- what a kind of source gives ------------------------------------------------------------
 
-    def _augmenter(self, tf):
-        a = self.augment
-        layers = []
-        if a.flip != "none":
-            layers.append(tf.keras.layers.RandomFlip(a.flip, seed=self.seed))
-        if a.rotation:
-            layers.append(tf.keras.layers.RandomRotation(a.rotation, seed=self.seed))
-        if a.zoom:
-            layers.append(tf.keras.layers.RandomZoom(a.zoom, seed=self.seed))
-        return tf.keras.Sequential(layers) if layers else None
+    def _train_batches(self, tf, input_context, epochs: int, start_epoch: int, skip: int, per_replica: int):
+        """(images, labels) batches of ``per_replica`` for this pipeline, ``skip`` examples left out."""
+        raise NotImplementedError
 
-    def decoded_cache(self) -> Optional[imagefiles.DecodedCache]:
-        """The ``data.cache`` of this run (one per process, shared by its pipelines and splits)."""
-        s = self.splits
-        if s.cache == "none":
-            return None
-        if self._cache is None:
-            count = s.records.total if s.records else len(s.files)
-            self._cache = imagefiles.DecodedCache(s.cache, count, s.image_shape, s.cache_key)
-        return self._cache
+    def _evaluation_batches(self, tf, input_context, split: str, per_replica: int, local_replicas: int):
+        """(images, labels) batches of this pipeline's share of ``split`` (``replica_batches``)."""
+        raise NotImplementedError
 
-    def _file_loader(self, tf):
-        """Position in the folder → (decoded uint8 image, label): reads one file."""
-        s = self.splits
-        files = tf.constant(s.files)
-        all_labels = np.zeros(len(s.files), np.int32)
-        for x, y in ((s.x_train, s.y_train), (s.x_val, s.y_val), (s.x_test, s.y_test)):
-            all_labels[x] = y
-        labels = tf.constant(all_labels)
-        cache = self.decoded_cache()
-        size, channels = list(s.image_shape[:2]), s.image_shape[2]
+    # -- the run's datasets ---------------------------------------------------------------------
 
-        def load(i):
-            def decode():
-                return imagefiles.decode(tf, tf.io.read_file(files[i]), size, channels)
-            image = cache.lookup(tf, i, decode) if cache else decode()
-            return image, labels[i]
-        return load
-
-    def train(self, ctx, epochs: int, start_step: int = 0):
+    def train(self, input_context, epochs: int, start_step: int = 0):
         """Training batches for global steps ``start_step .. epochs × steps`` of this pipeline."""
         import tensorflow as tf
 
-        s = self.splits
-        per_replica = ctx.get_per_replica_batch_size(self.global_batch)
-        per_pipeline = self.global_batch // ctx.num_input_pipelines
+        per_replica = input_context.get_per_replica_batch_size(self.global_batch)
+        per_pipeline = self.global_batch // input_context.num_input_pipelines
         start_epoch, step_in_epoch = divmod(start_step, self.steps)
         augmenter = self._augmenter(tf)
 
@@ -166,39 +175,13 @@ class Pipelines:
                 images = augmenter(images, training=True)
             return images, labels
 
-        if s.records is not None:
-            from distrain.data import tfrecord
-
-            ds = tfrecord.train_dataset(tf, s.records, self, ctx, epochs, start_epoch,
-                                        skip=step_in_epoch * per_pipeline, per_pipeline=per_pipeline)
-            ds = ds.batch(per_replica, drop_remainder=True).map(finish, num_parallel_calls=tf.data.AUTOTUNE)
-            return self._ready(tf, ds)
-
-        n, take = len(s.x_train), self.steps * self.global_batch
-        positions = tf.constant(s.x_train if s.files is not None else np.arange(n))
-        ds = tf.data.Dataset.range(start_epoch, epochs).flat_map(
-            lambda e: tf.data.Dataset.from_tensor_slices(
-                epoch_positions(n, take, self.seed, e, ctx.input_pipeline_id, ctx.num_input_pipelines)))
-        # Replicas of this pipeline take its examples in turn: skip theirs for the steps already
-        # done. Skipping positions costs nothing: nothing is read or decoded for them.
-        ds = ds.skip(step_in_epoch * per_pipeline)
-        if s.files is not None:
-            load = self._file_loader(tf)
-            ds = (ds.map(lambda i: load(tf.gather(positions, i)), num_parallel_calls=tf.data.AUTOTUNE)
-                  .batch(per_replica, drop_remainder=True)
-                  .map(finish, num_parallel_calls=tf.data.AUTOTUNE))
-        else:
-            x, y = tf.constant(s.x_train), tf.constant(s.y_train)
-            ds = ds.batch(per_replica, drop_remainder=True).map(
-                lambda idx: finish(tf.gather(x, idx), tf.gather(y, idx)), num_parallel_calls=tf.data.AUTOTUNE)
-        return self._ready(tf, ds)
-
-    def _ready(self, tf, ds):
+        ds = self._train_batches(tf, input_context, epochs, start_epoch, step_in_epoch * per_pipeline, per_replica)
+        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
         if self.watch is not None:
             ds = self.watch.stamp(tf, ds)
-        return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options(tf))
 
-    def evaluation(self, ctx, which: str):
+    def evaluation(self, input_context, split: str):
         """Validation or test batches of this pipeline: every example once, over all pipelines.
 
         Position-dealt like training: pipeline ``i`` of ``n`` takes examples ``i, i+n, ...``, so
@@ -206,28 +189,31 @@ class Pipelines:
         """
         import tensorflow as tf
 
-        s = self.splits
-        per_replica = ctx.get_per_replica_batch_size(self.global_batch)
-        pid, count = ctx.input_pipeline_id, ctx.num_input_pipelines
-        local_replicas = max(1, ctx.num_replicas_in_sync // count)
+        if split not in EVALUATION_SPLITS:
+            raise ValueError(f"split: expected one of {EVALUATION_SPLITS}, got {split!r}")
+        per_replica = input_context.get_per_replica_batch_size(self.global_batch)
+        local_replicas = max(1, input_context.num_replicas_in_sync // input_context.num_input_pipelines)
+        ds = self._evaluation_batches(tf, input_context, split, per_replica, local_replicas)
+        ds = ds.map(lambda images, labels: (self._prepare(tf, images), labels), num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options(tf))
 
-        def finish(images, labels):
-            return self._prepare(tf, images), labels
+    def _prepare(self, tf, x):
+        x = tf.cast(x, tf.float32)
+        if self.rescale != 1.0:
+            x = x * self.rescale
+        if x.shape.rank == 4 and tuple(x.shape[1:3]) != self.input_shape[:2]:
+            x = tf.image.resize(x, self.input_shape[:2])
+        return x
 
-        if s.records is not None:
-            from distrain.data import tfrecord
-
-            ds = replica_batches(tf, tfrecord.eval_dataset(tf, s.records, self, which, pid, count), per_replica,
-                                 local_replicas)
-        else:
-            xs, ys = (s.x_val, s.y_val) if which == "val" else (s.x_test, s.y_test)
-            mine = np.arange(len(ys))[pid::count]
-            if s.files is not None:
-                load = self._file_loader(tf)
-                ds = replica_batches(tf, tf.data.Dataset.from_tensor_slices(np.asarray(xs)[mine])
-                                     .map(load, num_parallel_calls=tf.data.AUTOTUNE), per_replica, local_replicas)
-            else:
-                x, y = tf.constant(xs), tf.constant(ys)
-                ds = replica_batches(tf, tf.data.Dataset.from_tensor_slices(mine), per_replica, local_replicas).map(
-                    lambda i: (tf.gather(x, i), tf.gather(y, i)))
-        return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
+    def _augmenter(self, tf):
+        a = self.augment
+        if a is None:
+            return None
+        layers = []
+        if a.flip != "none":
+            layers.append(tf.keras.layers.RandomFlip(a.flip, seed=self.seed))
+        if a.rotation:
+            layers.append(tf.keras.layers.RandomRotation(a.rotation, seed=self.seed))
+        if a.zoom:
+            layers.append(tf.keras.layers.RandomZoom(a.zoom, seed=self.seed))
+        return tf.keras.Sequential(layers) if layers else None

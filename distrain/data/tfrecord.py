@@ -40,6 +40,7 @@ from typing import Optional
 import numpy as np
 
 from distrain.data import imagefiles
+from distrain.data.pipelines import Pipelines, replica_batches
 from distrain.errors import UsageError
 from distrain.rundir import replacing, write_atomically
 
@@ -47,7 +48,8 @@ log = logging.getLogger("distrain")
 
 METADATA = "distrain-data.json"
 FORMAT = "distrain-tfrecord-1"
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")  # as packed: file names and distrain-data.json
+PACKED_SPLIT = {"train": "train", "validation": "val", "test": "test"}  # a pipeline's split -> its packed name
 CYCLE_LENGTH = 8  # shards a pipeline reads at once
 SHUFFLE_WINDOW = 1024  # records shuffled together; pack already wrote the examples in a seeded order
 
@@ -112,10 +114,54 @@ def usable_per_pipeline(shard_counts: list[int], num_pipelines: int) -> int:
     return sum(sorted(shard_counts)[:per])
 
 
-def load(data, channels: int, shard: tuple[int, int]):
-    """The ``Splits`` of a packed directory for pipeline ``shard[0]`` of ``shard[1]``."""
-    from distrain.data.splits import Splits
+@dataclass(frozen=True)
+class TFRecordSource:
+    """A packed directory as this worker reads it.
 
+    Attributes:
+        records: the shards and counts (``read_metadata``).
+        train_size: training examples one epoch draws from over all pipelines (every pipeline
+            draws the same number: ``usable_per_pipeline``).
+        num_classes: classes recorded by ``pack``.
+        rescale: what decoded pixels are multiplied by.
+        image_shape: (height, width, channels) images are decoded to.
+        cache: ``data.cache``: none, memory or a directory.
+        cache_key: names the decoded cache of this pack at this shape.
+    """
+
+    records: Records
+    train_size: int
+    num_classes: int
+    rescale: float
+    image_shape: tuple[int, ...]
+    cache: str = "none"
+    cache_key: Optional[str] = None
+    synthetic = False
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.image_shape)
+
+    @property
+    def val_size(self) -> int:
+        return self.records.counts[PACKED_SPLIT["validation"]]
+
+    @property
+    def test_size(self) -> int:
+        return self.records.counts[PACKED_SPLIT["test"]]
+
+    def pipelines(self, global_batch: int, steps: int, seed: int, input_shape, augment,
+                  watch=None) -> "TFRecordPipelines":
+        return TFRecordPipelines(self, global_batch, steps, seed, input_shape, augment, watch=watch,
+                                 rescale=self.rescale)
+
+
+def load(data, channels: int, shard: tuple[int, int]) -> TFRecordSource:
+    """The packed directory ``data.path`` for pipeline ``shard[0]`` of ``shard[1]``.
+
+    Raises:
+        UsageError: no metadata, a missing shard, or fewer training shards than pipelines.
+    """
     records = read_metadata(data.path)
     train_counts = [c for _, c in records.shards["train"]]
     _, num_pipelines = shard
@@ -133,32 +179,71 @@ def load(data, channels: int, shard: tuple[int, int]):
              "`distrain data pack` with seed %s)", data.path, len(records.classes), counts["train"], len(train_counts),
              counts["val"], counts["test"], meta.get("seed"))
     imagefiles.check_cache_room(data.cache, records.total, (*data.image_size, channels))
-    empty = np.zeros(0, np.int32)
     key = None
     if data.cache != "none":
         # A new pack (or a different decoded shape) is a new cache.
         text = (records.root / METADATA).read_bytes() + f"{list(data.image_size)} {channels}".encode()
         key = hashlib.sha256(text).hexdigest()[:16]
-    return Splits(empty, empty, empty, empty, empty, empty, len(records.classes), data.rescale or 1 / 255,
-                  train_size_global=usable, image_shape=(*data.image_size, channels), cache=data.cache,
-                  cache_key=key, records=records)
+    return TFRecordSource(records, usable, len(records.classes), data.rescale or 1 / 255, (*data.image_size, channels),
+                          data.cache, key)
 
 
-def _parser(tf, pipes):
-    s = pipes.splits
-    cache = pipes.decoded_cache()
-    size, channels = list(s.image_shape[:2]), s.image_shape[2]
-    features = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64),
-                "index": tf.io.FixedLenFeature([], tf.int64)}
+class TFRecordPipelines(Pipelines):
+    """Shards dealt to the pipelines each epoch (training), records dealt by position (evaluation)."""
 
-    def parse(serialized):
-        ex = tf.io.parse_single_example(serialized, features)
+    source: TFRecordSource
 
-        def decode():
-            return imagefiles.decode(tf, ex["image"], size, channels)
-        image = cache.lookup(tf, ex["index"], decode) if cache else decode()
-        return image, tf.cast(ex["label"], tf.int32)
-    return parse
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        s = self.source
+        # One decoded cache per process, shared by its pipelines and splits.
+        self.decoded_cache = (imagefiles.DecodedCache(s.cache, s.records.total, s.image_shape, s.cache_key)
+                              if s.cache != "none" else None)
+
+    def _parser(self, tf):
+        """A serialized record → (decoded uint8 image, label), through the decoded cache."""
+        cache = self.decoded_cache
+        size, channels = list(self.source.image_shape[:2]), self.source.image_shape[2]
+        features = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64),
+                    "index": tf.io.FixedLenFeature([], tf.int64)}
+
+        def parse(serialized):
+            ex = tf.io.parse_single_example(serialized, features)
+
+            def decode():
+                return imagefiles.decode(tf, ex["image"], size, channels)
+            image = cache.lookup(tf, ex["index"], decode) if cache else decode()
+            return image, tf.cast(ex["label"], tf.int32)
+        return parse
+
+    def _train_batches(self, tf, input_context, epochs, start_epoch, skip, per_replica):
+        """Each epoch: the shards permuted by (seed, epoch), dealt by position, interleaved and
+        shuffled in windows; every pipeline draws ``steps × per_pipeline`` records."""
+        records = self.source.records
+        files = tf.constant(records.files("train"))
+        num_shards = len(records.shards["train"])
+        pid, n = input_context.input_pipeline_id, input_context.num_input_pipelines
+        per_epoch = self.steps * (self.global_batch // n)
+        seed = tf.constant(self.seed, tf.int64)
+
+        def epoch(e):
+            order = tf.random.experimental.stateless_shuffle(tf.range(num_shards, dtype=tf.int64),
+                                                             seed=tf.stack([seed, e]))
+            ds = tf.data.Dataset.from_tensor_slices(tf.gather(files, order[pid::n])).interleave(
+                tf.data.TFRecordDataset, cycle_length=CYCLE_LENGTH, block_length=1,
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            return _window_shuffle(tf, ds, tf.stack([seed + 1, e * n + pid])).take(per_epoch)
+
+        ds = tf.data.Dataset.range(start_epoch, epochs).flat_map(epoch).skip(skip)
+        return ds.map(self._parser(tf), num_parallel_calls=tf.data.AUTOTUNE).batch(per_replica, drop_remainder=True)
+
+    def _evaluation_batches(self, tf, input_context, split, per_replica, local_replicas):
+        """Record ``i`` of the split goes to pipeline ``i mod n``: each reads the files, parses its share."""
+        files = self.source.records.files(PACKED_SPLIT[split])
+        ds = tf.data.TFRecordDataset(files) if files else tf.data.Dataset.from_tensor_slices(tf.zeros([0], tf.string))
+        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        return replica_batches(tf, ds.map(self._parser(tf), num_parallel_calls=tf.data.AUTOTUNE), per_replica,
+                               local_replicas)
 
 
 def _window_shuffle(tf, ds, seed):
@@ -168,34 +253,6 @@ def _window_shuffle(tf, ds, seed):
         order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(window, out_type=tf.int64)[0]), seed=seed)
         return tf.data.Dataset.from_tensor_slices(tf.gather(window, order))
     return ds.batch(SHUFFLE_WINDOW).flat_map(shuffle)
-
-
-def train_dataset(tf, records: Records, pipes, ctx, epochs: int, start_epoch: int, *, skip: int, per_pipeline: int):
-    """This pipeline's training examples (unbatched) from ``start_epoch``, the first ``skip`` left out."""
-    files = tf.constant(records.files("train"))
-    num_shards = len(records.shards["train"])
-    pid, n = ctx.input_pipeline_id, ctx.num_input_pipelines
-    per_epoch = pipes.steps * per_pipeline
-
-    def epoch(e):
-        seed = tf.stack([tf.constant(pipes.seed, tf.int64), e])
-        order = tf.random.experimental.stateless_shuffle(tf.range(num_shards, dtype=tf.int64), seed=seed)
-        mine = tf.gather(files, order[pid::n])
-        ds = tf.data.Dataset.from_tensor_slices(mine).interleave(
-            tf.data.TFRecordDataset, cycle_length=CYCLE_LENGTH, block_length=1,
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = _window_shuffle(tf, ds, tf.stack([tf.constant(pipes.seed, tf.int64) + 1, e * n + pid]))
-        return ds.take(per_epoch)
-
-    ds = tf.data.Dataset.range(start_epoch, epochs).flat_map(epoch).skip(skip)
-    return ds.map(_parser(tf, pipes), num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def eval_dataset(tf, records: Records, pipes, which: str, pid: int, count: int):
-    """Validation or test examples of pipeline ``pid`` of ``count`` (unbatched): records ``pid::count``."""
-    files = records.files(which)
-    ds = tf.data.TFRecordDataset(files) if files else tf.data.Dataset.from_tensor_slices(tf.zeros([0], tf.string))
-    return ds.shard(count, pid).map(_parser(tf, pipes), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 class Progress:

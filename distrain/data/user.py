@@ -4,7 +4,7 @@ The contract is told by the function's signature:
 
 - ``fn()`` → ``(x_train, y_train), (x_test, y_test)``, NumPy arrays like ``tf.keras.datasets.*.load_data()``
   (images ``N×H×W`` or ``N×H×W×C``, integer labels ``0 .. classes-1``). The arrays go through
-  distrain's in-memory path (``distrain.data``): the validation split is cut from the training
+  distrain's in-memory path (``data/arrays.py``): the validation split is cut from the training
   arrays with the job's seed, every worker takes its positions of the seeded index stream, and
   resume is exact. Everything distrain guarantees for ``mnist`` holds for it. ``data.rescale``
   defaults to 1/255 for ``uint8`` images and 1 (as given) for float images.
@@ -16,11 +16,13 @@ The contract is told by the function's signature:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
 
+from distrain.data.arrays import ArraySource, train_test_splits
+from distrain.data.pipelines import Pipelines, replica_batches
 from distrain.errors import UsageError
 from distrain.user_code import ARRAYS, data_function, defined_at
 
@@ -90,48 +92,44 @@ def check_arrays(text: str, where: str, result: Any, num_classes: Optional[int] 
     return x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32), classes
 
 
-def load_arrays(data, seed: int, fn: Callable, text: str, num_classes: Optional[int] = None):
-    """A ``load_data``-style function's arrays as ``distrain.splits.Splits`` (validation cut by the seed)."""
-    from distrain.data import sources
-
+def load_arrays(data, seed: int, fn: Callable, text: str, num_classes: Optional[int] = None) -> ArraySource:
+    """A ``load_data``-style function's arrays as an ``ArraySource`` (validation cut by the seed)."""
     result = fn()  # the user's exceptions keep their own traceback
     x_train, y_train, x_test, y_test, classes = check_arrays(
         text, f"{getattr(fn, '__name__', text)} ({defined_at(fn)})", result, num_classes)
     rescale = data.rescale or (1 / 255 if x_train.dtype == np.uint8 else 1.0)
-    splits = sources.cap_examples(
-        sources.train_test_splits(x_train, y_train, x_test, y_test, data, seed, classes, rescale), data.limit)
-    return replace(splits, train_size_global=len(splits.x_train))
+    return train_test_splits(x_train, y_train, x_test, y_test, data, seed, classes, rescale).capped(data.limit)
 
 
 # ----------------------------------------------------------------------------- tf.data
 
 @dataclass(frozen=True)
-class DatasetSplits:
-    """What a run needs to know of a ``fn(input_context, split)`` source (the attributes of ``Splits``
-    that ``run.py`` reads), found from the unsharded datasets once at start."""
+class DatasetSource:
+    """A ``fn(input_context, split)`` source, as found from the unsharded datasets once at start."""
 
     fn: Callable
     text: str
     num_classes: int
     input_shape: tuple[int, ...]
-    train_size_global: int
+    train_size: int
     val_size: int
     test_size: int
-    synthetic: bool = False
-    sharded: bool = True
+    synthetic = False
 
-    def pipelines(self, global_batch: int, steps: int, seed: int, input_shape, augment) -> "DatasetPipelines":
-        return DatasetPipelines(self, global_batch, steps)
+    def pipelines(self, global_batch: int, steps: int, seed: int, input_shape, augment,
+                  watch=None) -> "DatasetPipelines":
+        # No watch: the user's pipeline is opaque, its input wait is not measured.
+        return DatasetPipelines(self, global_batch, steps, seed, input_shape, None)
 
 
 def _context(tf, pipelines: int = 1, pipeline: int = 0, replicas: int = 1):
     return tf.distribute.InputContext(pipelines, pipeline, replicas)
 
 
-def _dataset(tf, fn, text: str, ctx, split: str):
-    """``fn(ctx, split)``, checked: a Dataset of (image, label) examples, or None for validation."""
+def _dataset(tf, fn, text: str, input_context, split: str):
+    """``fn(input_context, split)``, checked: a Dataset of (image, label) examples, or None for validation."""
     where = f"{getattr(fn, '__name__', text)} ({defined_at(fn)})"
-    ds = fn(ctx, split)
+    ds = fn(input_context, split)
     if ds is None and split == "validation":
         return None
     if not isinstance(ds, tf.data.Dataset):
@@ -165,7 +163,7 @@ def _size(tf, ds) -> int:
     return n if n >= 0 else _count(tf, ds)[0]
 
 
-def load_datasets(data, fn: Callable, text: str) -> DatasetSplits:
+def load_datasets(data, fn: Callable, text: str) -> DatasetSource:
     """Inspects a ``fn(input_context, split)`` source: shapes, classes and split sizes.
 
     Validation and test are read once (their sizes and largest label); the training split only
@@ -199,77 +197,50 @@ def load_datasets(data, fn: Callable, text: str) -> DatasetSplits:
         raise UsageError(f"{KEY}: {text}: split 'test' is empty; expected every test example once")
     if int(train.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
         raise UsageError(f"{KEY}: {text}: split 'train' is infinite; expected one pass (distrain repeats it)")
-    return DatasetSplits(fn, text, max(top + 1, 2), shape, _size(tf, train), sizes["validation"], sizes["test"])
+    return DatasetSource(fn, text, max(top + 1, 2), shape, _size(tf, train), sizes["validation"], sizes["test"])
 
 
-class DatasetPipelines:
-    """Per-pipeline datasets of a ``fn(input_context, split)`` source, with ``data.Pipelines``' methods.
+class DatasetPipelines(Pipelines):
+    """Per-pipeline datasets of a ``fn(input_context, split)`` source.
 
     Training: this pipeline's examples, repeated, batched to the per-replica batch (whole batches
     only), the steps already done skipped. Evaluation: this pipeline's examples once, checked to be
     its share of the split by position, so metrics over all workers cover every example once.
     """
 
-    def __init__(self, splits: DatasetSplits, global_batch: int, steps: int) -> None:
-        self.splits = splits
-        self.global_batch = global_batch
-        self.steps = steps
+    source: DatasetSource
 
-    def _images(self, tf, image, label):
+    @staticmethod
+    def _images(tf, image, label):
         image = tf.cast(image, tf.float32)
         return (image[..., None] if image.shape.rank == 2 else image), label
 
-    @staticmethod
-    def _options(tf):
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        options.deterministic = True
-        return options
-
-    def train(self, ctx, epochs: int, start_step: int = 0):
-        """Training batches for global steps ``start_step ..`` of this pipeline."""
-        import tensorflow as tf
-
-        s = self.splits
-        per_replica = ctx.get_per_replica_batch_size(self.global_batch)
-        per_pipeline = self.global_batch // ctx.num_input_pipelines
-        ds = _dataset(tf, s.fn, s.text, ctx, "train").repeat()
+    def _train_batches(self, tf, input_context, epochs, start_epoch, skip, per_replica):
+        s = self.source
+        done = start_epoch * self.steps * (self.global_batch // input_context.num_input_pipelines) + skip
+        ds = _dataset(tf, s.fn, s.text, input_context, "train").repeat()
         ds = ds.map(lambda x, y: self._images(tf, x, y), num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.batch(per_replica, drop_remainder=True).skip(start_step * (per_pipeline // per_replica))
-        return ds.prefetch(tf.data.AUTOTUNE).with_options(self._options(tf))
+        return ds.batch(per_replica, drop_remainder=True).skip(done // per_replica)
 
-    def evaluation(self, ctx, which: str):
-        """Validation (``"val"``) or test batches of this pipeline."""
-        import tensorflow as tf
-
-        s = self.splits
-        split, size = ("validation", s.val_size) if which == "val" else ("test", s.test_size)
-        ds = _dataset(tf, s.fn, s.text, ctx, split)
-        expected = len(range(ctx.input_pipeline_id, size, ctx.num_input_pipelines))
+    def _evaluation_batches(self, tf, input_context, split, per_replica, local_replicas):
+        s = self.source
+        size = s.val_size if split == "validation" else s.test_size
+        ds = _dataset(tf, s.fn, s.text, input_context, split)
+        pid, count = input_context.input_pipeline_id, input_context.num_input_pipelines
+        expected = len(range(pid, size, count))
         got = _size(tf, ds)
         if got != expected:
-            raise UsageError(f"{KEY}: {s.text}: split {split!r} of input pipeline {ctx.input_pipeline_id} of "
-                             f"{ctx.num_input_pipelines} has {got} examples, expected {expected} of {size}; shard it "
-                             "with ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)")
+            raise UsageError(f"{KEY}: {s.text}: split {split!r} of input pipeline {pid} of {count} has {got} examples, "
+                             f"expected {expected} of {size}; shard it with "
+                             "ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)")
         ds = ds.map(lambda x, y: self._images(tf, x, y), num_parallel_calls=tf.data.AUTOTUNE)
-        per_replica = ctx.get_per_replica_batch_size(self.global_batch)
-        return ds.batch(per_replica).prefetch(tf.data.AUTOTUNE).with_options(self._options(tf))
+        return replica_batches(tf, ds, per_replica, local_replicas)
 
 
 def load(data, seed: int):
-    """``data.source`` as a reference: ``Splits`` for ``fn()``, ``DatasetSplits`` for ``fn(ctx, split)``."""
+    """``data.source`` as a reference: an ``ArraySource`` for ``fn()``, a ``DatasetSource`` for
+    ``fn(input_context, split)``."""
     fn, kind = data_function(data.source)
     if kind == ARRAYS:
         return load_arrays(data, seed, fn, data.source)
     return load_datasets(data, fn, data.source)
-
-
-def make_pipelines(splits, global_batch: int, steps: int, seed: int, input_shape, augment, watch=None):
-    """The input pipelines of a run: ``data.Pipelines`` for distrain's sources and ``fn()`` arrays,
-    ``DatasetPipelines`` for a ``fn(input_context, split)`` source (``watch`` is not applied to it:
-    the user's pipeline is opaque)."""
-    if isinstance(splits, DatasetSplits):
-        return splits.pipelines(global_batch, steps, seed, input_shape, augment)
-    from distrain.data.pipelines import Pipelines
-
-    return Pipelines(splits, global_batch, steps, seed, input_shape, augment, watch=watch)

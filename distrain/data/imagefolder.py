@@ -1,0 +1,133 @@
+"""``data.source: image_folder``: a directory of ``class_name/image`` files, streamed.
+
+The folder is listed and each file's header checked once (``imagefiles``); nothing is decoded up
+front. Training deals file positions by the index stream (``pipelines.index_stream``), exactly as
+arrays deal theirs, so N workers train the same batches as one; files are read and decoded inside
+``tf.data``, in parallel and prefetched, optionally through the decoded cache (``data.cache``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import numpy as np
+
+from distrain.data import imagefiles
+from distrain.data.pipelines import Pipelines, index_stream, replica_batches
+from distrain.data.splits import split_indices
+
+log = logging.getLogger("distrain")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolderSource:
+    """The listed folder: every readable file, and which positions of it each split holds.
+
+    Attributes:
+        files: every readable file, sorted by class then name.
+        labels: the class of each file.
+        train, validation, test: positions in ``files`` of each split.
+        num_classes: class folders.
+        rescale: what decoded pixels are multiplied by.
+        image_shape: (height, width, channels) images are decoded to.
+        cache: ``data.cache``: none, memory or a directory.
+        cache_key: names the decoded cache of exactly these files at this shape.
+    """
+
+    files: np.ndarray
+    labels: np.ndarray
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+    num_classes: int
+    rescale: float
+    image_shape: tuple[int, ...]
+    cache: str = "none"
+    cache_key: Optional[str] = None
+    synthetic = False
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.image_shape)
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train)
+
+    @property
+    def val_size(self) -> int:
+        return len(self.validation)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.test)
+
+    def pipelines(self, global_batch: int, steps: int, seed: int, input_shape, augment,
+                  watch=None) -> "ImageFolderPipelines":
+        return ImageFolderPipelines(self, global_batch, steps, seed, input_shape, augment, watch=watch,
+                                    rescale=self.rescale)
+
+
+def load(data, seed: int, channels: int) -> ImageFolderSource:
+    """Lists the folder and checks every file's header; nothing is decoded here.
+
+    Raises:
+        UsageError: the folder is missing, has no class folders or no readable image (names it).
+    """
+    files, labels, classes = imagefiles.list_image_folder(data.path)
+    infos = imagefiles.scan(files)
+    files, labels, infos = imagefiles.drop_unreadable(files, labels, infos, data.path)
+    imagefiles.warn_mixed_channels(infos, channels, data.path)
+    test, val, train = split_indices(len(files), (data.test_split, data.validation_split * (1 - data.test_split)), seed)
+    image_shape = (*data.image_size, channels)
+    cache_key = imagefiles.cache_key(files, infos, data.image_size, channels) if data.cache != "none" else None
+    imagefiles.check_cache_room(data.cache, len(files), image_shape)
+    log.info("data.path %s: %d images in %d classes (train %d, validation %d, test %d), streamed",
+             data.path, len(files), len(classes), len(train), len(val), len(test))
+    source = ImageFolderSource(np.asarray(files), np.asarray(labels, np.int32), train, val, test, len(classes),
+                               data.rescale or 1 / 255, image_shape, data.cache, cache_key)
+    if data.limit:
+        source = dataclasses.replace(source, train=train[:data.limit], validation=val[:data.limit],
+                                     test=test[:data.limit])
+    return source
+
+
+class ImageFolderPipelines(Pipelines):
+    """Positions of the folder, read and decoded in the pipeline (through the decoded cache)."""
+
+    source: ImageFolderSource
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        s = self.source
+        # One decoded cache per process, shared by its pipelines and splits.
+        self.decoded_cache = (imagefiles.DecodedCache(s.cache, len(s.files), s.image_shape, s.cache_key)
+                              if s.cache != "none" else None)
+
+    def _loader(self, tf):
+        """Position in the folder → (decoded uint8 image, label): reads one file."""
+        s = self.source
+        files, labels, cache = tf.constant(s.files), tf.constant(s.labels), self.decoded_cache
+        size, channels = list(s.image_shape[:2]), s.image_shape[2]
+
+        def load(i):
+            def decode():
+                return imagefiles.decode(tf, tf.io.read_file(files[i]), size, channels)
+            image = cache.lookup(tf, i, decode) if cache else decode()
+            return image, labels[i]
+        return load
+
+    def _train_batches(self, tf, input_context, epochs, start_epoch, skip, per_replica):
+        s = self.source
+        stream = index_stream(tf, s.train_size, self.steps * self.global_batch, self.seed, input_context, epochs,
+                              start_epoch, skip)
+        positions, load = tf.constant(s.train), self._loader(tf)
+        return (stream.map(lambda i: load(tf.gather(positions, i)), num_parallel_calls=tf.data.AUTOTUNE)
+                .batch(per_replica, drop_remainder=True))
+
+    def _evaluation_batches(self, tf, input_context, split, per_replica, local_replicas):
+        positions = self.source.validation if split == "validation" else self.source.test
+        mine = np.asarray(positions)[input_context.input_pipeline_id::input_context.num_input_pipelines]
+        return replica_batches(tf, tf.data.Dataset.from_tensor_slices(mine).map(
+            self._loader(tf), num_parallel_calls=tf.data.AUTOTUNE), per_replica, local_replicas)
