@@ -20,7 +20,10 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Mapping, Sequence, Union
 
+from distrain import startup
 from distrain.errors import UsageError
+from distrain.run import train as run_train
+from distrain.user_code import reference_of
 
 
 def train(job: Union[str, os.PathLike, Mapping[str, Any]], *, model: Union[str, Callable, None] = None,
@@ -46,8 +49,6 @@ def train(job: Union[str, os.PathLike, Mapping[str, Any]], *, model: Union[str, 
         UsageError: bad input (one line naming the key, the reference, the file), before training.
         TrainingStopped: preempted, a peer lost or a NaN loss (``exit_code`` says which).
     """
-    from distrain import startup
-    from distrain.user_code import reference_of
 
     try:  # the arguments themselves; what they hold is checked by the start-up, as on the command line
         if not isinstance(job, (str, os.PathLike, Mapping)):
@@ -58,6 +59,5 @@ def train(job: Union[str, os.PathLike, Mapping[str, Any]], *, model: Union[str, 
     except UsageError as err:
         raise UsageError(f"distrain.train: {err}") from None
     begun = startup.start(job, overrides, model=model, data=data, run_dir=run_dir)
-    from distrain.run import train as run_train
 
     return run_train(begun.spec, begun.run_dir, world=begun.world)

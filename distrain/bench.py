@@ -33,7 +33,11 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from distrain import run, startup
+from distrain.context import image_channels
 from distrain.errors import UsageError
+from distrain.models import MODELS
+from distrain.tf_startup import import_tensorflow
 
 # Shapes and class counts of the built-in sources, so a bench needs neither the data nor TensorFlow.
 SOURCE_SHAPES = {
@@ -65,8 +69,6 @@ def data_shape(spec) -> tuple[tuple[int, ...], int]:
     Raises:
         UsageError: an image folder that cannot be listed and no ``model.num_classes``.
     """
-    from distrain.context import image_channels
-    from distrain.models import MODELS
 
     data = spec.data
     if data.source == "synthetic":
@@ -170,7 +172,6 @@ class StepTimer:
     """
 
     def __new__(cls):
-        from distrain.tf_startup import import_tensorflow
 
         tf = import_tensorflow()
 
@@ -286,7 +287,6 @@ def run_bench(spec, *, steps: int, warmup: int, baseline: Optional[Baseline] | s
     if baseline == "auto":
         baseline = baseline_fn() if guess > 1 and baseline_fn else None
     job = bench_spec(spec, steps=steps, warmup=warmup, replicas=guess)
-    from distrain import run
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory(prefix="distrain-bench-") as tmp:
@@ -355,7 +355,6 @@ def add_parser(subparsers) -> None:
 
 def cmd_bench(args) -> int:
     """``distrain bench``: checks every input, then benchmarks; the chief prints the result."""
-    from distrain import startup
 
     if args.steps < 1:
         raise UsageError(f"--steps: expected a positive integer, got {args.steps}")

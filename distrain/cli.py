@@ -9,8 +9,19 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from distrain import __version__, malloc, startup, user_code
+from distrain.backends.factory import choose_strategy
+from distrain.bench import add_parser as add_bench_parser
+from distrain.data.cli import add_parser as add_data_parser
 from distrain.errors import EXIT_FAILED, EXIT_USAGE, TrainingStopped, UsageError
+from distrain.launch import register_parsers
+from distrain.models import MODELS, REGISTRY_CLASSES, describe, is_user_model
+from distrain.report import add_report_parser
+from distrain.run import train
 from distrain.rundir import RunDir
+from distrain.spec import dump_spec
+from distrain.tf_startup import VERBOSE_ENV, import_tensorflow
+from distrain.world import detect
 
 EPILOG = """\
 examples:
@@ -30,7 +41,6 @@ def _add_job_args(p: argparse.ArgumentParser, job_required: bool = True) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from distrain import __version__
 
     parser = argparse.ArgumentParser(prog="distrain", description="Train the Keras course models data-parallel, "
                                      "on one machine or a cluster.", epilog=EPILOG,
@@ -64,11 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--port", type=int, help="base worker port (default: from the job id)")
 
-    from distrain.report import add_report_parser
     add_report_parser(sub)
-    from distrain.data.cli import add_parser as add_data_parser
     add_data_parser(sub)
-    from distrain.bench import add_parser as add_bench_parser
     add_bench_parser(sub)
     _add_launcher_parsers(sub)
     return parser
@@ -76,13 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_launcher_parsers(sub) -> None:
     """Launchers register their own sub-commands; a missing optional one just isn't listed."""
-    from distrain.launch import register_parsers
 
     register_parsers(sub)
 
 
 def cmd_train(args) -> int:
-    from distrain import startup
 
     job = args.job
     if args.resume:
@@ -94,7 +99,6 @@ def cmd_train(args) -> int:
     if job is None:
         raise UsageError("train: give a job file (e.g. jobs/quickstart.yaml) or --resume RUN_DIR")
     begun = startup.start(job, args.overrides, run_dir=args.resume or args.run_dir, run_id=args.run_id)
-    from distrain.run import train
 
     summary = train(begun.spec, begun.run_dir, world=begun.world)
     if begun.world.is_chief:
@@ -106,8 +110,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from distrain import startup
-    from distrain.spec import dump_spec
 
     spec = startup.check(args.job, args.overrides)
     if not args.quiet:
@@ -119,7 +121,6 @@ def cmd_validate(args) -> int:
 def cmd_models(args) -> int:
     if args.describe:
         return _describe_model(args)
-    from distrain.models import MODELS, REGISTRY_CLASSES
 
     # Parameter counts come from the registry (checked against the built models by
     # tests/test_models.py), so listing the models needs no TensorFlow.
@@ -136,7 +137,6 @@ def cmd_models(args) -> int:
 
 
 def _describe_model(args) -> int:
-    from distrain.models import MODELS, describe, is_user_model
 
     if not is_user_model(args.describe) and args.describe not in MODELS:
         raise UsageError(f"--describe: expected one of {', '.join(MODELS)} or package.module:function or "
@@ -153,11 +153,9 @@ def _describe_model(args) -> int:
     if args.classes < 2:
         raise UsageError(f"--classes: expected an integer >= 2, got {args.classes}")
     name = args.describe
-    from distrain.tf_startup import import_tensorflow
 
     import_tensorflow()  # before the user's module imports it, so that its start-up notices stay quiet
     if is_user_model(name):  # relative files are relative to here, as on the command line
-        from distrain import user_code
 
         name = user_code.absolute(name, Path.cwd())
     info = describe(name, shape, args.classes)
@@ -173,11 +171,8 @@ def _describe_model(args) -> int:
 
 
 def cmd_env(args) -> int:
-    from distrain.world import detect
 
     world = detect(port_override=args.port)
-    from distrain.backends.factory import choose_strategy
-    from distrain.tf_startup import import_tensorflow
 
     tf = import_tensorflow()
 
@@ -204,14 +199,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose:
-        from distrain.tf_startup import VERBOSE_ENV
 
         # Before TensorFlow loads (it reads both at start-up); workers a launcher starts inherit them.
         os.environ[VERBOSE_ENV] = "1"
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
     handler = getattr(args, "handler", None) or COMMANDS[args.command]
     try:
-        from distrain import malloc
 
         malloc.wanted()  # a bad DISTRAIN_MALLOC is an exit 2 here, not after a rendezvous
         return handler(args)

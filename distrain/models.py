@@ -15,6 +15,8 @@ import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from distrain import lr, user_code
+
 if TYPE_CHECKING:
     import tensorflow as tf
 
@@ -482,7 +484,6 @@ def model_params(name: str) -> dict[str, object]:
         UsageError: A reference that does not import.
     """
     if is_user_model(name):
-        from distrain import user_code
 
         return user_code.keyword_params(user_code.resolve(name, "model.name"))
     signature = inspect.signature(_entry(name).builder)
@@ -528,7 +529,6 @@ def build_model(
         >>> model = build_model("models/inception.py:build", (32, 32, 3), 10)  # doctest: +SKIP
     """
     if is_user_model(name):
-        from distrain import user_code
 
         return user_code.build_user_model(name, tuple(input_shape), num_classes, l1=l1, l2=l2, **params)
     entry = _entry(name)
@@ -564,7 +564,6 @@ def describe(name: str, input_shape: tuple[int, ...] | None = None, num_classes:
     info = {"name": name, "model": model.name, "input_shape": list(shape), "classes": num_classes,
             "params": int(model.count_params()), "parameters": model_params(name)}
     if is_user_model(name):
-        from distrain import user_code
 
         info["defined_at"] = user_code.defined_at(user_code.resolve(name, "model.name"))
     else:
@@ -581,7 +580,6 @@ def load_trained_model(path, *, compile: bool = True):
     """
     import tensorflow as tf
 
-    from distrain import lr
 
     lr.ScheduledLR  # noqa: B018 - creating the class registers it with Keras
     return tf.keras.models.load_model(str(path), safe_mode=True, compile=compile)

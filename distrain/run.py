@@ -24,16 +24,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from distrain.context import RunContext
+from distrain import accumulation, context
+from distrain import lr as lr_lib
+from distrain.backends import factory
+from distrain.checkpoint import Backup, UserCheckpoints, WorkerFiles
+from distrain.context import RunContext, image_channels
+from distrain.data import sources
+from distrain.data.pipelines import eval_steps
 from distrain.errors import EXIT_PEER_LOST, TrainingStopped
+from distrain.models import build_model, default_input_shape
+from distrain.rendezvous import meet
+from distrain.report import plot_curves
 from distrain.rundir import RunDir, write_atomically
 from distrain.spec import JobSpec, dump_spec
+from distrain.user_code import compile_args
 from distrain.world import World, detect
 
 if TYPE_CHECKING:  # annotations only: TensorFlow is imported by the stages that need it
     import tensorflow as tf
 
-    from distrain.checkpoint import Backup, WorkerFiles
     from distrain.data.inputwatch import InputWatch
     from distrain.data.pipelines import Source
 
@@ -84,10 +93,6 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     started = time.time()
     world = world or detect(port_override=spec.distribute.port)
     rundir = open_run_dir(spec, run_dir, world)
-    from distrain import context
-    from distrain.backends import factory
-    from distrain import lr as lr_lib
-    from distrain.rendezvous import meet
 
     meet(world, rundir.root, spec.distribute.startup_timeout_s)  # every peer present before any TF collective
     dist = factory.build(spec.distribute, world)  # first TensorFlow op of the process
@@ -161,9 +166,6 @@ def record_segment(ctx: RunContext) -> None:
 
 def load_data(spec: JobSpec, dist) -> Source:
     """This worker's data source (TFRecord: its share of the shards), decoded with the model's channels."""
-    from distrain.context import image_channels
-    from distrain.data import sources
-    from distrain.models import default_input_shape
 
     channels = image_channels(spec, default_input_shape(spec.model.name))
     data = sources.load(spec.data, spec.seed, channels=channels, shard=(dist.pipeline_id, dist.num_pipelines))
@@ -189,11 +191,6 @@ def build_trainee(ctx: RunContext) -> Trainee:
     """
     import tensorflow as tf
 
-    from distrain import accumulation
-    from distrain import lr as lr_lib
-    from distrain.checkpoint import Backup, WorkerFiles
-    from distrain.models import build_model
-    from distrain.user_code import compile_args
 
     spec, dist = ctx.spec, ctx.dist
     files = WorkerFiles(ctx.run_dir, ctx.world.rank, ctx.is_chief)
@@ -224,7 +221,6 @@ def build_trainee(ctx: RunContext) -> Trainee:
 def build_inputs(ctx: RunContext, data) -> Inputs:
     """The distributed train, validation and test datasets; training starts at ``ctx.start_step``."""
     from distrain.data.inputwatch import InputWatch
-    from distrain.data.pipelines import eval_steps
 
     spec, dist = ctx.spec, ctx.dist
     watch = InputWatch(batches_per_step=dist.local_replicas)
@@ -245,7 +241,6 @@ def build_inputs(ctx: RunContext, data) -> Inputs:
 def build_run_callbacks(ctx: RunContext, trainee: Trainee, state, data, input_watch, extra: Sequence) -> list:
     """The run's callbacks (``callbacks.build_callbacks``), TensorBoard's on the chief."""
     from distrain.callbacks import build_callbacks
-    from distrain.checkpoint import UserCheckpoints
     from distrain.tensorboard_log import tensorboard_callbacks
 
     c = ctx.spec.checkpoint
@@ -362,7 +357,6 @@ def save_artefacts(ctx: RunContext, trainee: Trainee, summary: dict) -> None:
         trainee.model.save(str(tmp))
     if not ctx.is_chief:
         return
-    from distrain.report import plot_curves
 
     epochs = json.loads(run_dir.history.read_text()) if run_dir.history.exists() else []
     if epochs:

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from distrain import user_code
 from distrain.errors import UsageError
 from distrain.models import MODELS, model_params
 
@@ -290,7 +291,6 @@ def _check_references(spec: JobSpec, base_dir: Path) -> JobSpec:
     """Names that are import references: their syntax, their files (relative ones made absolute
     against the job's directory, so the run dir's job.yaml names the same file). The import itself
     and the signature are checked by ``distrain.user_code.check_spec`` (it needs TensorFlow)."""
-    from distrain import user_code
 
     def checked(value: str, path: str, builtins: Sequence[str], what: str) -> str:
         if not user_code.is_reference(value):

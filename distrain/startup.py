@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from distrain.errors import UsageError
 from distrain.rundir import RunDir
 from distrain.spec import JobSpec, read_job, spec_from_dict
+from distrain.user_code import check_spec
 from distrain.world import World, detect
 
 JobLike = Union[str, os.PathLike, Mapping[str, Any]]
@@ -81,7 +82,6 @@ def check(job: Union[JobLike, JobSpec], overrides: Sequence[str] = (), *, source
     Raises:
         UsageError: bad input, one line (exit 2 on the command line).
     """
-    from distrain.user_code import check_spec
 
     if isinstance(job, JobSpec):
         spec = job

@@ -35,9 +35,12 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from distrain import lr as lr_lib
 from distrain.callbacks import StepCallback
+from distrain.lr import SCHEDULES
+from distrain.models import MODELS
 from distrain.rundir import RunDir
-from distrain.spec import dump_spec
+from distrain.spec import DATA_SOURCES, STRATEGIES, TrainSpec, dump_spec
 
 log = logging.getLogger("distrain")
 
@@ -282,9 +285,6 @@ def hparam_infos() -> list:
     they come; a numeric range would have to guess bounds)."""
     from tensorboard.plugins.hparams import api as hp
 
-    from distrain.lr import SCHEDULES
-    from distrain.models import MODELS
-    from distrain.spec import DATA_SOURCES, STRATEGIES, TrainSpec
 
     optimizers = next(f for f in dataclasses.fields(TrainSpec) if f.name == "optimizer").metadata["choices"]
     choices = {"model": tuple(MODELS), "data": DATA_SOURCES, "strategy": STRATEGIES, "optimizer": optimizers,
@@ -320,7 +320,6 @@ def tensorboard_callbacks(ctx, state, *, synthetic: bool = False) -> list:
     spec = ctx.spec
     if not spec.logging.tensorboard:
         return []
-    from distrain import lr as lr_lib
 
     log_dir = ctx.run_dir.tensorboard
     writers = Writers(log_dir)

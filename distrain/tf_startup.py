@@ -22,6 +22,8 @@ import sys
 import tempfile
 from typing import Iterator
 
+from distrain import malloc
+
 VERBOSE_ENV = "DISTRAIN_TF_LOG"
 
 # Start-up notices that say nothing is wrong. Anything else captured is shown.
@@ -79,7 +81,6 @@ def import_tensorflow():
     ``tf.keras`` is tf-keras: this module is inside the ``distrain`` package, whose ``__init__``
     selects it first. Later ``import tensorflow`` statements get the same module.
     """
-    from distrain import malloc
 
     # Before TensorFlow's threads take their arenas; after them (a user's script imported
     # TensorFlow first) the top pad and mmap threshold still apply.

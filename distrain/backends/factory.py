@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 
+from distrain.backends import tensorflow
 from distrain.backends.distribution import Distribution
 from distrain.backends.tensorflow import SETUP_ONCE, TENSORFLOW
 from distrain.errors import UsageError
+from distrain.tf_startup import import_tensorflow
 from distrain.world import World
 
 log = logging.getLogger("distrain")
@@ -85,7 +87,6 @@ def build(spec_distribute, world: World) -> Distribution:
     Must run before any other TensorFlow op: MultiWorkerMirroredStrategy and Horovod configure the
     runtime, and device configuration is fixed at the first op.
     """
-    from distrain.tf_startup import import_tensorflow
 
     tf = import_tensorflow()
 
@@ -99,7 +100,6 @@ def build(spec_distribute, world: World) -> Distribution:
         from distrain.backends import horovod
 
         return horovod.build(world, gpus, compression=spec_distribute.gradient_compression)
-    from distrain.backends import tensorflow
 
     return tensorflow.build(name, spec_distribute, world, gpus,
                             gradient_all_reduce(spec_distribute.gradient_all_reduce, bool(gpus)))

@@ -11,6 +11,7 @@ import json
 import os
 from typing import Any, Callable, Sequence
 
+from distrain.backends.allreduce import sum_gradients
 from distrain.backends.distribution import Distribution
 from distrain.backends.watchdog import Watchdog, abort_collectives, heartbeat
 from distrain.world import World
@@ -99,7 +100,6 @@ class TFDistribution(Distribution):
     def wrap_optimizer(self, optimizer):
         if self.replicas == 1:
             return optimizer
-        from distrain.backends.allreduce import sum_gradients
 
         return sum_gradients(optimizer, self.strategy, compression=self.gradient_compression,
                              setup_once=self._across_workers and self.gradient_all_reduce == SETUP_ONCE,

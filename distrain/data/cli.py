@@ -13,6 +13,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from distrain.data import imagefiles, tfrecord
 from distrain.errors import UsageError
 
 
@@ -57,7 +58,6 @@ def cmd_pack(args) -> int:
             raise UsageError(f"{flag}: expected a fraction in [0, 1), got {value}")
     if not 1 <= args.quality <= 100:
         raise UsageError(f"--quality: expected 1..100, got {args.quality}")
-    from distrain.data import tfrecord
 
     with _log_to_stderr():
         meta = tfrecord.pack(str(args.folder), str(args.out_dir), shards=args.shards, image_size=args.image_size,
@@ -96,7 +96,6 @@ def inspect_folder(path: str, decode: bool = False) -> dict:
         path: a ``class_name/image`` folder.
         decode: also decode every header-valid image with TensorFlow (what training does).
     """
-    from distrain.data import imagefiles
 
     files, labels, classes = imagefiles.list_image_folder(path, strict=False)
     infos = imagefiles.scan(files)
@@ -131,7 +130,6 @@ def _decode_failures(files: list[str]) -> dict:
 
 def inspect_records(path: str, verify: bool = False) -> dict:
     """What a directory written by ``distrain data pack`` holds (with ``verify``: records counted)."""
-    from distrain.data import tfrecord
 
     records = tfrecord.read_metadata(path)
     meta = records.metadata
@@ -153,7 +151,6 @@ def inspect_records(path: str, verify: bool = False) -> dict:
 
 
 def cmd_inspect(args) -> int:
-    from distrain.data import tfrecord
 
     if not args.path.is_dir():
         raise UsageError(f"PATH: no such directory: {args.path}")

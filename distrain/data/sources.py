@@ -13,8 +13,9 @@ your ``fn(input_context, split)``          ``user.DatasetSource``
 """
 from __future__ import annotations
 
-from distrain.data import arrays
+from distrain.data import arrays, imagefolder, tfrecord, user
 from distrain.data.pipelines import Source
+from distrain.user_code import is_reference
 
 
 def load(data, seed: int, *, channels: int = 3, shard: tuple[int, int] = (0, 1)) -> Source:
@@ -30,18 +31,14 @@ def load(data, seed: int, *, channels: int = 3, shard: tuple[int, int] = (0, 1))
     Raises:
         UsageError: the data is missing on this node, or broken (one line naming the path).
     """
-    from distrain.user_code import is_reference
 
     if is_reference(data.source):
-        from distrain.data import user
 
         return user.load(data, seed)
     if data.source == "image_folder":
-        from distrain.data import imagefolder
 
         return imagefolder.load(data, seed, channels)
     if data.source == "tfrecord":
-        from distrain.data import tfrecord
 
         return tfrecord.load(data, channels, shard)
     return arrays.load(data, seed)

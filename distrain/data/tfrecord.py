@@ -41,6 +41,7 @@ import numpy as np
 
 from distrain.data import imagefiles
 from distrain.data.pipelines import Pipelines, replica_batches
+from distrain.data.splits import split_indices
 from distrain.errors import UsageError
 from distrain.rundir import replacing, write_atomically
 
@@ -325,7 +326,6 @@ def pack(folder: str, out_dir: str, *, shards: int, image_size: Optional[list[in
     """
     import tensorflow as tf
 
-    from distrain.data.splits import split_indices
 
     out = Path(out_dir)
     if (out / METADATA).exists():

@@ -32,8 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from distrain import startup, user_code
+from distrain.backends.factory import choose_strategy
 from distrain.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, TrainingStopped, UsageError
+from distrain.run import train
 from distrain.rundir import RunDir, write_atomically
+from distrain.spec import spec_from_dict, spec_to_dict
+from distrain.user_code import code_to_ship
+from distrain.world import World, detect
 
 log = logging.getLogger("distrain")
 
@@ -128,8 +134,6 @@ def make_request(*, workers: int, spec_name: str, gpus_per_worker: int = 0, cpus
 
 def check_strategy(spec, request: RayRequest) -> None:
     """The job's ``distribute.strategy`` must work with Ray's workers (checked before starting them)."""
-    from distrain.backends.factory import choose_strategy
-    from distrain.world import World
 
     world = World(launcher="ray", world_size=request.workers)
     choose_strategy(spec.distribute.strategy, world, request.gpus_per_worker)
@@ -230,9 +234,6 @@ def add_parser(subparsers) -> None:
 
 def cmd_ray(args) -> int:
     """``distrain ray``: validate everything, then ``TensorflowTrainer(...).fit()``."""
-    from distrain import startup
-    from distrain.spec import spec_to_dict
-    from distrain.user_code import code_to_ship
 
     spec = startup.check(args.job, args.overrides)  # the user's code imports here, before Ray starts a worker
     shipped = code_to_ship(spec)
@@ -357,9 +358,6 @@ def train_loop(config: dict) -> Optional[dict]:
     # print a line per collective. distrain's own logger is set up by run.train.
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
 
-    from distrain import startup, user_code
-    from distrain.spec import spec_from_dict
-    from distrain.world import detect
 
     # The user's files arrived through py_modules: where their paths do not exist on this node,
     # their references import the copies.
@@ -378,7 +376,6 @@ def train_loop(config: dict) -> Optional[dict]:
     RunDir(run_dir).ray_worker_pid(world.rank).write_text(f"{os.getpid()}\n")
 
     reporter = ray_report_callback(run_dir, world.is_chief)
-    from distrain.run import train
 
     summary = train(begun.spec, run_dir, world=world, extra_callbacks=[reporter])
     # A last report with the test metrics: every worker reports as often as the others.

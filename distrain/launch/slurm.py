@@ -37,9 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from distrain import startup
 from distrain.backends.factory import choose_strategy
 from distrain.errors import EXIT_FAILED, UsageError
 from distrain.rundir import RunDir, write_atomically
+from distrain.spec import STRATEGIES, load_spec
+from distrain.user_code import references
 from distrain.world import World
 
 DEFAULT_TIME = "24:00:00"
@@ -190,7 +193,6 @@ def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: O
     Example:
         >>> print(render_sbatch("jobs/cnn.yaml", nodes=2, gpus_per_node=4))  # doctest: +SKIP
     """
-    from distrain.spec import load_spec
 
     _check_options(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
                    cpus_per_task=cpus_per_task, time=time, partition=partition, account=account,
@@ -247,7 +249,6 @@ def _render_command(job: str, *, nodes, gpus_per_node, tasks_per_node, cpus_per_
 def _check_options(*, nodes, gpus_per_node, tasks_per_node, cpus_per_task, time, partition, account, job_name,
                    strategy, distrain) -> None:
     """The flags that can be checked without the job file."""
-    from distrain.spec import STRATEGIES
 
     _positive(nodes, "--nodes")
     _positive(gpus_per_node, "--gpus-per-node", minimum=0)
@@ -294,7 +295,6 @@ def _header(s: _Script) -> list:
     else:
         more = 2 * s.nodes if s.nodes > 1 else 4
         several = [_row(f"sbatch --nodes={more} {me}", f"{more} nodes, {what}")]
-    from distrain.user_code import references
 
     # The user's code is imported by every task: `distrain slurm check` tries it on the first node
     # before srun; files must be on storage every node sees, modules on the PYTHONPATH sbatch passes on.
@@ -414,7 +414,6 @@ def check_allocation(job: str, *, nodes: int, tasks: int, gpus_per_node: int,
     Raises:
         UsageError: the job is invalid or cannot run on this allocation.
     """
-    from distrain import startup
 
     # On the node, before srun: the user's code (model.name, data.source, ...) must import here.
     spec = startup.check(job, overrides)
