@@ -227,12 +227,19 @@ def build_inputs(ctx: RunContext, data) -> Inputs:
     pipes = data.pipelines(ctx.global_batch, ctx.steps_per_epoch, spec.seed, ctx.input_shape, spec.data.augment,
                            watch=watch)
     val_size, test_size = data.val_size, data.test_size
+
+    def training(input_context):
+        return pipes.train(input_context, spec.train.epochs, ctx.start_step)
+
+    def evaluation(split: str):
+        return dist.distribute_datasets(lambda input_context: pipes.evaluation(input_context, split))
+
     return Inputs(
         watch=watch,
         # Every pipeline yields exactly the run's steps (a user's dataset is repeated): even.
-        train=dist.distribute_datasets(lambda ic: pipes.train(ic, spec.train.epochs, ctx.start_step), even=True),
-        validation=dist.distribute_datasets(lambda ic: pipes.evaluation(ic, "validation")) if val_size else None,
-        test=dist.distribute_datasets(lambda ic: pipes.evaluation(ic, "test")),
+        train=dist.distribute_datasets(training, even=True),
+        validation=evaluation("validation") if val_size else None,
+        test=evaluation("test"),
         validation_steps=eval_steps(val_size, ctx.global_batch) if val_size else None,
         test_steps=eval_steps(test_size, ctx.global_batch),
         local_test_examples=len(range(dist.pipeline_id, test_size, dist.num_pipelines)))

@@ -170,11 +170,11 @@ def keep_collectives_apart() -> None:
     """
     from tensorflow.python.eager import context
 
-    ctx = context.context()
-    if getattr(ctx, "_collective_scoped_allocator_enabled_ops", None):
-        ctx._collective_scoped_allocator_enabled_ops = None
+    eager = context.context()
+    if getattr(eager, "_collective_scoped_allocator_enabled_ops", None):
+        eager._collective_scoped_allocator_enabled_ops = None
         # The call options of this thread were made from the config with it on.
-        ctx.function_call_options = None
+        eager.function_call_options = None
 
 
 def _packs(dense: list, positions: list[int], pack_bytes: int) -> list[list[int]]:
