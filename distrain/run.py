@@ -4,14 +4,16 @@ A run is a sequence of named stages, each a function below:
 
 1. ``open_run_dir``: the run dir, logging, ``job.yaml`` (chief).
 2. ``rendezvous.meet``: every worker present (or exit 76 naming the missing), before TensorFlow.
-   ``backends.factory.build``: the distribution, before any other TensorFlow op of the process.
-3. ``load_data``: the data source, this worker's share of it.
-4. ``context.resolve``: the ``RunContext`` (batch arithmetic, steps, LR plan, input shape, start step).
-5. ``build_trainee``: model, optimizer and backup restore, inside the strategy's scope.
-6. ``build_inputs``: the ``tf.data`` pipelines, from the start step.
-7. ``build_run_callbacks``: the callbacks, in their required order.
-8. ``fit_and_evaluate``: ``fit``, then the test evaluation over all workers.
-9. ``finish``: final backup, artefacts (chief), summary.
+3. ``backends.factory.build``: the distribution, before any other TensorFlow op of the process.
+4. ``load_data``: the data source, this worker's share of it.
+5. ``context.resolve``: the ``RunContext`` (batch arithmetic, steps, LR plan, input shape, start
+   step); a run whose backup already holds every step returns its ``summary.json`` here.
+6. ``record_segment``: this start of the run in ``segments.json`` (chief).
+7. ``build_trainee``: model, optimizer and backup restore, inside the strategy's scope.
+8. ``build_inputs``: the ``tf.data`` pipelines, from the start step.
+9. ``build_run_callbacks``: the callbacks, in their required order.
+10. ``fit_and_evaluate``: ``fit``, then the test evaluation over all workers.
+11. ``finish``: final backup, artefacts (chief), summary.
 """
 from __future__ import annotations
 

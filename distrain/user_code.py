@@ -15,8 +15,8 @@ Contracts (the same as the built-in builders and ``tf.keras.datasets``):
 
 - model: ``fn(input_shape, num_classes, **model.params) -> tf.keras.Model`` (uncompiled), called
   inside the strategy's scope; ``kernel_regularizer=`` is passed when the function takes it.
-- data, arrays: ``fn() -> (x_train, y_train), (x_test, y_test)`` (see ``distrain.user_data``).
-- data, tf.data: ``fn(input_context, split) -> tf.data.Dataset`` (see ``distrain.user_data``).
+- data, arrays: ``fn() -> (x_train, y_train), (x_test, y_test)`` (see ``distrain.data.user``).
+- data, tf.data: ``fn(input_context, split) -> tf.data.Dataset`` (see ``distrain.data.user``).
 - loss: a Keras loss name, or a reference to ``fn(y_true, y_pred)`` or a ``tf.keras.losses.Loss``
   class; metrics likewise (names, functions or ``tf.keras.metrics.Metric`` classes).
 """

@@ -9,7 +9,7 @@ optimizer, stay as they are) for two things:
   update, so variables and optimizer state stay float32; what changes is the rounding of each
   summed gradient (about 3 significant digits, measured in docs/performance.md). Half the bytes a
   step sends: the term that dominates a step on a slow network. Horovod has its own switch
-  (``hvd.Compression.fp16``), set in ``distrain.horovod``.
+  (``hvd.Compression.fp16``), set in ``distrain.backends.horovod``.
 - **Collectives set up once** (``distribute.gradient_all_reduce: setup_once``, multi_worker).
   MultiWorkerMirroredStrategy's all-reduce is TensorFlow's ``CollectiveReduceV2``, whose instance
   key is fed anew at every call of the step function and whose parameters are resolved at every

@@ -87,7 +87,8 @@ class Distribution:
         """Backend changes to the compiled model, after accumulation's (none by default)."""
 
     def callbacks(self, state, steps_per_epoch: int, log_every: int) -> list:
-        """Backend callbacks that must run right after ``callbacks.RunMetrics``.
+        """Backend callbacks that run early in the list: after ``callbacks.RunMetrics`` (and the
+        input watch), before anything that reads the logs (``callbacks`` module docstring).
 
         Args:
             state: the run's ``callbacks.RunState``.
