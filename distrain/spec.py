@@ -55,25 +55,26 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class AugmentSpec:
-    flip: str = field(default="none", metadata=_check(choices=("none", "horizontal", "vertical", "horizontal_and_vertical")))
+    flip: str = field(default="none", metadata=_check(choices=("none", "horizontal", "vertical", "horizontal_and_vertical"), doc="random flips of training images (RandomFlip, seeded)"))
     rotation: float = field(default=0.0, metadata=_check(min=0.0, max=1.0, doc="RandomRotation factor, a fraction of a full turn"))
-    zoom: float = field(default=0.0, metadata=_check(min=0.0, max=1.0, max_exclusive=True))
+    zoom: float = field(default=0.0, metadata=_check(min=0.0, max=1.0, max_exclusive=True, doc="RandomZoom factor: images are zoomed in or out by up to this fraction (training only)"))
 
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    shape: list[int] = field(default_factory=lambda: [32, 32, 3], metadata=_check(min=1))
-    classes: int = field(default=10, metadata=_check(min=2))
-    examples: int = field(default=2048, metadata=_check(min=1))
+    shape: list[int] = field(default_factory=lambda: [32, 32, 3], metadata=_check(min=1, doc="synthetic: [height, width] or [height, width, channels] of the random uint8 images"))
+    classes: int = field(default=10, metadata=_check(min=2, doc="synthetic: random labels 0 .. classes-1"))
+    examples: int = field(default=2048, metadata=_check(min=1, doc="synthetic: examples generated (from the job's seed), before the splits"))
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    source: str = field(default="digits", metadata=_check(doc="one of " + ", ".join(DATA_SOURCES) + ", or your loader: "
-                                                               "package.module:function or path/to/file.py:function"))
+    source: str = field(default="digits", metadata=_check(doc="where the examples come from: " + ", ".join(DATA_SOURCES) +
+                                                               " (docs/data.md), or your loader: package.module:function "
+                                                               "or path/to/file.py:function (docs/own-model-and-data.md)"))
     path: Optional[str] = field(default=None, metadata=_check(doc="image_folder: a directory of class_name/image files; tfrecord: a directory written by `distrain data pack`"))
-    batch_size_per_replica: int = field(default=32, metadata=_check(min=1))
-    validation_split: float = field(default=0.2, metadata=_check(min=0.0, max=1.0, max_exclusive=True))
+    batch_size_per_replica: int = field(default=32, metadata=_check(min=1, doc="examples per replica per micro-batch; the global batch is this x replicas x train.accumulation_steps"))
+    validation_split: float = field(default=0.2, metadata=_check(min=0.0, max=1.0, max_exclusive=True, doc="fraction of the training examples held out for validation (cut by the seed; 0: no validation)"))
     test_split: float = field(default=0.2, metadata=_check(min=0.0, max=1.0, max_exclusive=True, doc="for sources without a test set of their own"))
     image_size: list[int] = field(default_factory=lambda: [64, 64], metadata=_check(min=1, doc="image_folder, tfrecord: [height, width] images are decoded to"))
     cache: str = field(default="none", metadata=_check(doc="image_folder, tfrecord: keep decoded examples after their first epoch: none, memory, or a directory (node-local scratch)"))
@@ -86,39 +87,39 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class ScheduleSpec:
-    name: str = field(default="constant", metadata=_check(choices=("constant", "step", "cosine", "exponential")))
+    name: str = field(default="constant", metadata=_check(choices=("constant", "step", "cosine", "exponential"), doc="the LR after warmup: constant, step (factors at boundaries), cosine (to min_factor at the last step), exponential"))
     boundaries: list[float] = field(default_factory=lambda: [3, 7], metadata=_check(min=0.0, doc="step: epochs where the factor changes"))
     factors: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.01], metadata=_check(min=0.0, doc="step: LR multipliers, one more than boundaries"))
     min_factor: float = field(default=0.0, metadata=_check(min=0.0, max=1.0, doc="cosine: final LR as a fraction of the peak"))
     decay_rate: float = field(default=0.9, metadata=_check(min=0.0, max=1.0, min_exclusive=True, doc="exponential: factor per decay_epochs"))
-    decay_epochs: float = field(default=1.0, metadata=_check(min=0.0, min_exclusive=True))
+    decay_epochs: float = field(default=1.0, metadata=_check(min=0.0, min_exclusive=True, doc="exponential: epochs over which the LR is multiplied by decay_rate (applied smoothly, step by step)"))
 
 
 @dataclass(frozen=True)
 class EarlyStoppingSpec:
-    monitor: str = "val_loss"
-    patience: int = field(default=3, metadata=_check(min=0))
-    min_delta: float = field(default=0.0, metadata=_check(min=0.0))
-    mode: str = field(default="auto", metadata=_check(choices=("auto", "min", "max")))
-    restore_best_weights: bool = False
+    monitor: str = field(default="val_loss", metadata=_check(doc="the epoch metric watched (Keras EarlyStopping); the stop is agreed across workers"))
+    patience: int = field(default=3, metadata=_check(min=0, doc="epochs without improvement before the run stops"))
+    min_delta: float = field(default=0.0, metadata=_check(min=0.0, doc="the smallest change of monitor that counts as an improvement"))
+    mode: str = field(default="auto", metadata=_check(choices=("auto", "min", "max"), doc="whether monitor should fall or rise; auto: from its name (acc: max, else min)"))
+    restore_best_weights: bool = field(default=False, metadata=_check(doc="on stopping, go back to the weights of the best epoch"))
 
 
 @dataclass(frozen=True)
 class TrainSpec:
-    epochs: int = field(default=10, metadata=_check(min=1))
+    epochs: int = field(default=10, metadata=_check(min=1, doc="epochs in all, counting those a resumed run already trained"))
     steps_per_epoch: Optional[int] = field(default=None, metadata=_check(min=1, doc="default: one pass over the training split"))
-    optimizer: str = field(default="adam", metadata=_check(choices=("adam", "sgd", "rmsprop")))
+    optimizer: str = field(default="adam", metadata=_check(choices=("adam", "sgd", "rmsprop"), doc="the Keras optimizer"))
     momentum: float = field(default=0.0, metadata=_check(min=0.0, max=1.0, max_exclusive=True, doc="sgd only"))
     learning_rate: float = field(default=1e-3, metadata=_check(min=0.0, min_exclusive=True, doc="the LR for reference_batch"))
     reference_batch: Optional[int] = field(default=None, metadata=_check(min=1, doc="global batch the LR is given for; default: batch_size_per_replica"))
-    lr_scaling: str = field(default="linear", metadata=_check(choices=("linear", "sqrt", "none")))
-    warmup_epochs: float = field(default=0.0, metadata=_check(min=0.0))
-    warmup_steps: int = field(default=0, metadata=_check(min=0))
+    lr_scaling: str = field(default="linear", metadata=_check(choices=("linear", "sqrt", "none"), doc="how learning_rate is scaled from reference_batch to the global batch (docs/distributed.md)"))
+    warmup_epochs: float = field(default=0.0, metadata=_check(min=0.0, doc="linear warmup from learning_rate to the scaled LR over this many epochs (rounded to steps)"))
+    warmup_steps: int = field(default=0, metadata=_check(min=0, doc="the same in optimizer steps; set warmup_epochs or warmup_steps, not both"))
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     l1: float = field(default=0.0, metadata=_check(min=0.0, doc="kernel L1 regularization"))
     l2: float = field(default=0.0, metadata=_check(min=0.0, doc="kernel L2 regularization"))
     early_stopping: Optional[EarlyStoppingSpec] = None
-    terminate_on_nan: bool = True
+    terminate_on_nan: bool = field(default=True, metadata=_check(doc="a NaN or Inf loss stops every worker (exit 77) at the next agreement step (distribute.preemption_check_every); no backup or checkpoint keeps such weights"))
     accumulation_steps: int = field(default=1, metadata=_check(min=1, doc="micro-batches per optimizer step: the global batch is batch_size_per_replica x replicas x this; a resumed run keeps its global batch and sets this itself"))
     loss: str = field(default="sparse_categorical_crossentropy", metadata=_check(doc="a Keras loss name or your own: package.module:function"))
     metrics: list[str] = field(default_factory=lambda: ["accuracy"], metadata=_check(doc="Keras metric names or references"))
@@ -127,11 +128,11 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class DistributeSpec:
-    strategy: str = field(default="auto", metadata=_check(choices=STRATEGIES))
+    strategy: str = field(default="auto", metadata=_check(choices=STRATEGIES, doc="auto: horovod under horovodrun/mpirun, multi_worker with several workers, mirrored with several GPUs, else one_device (docs/distributed.md)"))
     devices: list[str] = field(default_factory=list, metadata=_check(doc="mirrored: explicit devices, e.g. [/gpu:0, /gpu:1]"))
     cpu_devices: int = field(default=0, metadata=_check(min=0, doc="split the CPU into N logical devices, to try mirrored without GPUs"))
-    mixed_precision: bool = False
-    memory_growth: bool = True
+    mixed_precision: bool = field(default=False, metadata=_check(doc="Keras's mixed_float16 policy: float16 compute, float32 variables (on GPUs with tensor cores)"))
+    memory_growth: bool = field(default=True, metadata=_check(doc="GPUs: TensorFlow takes memory as it needs it, not all of every GPU at start"))
     collective_timeout_s: float = field(default=300.0, metadata=_check(min=0.0, min_exclusive=True, doc="multi_worker: a worker whose run makes no progress (no step, epoch or evaluation batch ends) for this long aborts its collectives and exits 76; the first step's tracing counts"))
     startup_timeout_s: float = field(default=300.0, metadata=_check(min=0.0, min_exclusive=True, doc="how long workers wait for each other at start-up, before the strategy is built; then exit 76 naming the missing ones"))
     port: Optional[int] = field(default=None, metadata=_check(min=1024, max=65535, doc="base port of the workers; default: derived from the job id"))
@@ -144,20 +145,20 @@ class DistributeSpec:
 @dataclass(frozen=True)
 class CheckpointSpec:
     every_epochs: int = field(default=1, metadata=_check(min=0, doc="0: no periodic checkpoint"))
-    every_steps: int = field(default=0, metadata=_check(min=0))
-    save_best: bool = True
-    monitor: str = "val_accuracy"
-    mode: str = field(default="auto", metadata=_check(choices=("auto", "min", "max")))
-    keep: int = field(default=3, metadata=_check(min=1))
+    every_steps: int = field(default=0, metadata=_check(min=0, doc="also keep checkpoints/step-NNNNNN.weights.h5 every N optimizer steps; 0: none"))
+    save_best: bool = field(default=True, metadata=_check(doc="keep checkpoints/best.weights.h5 (and best.json) from the epoch with the best monitor"))
+    monitor: str = field(default="val_accuracy", metadata=_check(doc="the epoch metric save_best compares"))
+    mode: str = field(default="auto", metadata=_check(choices=("auto", "min", "max"), doc="whether a better monitor is higher or lower; auto: max for accuracy-like names (acc, auc, precision, recall), else min"))
+    keep: int = field(default=3, metadata=_check(min=1, doc="periodic checkpoints kept (the newest); the best one is kept apart"))
     backup_every_steps: int = field(default=100, metadata=_check(min=0, doc="resume state; 0: only at epoch ends"))
 
 
 @dataclass(frozen=True)
 class LoggingSpec:
-    tensorboard: bool = True
+    tensorboard: bool = field(default=True, metadata=_check(doc="the chief writes TensorBoard logs to RUN_DIR/tensorboard (metrics, LR, images/s, hparams)"))
     update_every_steps: int = field(default=10, metadata=_check(min=0, doc="step-level scalars; 0: per epoch only"))
     profile_steps: Optional[list[int]] = field(default=None, metadata=_check(min=1, doc="[first, last] step to profile"))
-    verbose: int = field(default=1, metadata=_check(choices=(0, 1, 2)))
+    verbose: int = field(default=1, metadata=_check(choices=(0, 1, 2), doc="Keras's fit output on the chief: 0 none, 1 progress bar, 2 one line per epoch"))
 
     @property
     def step_scalars_every(self) -> int:
@@ -167,8 +168,8 @@ class LoggingSpec:
 
 @dataclass(frozen=True)
 class JobSpec:
-    name: str = "job"
-    seed: int = field(default=42, metadata=_check(min=0))
+    name: str = field(default="job", metadata=_check(doc="the run's name: runs go to OUTPUT_DIR/<name>/<run id>"))
+    seed: int = field(default=42, metadata=_check(min=0, doc="seeds the splits, the shuffling, the initial weights and augmentation, the same on every worker"))
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)

@@ -147,6 +147,19 @@ def test_docs_reference_is_current():
     assert not missing, f"docs/job-spec.md lacks {missing}; regenerate with scripts/gen-job-spec-doc.py"
 
 
+def test_every_key_has_a_meaning():
+    """A key whose only text is its choices or nothing tells a user nothing: say what it does."""
+    bare = [key for key, _, doc in reference() if not doc.split("; one of ")[0].strip() or doc.startswith("one of ")]
+    assert not bare, f"keys without a meaning (doc= in distrain/spec.py): {bare}"
+
+
+def test_docs_reference_rows_are_the_specs_own():
+    doc = (REPO / "docs" / "job-spec.md").read_text()
+    rows = [line for line in doc.splitlines() if line.startswith("| `")]
+    assert rows == [f"| `{key}` | `{default}` | {meaning} |" for key, default, meaning in reference()], \
+        "docs/job-spec.md is behind distrain/spec.py: regenerate with scripts/gen-job-spec-doc.py"
+
+
 def test_validation_does_not_import_tensorflow(tmp_path):
     code = ("import sys; from distrain.spec import load_spec; load_spec(sys.argv[1]); "
             "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
