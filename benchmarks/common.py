@@ -16,17 +16,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "cluster"))
 from free_ports import free_ports  # noqa: E402,F401  (ports below the ephemeral range; the scripts import it from here)
 
-PERFORMANCE_MD = REPO / "docs" / "performance.md"
+PERFORMANCE_MD = REPO / "docs" / "performance.md"  # the results page
+PERFORMANCE_LOG = REPO / "docs" / "performance-log.md"  # the measurements behind it, investigations
 
-# The course CNN (Conv64 3x3-MaxPool-Flatten-Dense10) on 28x28x1 images. Synthetic data so that the
-# benchmark needs no download; no validation split so an epoch's time is training only.
+# By default the course CNN (Conv64 3x3-MaxPool-Flatten-Dense10) on 28x28x1 images. Synthetic data so
+# that the benchmark needs no download; no validation split so an epoch's time is training only.
 JOB = """
 name: bench
 seed: 1
-model: {{name: cnn, params: {{filters: 64}}}}
+model: {{name: {model}, params: {params}}}
 data:
   source: synthetic
-  synthetic: {{shape: [28, 28, 1], classes: 10, examples: {examples}}}
+  synthetic: {{shape: {shape}, classes: 10, examples: {examples}}}
   batch_size_per_replica: {batch}
   validation_split: 0.0
   test_split: 0.05
@@ -37,8 +38,15 @@ logging: {{tensorboard: false, verbose: 0}}
 """
 
 
-def write_job(path: Path, *, strategy: str = "auto", batch: int = 64, epochs: int = 4, examples: int = 8192) -> Path:
-    path.write_text(JOB.format(strategy=strategy, batch=batch, epochs=epochs, examples=examples))
+# What the benchmarks build each course model with: the CNN at the width the tables always used.
+MODEL_PARAMS = {"cnn": {"filters": 64}}
+
+
+def write_job(path: Path, *, strategy: str = "auto", batch: int = 64, epochs: int = 4, examples: int = 8192,
+              model: str = "cnn", shape: tuple[int, ...] = (28, 28, 1)) -> Path:
+    params = json.dumps(MODEL_PARAMS.get(model, {}))
+    path.write_text(JOB.format(strategy=strategy, batch=batch, epochs=epochs, examples=examples, model=model,
+                               params=params, shape=json.dumps(list(shape))))
     return path
 
 
@@ -145,12 +153,14 @@ def machine() -> str:
 
 
 def record(section: str, text: str) -> None:
-    """Replaces the section between `<!-- section -->` markers in docs/performance.md."""
-    doc = PERFORMANCE_MD.read_text() if PERFORMANCE_MD.exists() else "# Performance\n"
+    """Replaces the section between `<!-- section -->` markers in the page that holds them
+    (docs/performance.md or docs/performance-log.md); a new section goes to the end of the log."""
     begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
     block = f"{begin}\n{text.strip()}\n{end}"
-    if begin in doc:
-        doc = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
+    page = next((p for p in (PERFORMANCE_MD, PERFORMANCE_LOG) if p.exists() and begin in p.read_text()), None)
+    if page is None:
+        page = PERFORMANCE_LOG
+        doc = (page.read_text() if page.exists() else "# Performance log\n").rstrip() + "\n\n" + block + "\n"
     else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    PERFORMANCE_MD.write_text(doc)
+        doc = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, page.read_text(), flags=re.S)
+    page.write_text(doc)

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, busy_share, env, free_ports, machine, record, run_group  # noqa: E402
+from common import PERFORMANCE_LOG, PERFORMANCE_MD, REPO, busy_share, env, free_ports, machine, record, run_group  # noqa: E402
 
 PY = sys.executable
 HOROVODRUN = str(Path(sys.executable).with_name("horovodrun"))
@@ -209,6 +209,52 @@ def table(model: str, batch: int, rates: dict, busy: list[float], repeats: int) 
             "| --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows) + split)
 
 
+# The chart: efficiency against 2 independent processes, per recorded table, for these rows.
+CHART_ROWS = ("distrain multi_worker", "distrain horovod", "plain MWMS (TF tutorial)", "Horovod Keras example")
+CHART = REPO / "docs" / "images" / "pinned-efficiency.png"
+
+
+def recorded_efficiencies() -> dict[str, dict[str, float]]:
+    """{"cnn, 64": {row: efficiency vs 2 independent processes}} from the recorded pinned tables."""
+    text = "\n".join(p.read_text() for p in (PERFORMANCE_MD, PERFORMANCE_LOG) if p.exists())
+    out = {}
+    for model, batch, body in re.findall(r"<!-- pinned-(\w+)-(\d+) -->(.*?)<!-- /pinned-", text, re.S):
+        cells = {}
+        for line in body.splitlines():
+            parts = [c.strip().strip("*") for c in line.strip("|").split("|")]
+            if len(parts) == 6 and parts[0] in CHART_ROWS and parts[4] not in ("-", ""):
+                cells[parts[0]] = float(parts[4])
+        out[f"{'MobileNetV2' if model == 'mobilenet_v2' else model.upper()}, {batch}"] = cells
+    return out
+
+
+def plot(efficiencies: dict[str, dict[str, float]], path: Path = CHART) -> None:
+    """Grouped bars: one group per (model, per-replica batch), one bar per setup, 1.0 = no cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(efficiencies)
+    width = 0.8 / len(CHART_ROWS)
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
+    for i, row in enumerate(CHART_ROWS):
+        xs = [g + (i - (len(CHART_ROWS) - 1) / 2) * width for g in range(len(groups))]
+        values = [efficiencies[group].get(row, float("nan")) for group in groups]
+        bars = ax.bar(xs, values, width, label=row)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(groups)), [g.replace(", ", "\n") + " per replica" for g in groups])
+    ax.set_ylim(0, 1.3)
+    ax.set_ylabel("efficiency vs 2 independent processes")
+    ax.set_title("2 pinned processes on a 2-core CPU VM (TF 2.21, tf-keras): higher is better", fontsize=10)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="cnn,mobilenet_v2")
@@ -217,8 +263,13 @@ def main() -> None:
     parser.add_argument("--no-ray", action="store_true", help="leave out Ray Train (its start-up takes ~40 s a run)")
     parser.add_argument("--only", default="", help="comma-separated parts of row names to keep (for investigation; "
                         "not with --record)")
-    parser.add_argument("--record", action="store_true", help="write the tables into docs/performance.md")
+    parser.add_argument("--record", action="store_true", help="write the tables into the docs and redraw the chart")
+    parser.add_argument("--plot-only", action="store_true", help="redraw docs/images/pinned-efficiency.png from the "
+                        "recorded tables, measuring nothing")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(recorded_efficiencies())
+        return
     if args.only and args.record:
         parser.error("--only measures part of the table; it cannot --record")
     if (os.cpu_count() or 1) < 2:
@@ -238,6 +289,7 @@ def main() -> None:
                 # One section per table, written as soon as it is measured: a partial run (one model,
                 # or a run stopped half-way) replaces only the tables it measured.
                 record(f"pinned-{model}-{batch}", text)
+                plot(recorded_efficiencies())
 
 
 if __name__ == "__main__":

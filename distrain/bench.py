@@ -8,7 +8,7 @@ and in total, the step time, and the scaling efficiency against a 1-replica base
     distrain bench jobs/cnn.yaml                                  one process (its own baseline)
     TF_CONFIG=... distrain bench jobs/cnn.yaml --run-dir DIR      each of N workers (same command)
     horovodrun -np 2 -H localhost:2 --gloo distrain bench jobs/cnn.yaml
-    srun distrain bench jobs/cnn.yaml --json                      on N nodes (see docs/performance.md)
+    srun distrain bench jobs/cnn.yaml --json                      on N nodes (see docs/bench.md)
 
 The baseline (``--baseline auto``): when the run has more than one replica, every worker first
 runs the same job as a single replica in a child process with the launcher's variables removed,
@@ -378,7 +378,7 @@ def cmd_bench(args) -> int:
 
 
 def result_keys() -> tuple[str, ...]:
-    """The top-level keys of ``--json`` (documented in docs/performance.md, checked by the tests)."""
+    """The top-level keys of ``--json`` (documented in docs/bench.md, checked by the tests)."""
     return ("job", "model", "input_shape", "num_classes", "launcher", "strategy", "workers", "replicas",
             "per_replica_batch", "global_batch", "mixed_precision", "steps", "warmup_steps", "step_time_s",
             "images_per_s", "images_per_s_per_replica", "compute_s_per_step", "communication_s_per_step",

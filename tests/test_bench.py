@@ -162,3 +162,9 @@ def test_a_bad_user_model_exits_2_before_the_baseline_or_any_peer_starts(tmp_pat
     error = [line for line in result.stderr.splitlines() if line.startswith("distrain: error:")]
     assert len(error) == 1 and "model.name" in error[0] and "net.py:build" in error[0], result.stderr
     assert "baseline" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_every_json_key_is_documented_in_the_bench_page():
+    page = (REPO / "docs" / "bench.md").read_text()
+    missing = [key for key in bench.result_keys() if f"`{key}`" not in page]
+    assert not missing, f"docs/bench.md does not explain {missing}"

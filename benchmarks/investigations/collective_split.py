@@ -21,7 +21,7 @@ collective op, resolved on its first step only, so no step asks. The split comes
 repeats from run to run; "ms a step" is one run's, and moves by about a millisecond between runs
 on this 2-core VM (use benchmarks/pinned.py for throughput).
 
-    .venv/bin/python benchmarks/collective_split.py [--steps 200] [--profiled 40] [--record]
+    .venv/bin/python benchmarks/investigations/collective_split.py [--steps 200] [--profiled 40] [--record]
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
 from common import REPO, bare_cnn_step, busy_share, env, free_ports, machine, record, run_group  # noqa: E402
 
 PY = sys.executable
@@ -138,7 +138,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     text = (f"2 MultiWorkerMirroredStrategy workers on 127.0.0.1, each pinned to its own core, "
             f"`TF_NUM_INTRAOP_THREADS=1`; course CNN, {BATCH} per replica, custom loop, {args.steps} timed steps, "
-            f"{args.profiled} profiled. Command: `.venv/bin/python benchmarks/collective_split.py --steps {args.steps} "
+            f"{args.profiled} profiled. Command: `.venv/bin/python benchmarks/investigations/collective_split.py --steps {args.steps} "
             f"--profiled {args.profiled}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; cores "
             f"{busy:.0%} busy at most in the second before.\n\n" + "\n".join(rows) + f"\n\nMachine: {machine()}.")
     print()

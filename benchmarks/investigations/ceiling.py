@@ -19,7 +19,7 @@ benchmarks/pinned.py. Three measurements:
               CNN's all-reduce: the efficiency of a step whose only extra is one all-reduce of
               the same bytes, no Keras, no input pipeline.
 
-    .venv/bin/python benchmarks/ceiling.py [--rounds 5] [--steps 1000] [--record]
+    .venv/bin/python benchmarks/investigations/ceiling.py [--rounds 5] [--steps 1000] [--record]
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py
 from common import REPO, bare_cnn_step, busy_share, env, free_ports, machine, record, run_group  # noqa: E402
 from pinned import tf_config, variants  # noqa: E402
 
@@ -191,7 +191,7 @@ def main() -> None:
                      f"of {elements:,} floats after it: efficiency **{matrix_alone / matrix_workers:.2f}**.")
 
     text = (f"Course CNN, {BATCH} per replica, each process pinned to its own core, `TF_NUM_INTRAOP_THREADS=1`; "
-            f"{args.steps} timed steps a run. Command: `.venv/bin/python benchmarks/ceiling.py --rounds {args.rounds} "
+            f"{args.steps} timed steps a run. Command: `.venv/bin/python benchmarks/investigations/ceiling.py --rounds {args.rounds} "
             f"--steps {args.steps}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; cores "
             f"{max(busy):.0%} busy at most in the second before a round.\n\n" + "\n".join(lines) + "\n\n"
             + "\n".join(exchanges) + f"\n\nMachine: {machine()}.")
