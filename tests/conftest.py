@@ -1,13 +1,26 @@
-"""Shared test helpers: real worker processes on 127.0.0.1, always bounded by a timeout."""
+"""Shared test helpers and fixtures: real worker processes on 127.0.0.1, always bounded by a timeout;
+the ``needs_*`` fixtures for what a machine may lack (Horovod, shellcheck, network namespaces); the
+2-worker run that test_tensorboard.py and test_report.py read.
+
+Test modules import helpers from here (``from conftest import ...``) or from ``helpers.py``, never
+from another test module.
+
+A ``needs_*`` fixture skips its tests where the tool is missing, unless the matching
+``DISTRAIN_REQUIRE_*`` variable is set (``scripts/test.sh`` sets them all, as CI runs): then they
+fail. SLURM and Ray have theirs in ``slurm_cluster.py`` and ``ray_cluster.py``.
+"""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn, Optional
 
 import pytest
 
@@ -146,3 +159,123 @@ def files_written(trace: Path, under: Path | None = None) -> set[str]:
         return written
     root = str(Path(under).resolve())
     return {os.path.relpath(p, root) for p in written if p == root or p.startswith(root + os.sep)}
+
+
+# ----------------------------------------------------------------------------- what a machine may lack
+
+def required(variable: str) -> bool:
+    """Whether a missing tool must fail its tests instead of skipping them: ``variable`` (a
+    ``DISTRAIN_REQUIRE_*``) is set to anything but "" or "0" (scripts/test.sh sets it to 1)."""
+    return os.environ.get(variable, "") not in ("", "0")
+
+
+def skip_or_fail(variable: str, reason: str) -> NoReturn:
+    """Skips the calling test (or fixture) because of ``reason``; fails it when ``variable`` is required."""
+    if required(variable):
+        pytest.fail(f"{variable} is set but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+HOROVODRUN = Path(sys.executable).parent / "horovodrun"
+
+
+def horovod_missing() -> Optional[str]:
+    """Why Horovod cannot run here (None: ``horovod.tensorflow`` imports and ``horovodrun`` exists)."""
+    try:
+        import horovod.tensorflow  # noqa: F401
+    except Exception as err:  # an ImportError, or the extension failing to load
+        return f"Horovod is not installed ({type(err).__name__}: {err}); scripts/install-horovod.sh builds it"
+    if not HOROVODRUN.exists():
+        return f"horovod.tensorflow imports but {HOROVODRUN} is missing; scripts/install-horovod.sh installs it"
+    return None
+
+
+@pytest.fixture(scope="session")
+def needs_horovod() -> None:
+    """Skips a test where Horovod is not built; fails it instead under ``DISTRAIN_REQUIRE_HOROVOD``."""
+    reason = horovod_missing()
+    if reason:
+        skip_or_fail("DISTRAIN_REQUIRE_HOROVOD", reason)
+
+
+def horovodrun(command: list[str]) -> list[str]:
+    """``horovodrun`` starting ``command`` as 2 ranks on this host over Gloo."""
+    # --network-interface lo: Gloo binds 127.0.0.1 only. horovodrun's own rendezvous server
+    # listens on every interface whatever is given (docs/horovod.md).
+    return [str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo", "--network-interface", "lo",
+            "--start-timeout", "120", *command]
+
+
+@pytest.fixture(scope="session")
+def needs_shellcheck() -> None:
+    """Skips a test where shellcheck is not installed; fails it instead under ``DISTRAIN_REQUIRE_SHELLCHECK``."""
+    if not shutil.which("shellcheck"):
+        skip_or_fail("DISTRAIN_REQUIRE_SHELLCHECK", "shellcheck is not installed (scripts/test.sh installs it)")
+
+
+def netns_missing() -> Optional[str]:
+    """Why network namespaces cannot be made here (None: root, ``ip`` and ``tc``, and ``ip netns`` works)."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    missing = [tool for tool in ("ip", "tc") if not shutil.which(tool)]
+    if missing:
+        return f"{' and '.join(missing)} not found (iproute2; scripts/test.sh installs it)"
+    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
+    return None if probe.returncode == 0 else f"ip netns does not work here: {probe.stderr.strip()}"
+
+
+@pytest.fixture(scope="session")
+def needs_netns() -> None:
+    """Skips a test where network namespaces cannot be made (not root, no iproute2); fails it instead
+    under ``DISTRAIN_REQUIRE_NETNS``."""
+    reason = netns_missing()
+    if reason:
+        skip_or_fail("DISTRAIN_REQUIRE_NETNS", reason)
+
+
+# ----------------------------------------------------------------------------- a 2-worker run, once
+
+# 1150 training digits; 2 x 16 per step, 6 steps per epoch, 2 epochs: 12 steps, scalars every 2.
+# lr 0.05 for batch 16, linear scaling to the global batch 32: peak 0.1 after 3 warmup steps.
+TWO_WORKER_JOB = """
+name: tbjob
+seed: 5
+model: {name: cnn, params: {filters: 8}}
+data: {source: digits, batch_size_per_replica: 16}
+train: {epochs: 2, steps_per_epoch: 6, optimizer: sgd, momentum: 0.9, learning_rate: 0.05, warmup_steps: 3,
+        schedule: {name: cosine, min_factor: 0.1}}
+distribute: {strategy: multi_worker, collective_timeout_s: 60}
+checkpoint: {every_epochs: 1, save_best: false, backup_every_steps: 4}
+logging: {update_every_steps: 2, profile_steps: [3, 4], verbose: 0}
+"""
+
+
+@dataclass
+class TwoWorkerRun:
+    run_dir: Path
+    chief_pid: int
+    other_trace: Path  # strace of the other worker's file opens and renames
+
+
+@pytest.fixture(scope="session")
+def two_worker_run(tmp_path_factory) -> TwoWorkerRun:
+    """``TWO_WORKER_JOB`` trained by two worker processes, once per pytest session (test_tensorboard.py
+    and test_report.py read it).
+
+    The second worker runs under strace, so a test can tell every file it wrote, even one it
+    deleted again (its ``.workertemp`` scratch dir is gone at the end)."""
+    if not shutil.which("strace"):
+        pytest.fail("strace is needed (scripts/test.sh installs it)")
+    root = tmp_path_factory.mktemp("tensorboard-two-workers")
+    job = write_job(root / "job.yaml", TWO_WORKER_JOB)
+    ports = free_ports(2)
+    cmd = [*DISTRAIN, "train", str(job), "--run-dir", str(root / "run")]
+    strace = ["strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=open,openat,creat,rename,renameat,renameat2",
+              "-o", str(root / "worker1.strace")]
+    workers = Workers([cmd, strace + cmd], [worker_env(TF_CONFIG=tf_config(ports, i)) for i in range(2)],
+                      root / "logs")
+    try:
+        assert workers.wait(timeout=180) == [0, 0], workers.output()
+    finally:
+        workers.kill()
+    return TwoWorkerRun(root / "run", workers.procs[0].pid, root / "worker1.strace")

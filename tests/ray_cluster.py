@@ -48,17 +48,12 @@ from typing import Iterator, Optional, Sequence
 
 import pytest
 
-from conftest import REPO, free_ports, worker_env
+from conftest import REPO, free_ports, skip_or_fail, worker_env
 
 BIN = Path(sys.executable).parent
 MARKER = "DISTRAIN_TEST_RAY_HEAD"  # inherited by everything the head starts; how stop() finds them
 # What ray job submit uploads of the repo (.gitignore'd paths are skipped by Ray as well).
 WORKING_DIR_EXCLUDES = [".venv", ".git", "runs", ".cache", ".pytest_cache", "*.egg-info", "__pycache__"]
-
-
-def ray_required() -> bool:
-    """True when a missing Ray must fail the tests instead of skipping them (CI sets it)."""
-    return bool(os.environ.get("DISTRAIN_REQUIRE_RAY"))
 
 
 def skip_unless_ray() -> None:
@@ -67,10 +62,7 @@ def skip_unless_ray() -> None:
         import ray  # noqa: F401
         import ray.train  # noqa: F401
     except ImportError as err:
-        reason = f"ray is not installed ({err}); install it with: pip install -e .[ray]"
-        if ray_required():
-            pytest.fail(f"DISTRAIN_REQUIRE_RAY is set but {reason}", pytrace=False)
-        pytest.skip(reason)
+        skip_or_fail("DISTRAIN_REQUIRE_RAY", f"ray is not installed ({err}); install it with: pip install -e .[ray]")
 
 
 def _proc_stat(pid: int) -> Optional[tuple[int, int]]:

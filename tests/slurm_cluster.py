@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, skip_or_fail
 SCRIPT = REPO / "cluster" / "slurm-local.sh"
 # slurm-local.sh refuses longer state dirs: unix sockets inside them are limited to 107 characters.
 MAX_DIR_LEN = 60
@@ -58,11 +58,6 @@ class SbatchResult(subprocess.CompletedProcess):
         self.output = output
 
 
-def slurm_required() -> bool:
-    """True when a missing SLURM must fail the tests instead of skipping them (CI sets it)."""
-    return bool(os.environ.get("DISTRAIN_REQUIRE_SLURM"))
-
-
 def _which(command: str) -> str | None:
     return shutil.which(command, path=os.environ.get("PATH", "") + os.pathsep + _DAEMON_PATH)
 
@@ -76,10 +71,7 @@ def skip_unless_slurm() -> None:
     """
     if _which("slurmctld"):
         return
-    reason = f"slurmctld not found (install it with: {SCRIPT.relative_to(REPO)} install)"
-    if slurm_required():
-        pytest.fail(f"DISTRAIN_REQUIRE_SLURM is set but {reason}", pytrace=False)
-    pytest.skip(reason)
+    skip_or_fail("DISTRAIN_REQUIRE_SLURM", f"slurmctld not found (install it with: {SCRIPT.relative_to(REPO)} install)")
 
 
 def _client_env(exports: str) -> dict[str, str]:

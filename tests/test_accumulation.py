@@ -6,16 +6,14 @@ resumed by 1 worker ends where the uninterrupted 2-worker run ends; the LR at ev
 is the plan's; a world that cannot make the recorded global batch is refused with exit 2.
 """
 import json
-import os
 import sys
 
 import pytest
 
-from conftest import (DISTRAIN, assert_same_weights, backup_step, free_ports, model_weights, run_distrain,
-                      tf_config, worker_env, write_job)
+from conftest import (DISTRAIN, assert_same_weights, backup_step, free_ports, horovodrun, model_weights,
+                      run_distrain, tf_config, worker_env, write_job)
 from distrain.accumulation import accumulation_for
 from distrain.errors import EXIT_PEER_LOST, UsageError
-from test_horovod import needs_horovod  # noqa: F401  (a fixture)
 
 # 1150 training digits; global batch 16 = 8 per replica x replicas x k; 2 epochs of 6 steps.
 STEPS = 12
@@ -301,16 +299,14 @@ def test_lr_at_every_step_of_an_accumulated_run_is_the_plans(tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.horovod
 @pytest.mark.timeout(400)
-def test_horovod_accumulates_like_more_ranks(needs_horovod, tmp_path, request):
+def test_horovod_accumulates_like_more_ranks(needs_horovod, tmp_path, workers_factory):
     """2 Horovod ranks x k = 2 (global batch 32) against 1 device x k = 4."""
-    from test_horovod import horovodrun, start
-
     for name, k, strategy in (("single-k4", 4, "one_device"), ("horovod-k2", 2, "horovod")):
         (tmp_path / name).mkdir()
         job_file = job(tmp_path / name, k=k, strategy=strategy)
         command = [*DISTRAIN, "train", str(job_file), "--run-dir", str(tmp_path / name / "run")]
         if strategy == "horovod":
-            workers = start([horovodrun(command)], [worker_env()], tmp_path / name / "logs", request)
+            workers = workers_factory([horovodrun(command)], [worker_env()], tmp_path / name / "logs")
             assert workers.wait(timeout=300) == [0], workers.output()
         else:
             result = run_distrain(command[len(DISTRAIN):], timeout=300)

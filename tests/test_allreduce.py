@@ -11,7 +11,6 @@ compression is applied rather than ignored.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -19,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DISTRAIN, REPO, free_ports, model_weights, run_distrain, tf_config, worker_env, write_job
+from conftest import (DISTRAIN, REPO, free_ports, horovodrun, model_weights, run_distrain, tf_config, worker_env,
+                      write_job)
 from distrain.backends.allreduce import INSTANCE_KEY_BASE, pack_by_size
 from distrain.errors import UsageError
 from distrain.spec import spec_from_dict
@@ -249,18 +249,10 @@ def test_fp16_all_reduce_over_two_workers_setup_once_stays_close_to_one_process(
 @pytest.mark.horovod
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
-def test_horovod_fp16_compression_stays_close_to_one_process(one_process, tmp_path, workers_factory):
-    horovodrun = Path(sys.executable).parent / "horovodrun"
-    try:
-        import horovod.tensorflow  # noqa: F401
-    except ImportError:
-        pytest.skip("Horovod is not installed (scripts/install-horovod.sh)")
-    if not shutil.which(str(horovodrun)):
-        pytest.skip("horovodrun is not installed")
+def test_horovod_fp16_compression_stays_close_to_one_process(needs_horovod, one_process, tmp_path, workers_factory):
     job = _job(tmp_path / "job.yaml", strategy="horovod", compression="fp16")
-    cmd = [str(horovodrun), "-np", "2", "-H", "localhost:2", "--gloo", "--network-interface", "lo",
-           *DISTRAIN, "train", str(job), "--run-dir", str(tmp_path / "run")]
-    workers = workers_factory([cmd], [worker_env()])
+    workers = workers_factory([horovodrun([*DISTRAIN, "train", str(job), "--run-dir", str(tmp_path / "run")])],
+                              [worker_env()])
     assert workers.wait(timeout=240) == [0], workers.output()
     diffs = _relative_differences(model_weights(tmp_path / "run"), model_weights(one_process))
     print("fp16 vs one process, relative L2 per weight tensor:", ", ".join(f"{d:.1e}" for d in diffs))

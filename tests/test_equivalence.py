@@ -7,7 +7,7 @@ import pytest
 
 from conftest import (DISTRAIN, assert_same_weights, free_ports, model_weights, run_distrain, tf_config,
                       worker_env, write_job)
-from test_tensorboard import accumulate, scalars
+from helpers import accumulate, scalars
 
 pytestmark = pytest.mark.multiprocess
 

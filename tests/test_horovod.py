@@ -9,7 +9,8 @@
 - the pure parts: the SLURM → Horovod rank layout, metric reduction, the optimizer check.
 
 Without Horovod (``scripts/install-horovod.sh``) the process tests are skipped, unless
-``DISTRAIN_REQUIRE_HOROVOD`` is set: then they fail. Run: ``pytest tests/test_horovod.py``.
+``DISTRAIN_REQUIRE_HOROVOD`` is set: then they fail (conftest's ``needs_horovod``).
+Run: ``pytest tests/test_horovod.py``.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (DISTRAIN, Workers, assert_same_weights, backup_step, files_written, free_ports, model_weights,
-                      run_distrain, worker_env, write_job)
+from conftest import (DISTRAIN, Workers, assert_same_weights, backup_step, files_written, free_ports, horovodrun,
+                      model_weights, run_distrain, worker_env, write_job)
 from distrain.backends import horovod as hvd_backend
 from distrain.errors import UsageError
 from distrain.backends.factory import choose_strategy
@@ -31,7 +32,6 @@ from distrain.world import World, detect
 
 pytestmark = [pytest.mark.horovod, pytest.mark.multiprocess]
 
-HOROVODRUN = Path(sys.executable).parent / "horovodrun"
 # 2 epochs x 4 steps; backups at steps 3, 4 (epoch end), 6 and 8. No dropout, no augmentation.
 STEPS = 8
 JOB = """
@@ -47,35 +47,9 @@ logging: {{tensorboard: {tensorboard}, verbose: 0}}
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
-def _horovod_import_error():
-    try:
-        import horovod.tensorflow  # noqa: F401
-    except Exception as err:  # an ImportError, or the extension failing to load
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
-@pytest.fixture(scope="module")
-def needs_horovod():
-    error = _horovod_import_error()
-    if error is None:
-        return
-    if os.environ.get("DISTRAIN_REQUIRE_HOROVOD"):
-        pytest.fail(f"DISTRAIN_REQUIRE_HOROVOD is set but horovod.tensorflow cannot be imported ({error})",
-                    pytrace=False)
-    pytest.skip(f"Horovod is not installed ({error}); scripts/install-horovod.sh builds it")
-
-
 def job(path: Path, *, per_replica=16, strategy="horovod", tensorboard=False) -> Path:
     return write_job(path, JOB.format(per_replica=per_replica, strategy=strategy,
                                       tensorboard=str(tensorboard).lower()))
-
-
-def horovodrun(command: list[str]) -> list[str]:
-    # --network-interface lo: Gloo binds 127.0.0.1 only. horovodrun's own rendezvous server
-    # listens on every interface whatever is given (docs/horovod.md).
-    return [str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo", "--network-interface", "lo",
-            "--start-timeout", "120", *command]
 
 
 def start(commands: list[list[str]], envs: list[dict], log_dir: Path, request) -> Workers:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DISTRAIN, REPO, Workers, free_ports, tf_config, worker_env
+from conftest import DISTRAIN, REPO, Workers, free_ports, horovodrun, tf_config, worker_env
 from listeners import WILDCARD, Listener, descendants, documented, environ_has, listening
 from ray_cluster import head_pids, ray_head_fixture
 
@@ -148,17 +148,6 @@ def _rendezvous_join(ports, secret: bytes) -> dict:
 
 # ----------------------------------------------------------------------------- Horovod
 
-@pytest.fixture(scope="module")
-def needs_horovod():
-    try:
-        import horovod.tensorflow  # noqa: F401
-    except Exception as err:  # ImportError, or the extension failing to load
-        reason = f"Horovod is not installed ({type(err).__name__}: {err}); scripts/install-horovod.sh builds it"
-        if os.environ.get("DISTRAIN_REQUIRE_HOROVOD"):
-            pytest.fail(f"DISTRAIN_REQUIRE_HOROVOD is set but {reason}", pytrace=False)
-        pytest.skip(reason)
-
-
 FAKE_SCONTROL = """#!/bin/sh
 echo "NodeName=n1 NodeAddr=127.0.0.1 NodeHostName=n1"
 echo "NodeName=n2 NodeAddr=127.0.0.1 NodeHostName=n2"
@@ -211,9 +200,8 @@ def test_horovod_under_srun_and_horovodrun(needs_horovod, tmp_path):
     finally:
         pair.kill()
 
-    horovodrun = [str(Path(sys.executable).parent / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo",
-                  "--network-interface", "lo", "--start-timeout", "120", *cmd[:-2], str(tmp_path / "hvd-run"), "horovod"]
-    run = Workers([horovodrun], [worker_env(PROBE_DELAY_RANK1=4)], tmp_path / "horovodrun")
+    run = Workers([horovodrun([*cmd[:-2], str(tmp_path / "hvd-run"), "horovod"])], [worker_env(PROBE_DELAY_RANK1=4)],
+                  tmp_path / "horovodrun")
     try:
         seen = _collect(run, 2, 180)
         # horovodrun's children (multiprocessing helpers) inherit its socket; the ranks have HOROVOD_RANK.

@@ -1,10 +1,13 @@
 """cluster/netns-pair.sh: two namespaces joined by a shaped veth pair, set up and torn down on every
-exit path (done, a failed command, SIGTERM, SIGINT, bad usage). Needs root and ``ip netns``."""
+exit path (done, a failed command, SIGTERM, SIGINT, bad usage).
+
+Needs root and ``ip netns`` (iproute2): without them these tests skip, unless
+``DISTRAIN_REQUIRE_NETNS`` is set (scripts/test.sh, as CI runs): then they fail (conftest's
+``needs_netns``)."""
 from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,16 +21,7 @@ from conftest import REPO
 SCRIPT = REPO / "cluster" / "netns-pair.sh"
 
 
-def _netns_usable() -> str:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces)"
-    if not (shutil.which("ip") and shutil.which("tc")):
-        return "needs iproute2 (ip, tc)"
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
-    return "" if probe.returncode == 0 else f"ip netns does not work here: {probe.stderr.strip()}"
-
-
-needs_netns = pytest.mark.skipif(bool(_netns_usable()), reason=_netns_usable() or "usable")
+needs_netns = pytest.mark.usefixtures("needs_netns")  # conftest: skips, or fails under DISTRAIN_REQUIRE_NETNS
 
 SERVER = """
 import os, socket
@@ -186,10 +180,6 @@ def test_delay_needs_netem_and_is_applied_where_the_kernel_has_it():
 
 
 @pytest.mark.timeout(30)
-def test_script_passes_shellcheck():
-    if not shutil.which("shellcheck"):
-        if os.environ.get("DISTRAIN_REQUIRE_SHELLCHECK") == "1":
-            pytest.fail("shellcheck is not installed but DISTRAIN_REQUIRE_SHELLCHECK=1 (scripts/test.sh installs it)")
-        pytest.skip("shellcheck not installed")
+def test_script_passes_shellcheck(needs_shellcheck):
     done = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout

@@ -1,4 +1,4 @@
-"""``distrain report`` on a real 2-worker run (the one test_tensorboard.py trains): valid PNGs with
+"""``distrain report`` on a real 2-worker run (conftest.py's ``two_worker_run``, which test_tensorboard.py reads too): valid PNGs with
 the expected number of curves, several runs overlaid, report.md and the terminal table, and bad
 input as a one-line usage error."""
 import json
@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from conftest import run_distrain
-from test_tensorboard import two_worker_run
 
 pytestmark = pytest.mark.multiprocess
 
@@ -18,8 +17,8 @@ LINES_PER_RUN = {"accuracy_loss": 4, "lr": 1, "throughput": 2}
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return two_worker_run(tmp_path_factory).run_dir
+def run_dir(two_worker_run) -> Path:
+    return two_worker_run.run_dir
 
 
 def copy_run(run_dir: Path, dest: Path, **history_changes) -> Path:

@@ -230,11 +230,7 @@ def test_regenerate_check_passes_and_covers_every_shipped_script():
 
 
 @pytest.mark.timeout(30)
-def test_shell_scripts_pass_shellcheck():
-    if subprocess.run(["which", "shellcheck"], capture_output=True).returncode != 0:
-        if os.environ.get("DISTRAIN_REQUIRE_SHELLCHECK") == "1":
-            pytest.fail("shellcheck is not installed but DISTRAIN_REQUIRE_SHELLCHECK=1 (scripts/test.sh installs it)")
-        pytest.skip("shellcheck not installed")
+def test_shell_scripts_pass_shellcheck(needs_shellcheck):
     files = [REPO / "slurm" / "distrain-launch.sh", REPO / "slurm" / "regenerate.sh",
              *(REPO / "slurm" / f"{n}.sh" for n in SHIPPED)]
     done = subprocess.run(["shellcheck", "-x", "-P", str(REPO), *map(str, files)], capture_output=True,
@@ -483,14 +479,8 @@ def test_bench_render_measures_two_nodes(slurm_two_nodes, tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.horovod
 @pytest.mark.timeout(300)
-def test_horovod_render_runs_one_task_per_slot_on_two_nodes(slurm_two_nodes, tmp_path):
-    """--strategy horovod as rendered: srun starts the tasks, distrain.horovod bootstraps Gloo."""
-    import importlib.util
-
-    if importlib.util.find_spec("horovod") is None or not (REPO / "distrain" / "horovod.py").exists():
-        if os.environ.get("DISTRAIN_REQUIRE_HOROVOD"):
-            pytest.fail("DISTRAIN_REQUIRE_HOROVOD is set but Horovod or distrain/backends/horovod.py is missing", pytrace=False)
-        pytest.skip("Horovod is not installed (scripts/install-horovod.sh builds it)")
+def test_horovod_render_runs_one_task_per_slot_on_two_nodes(needs_horovod, slurm_two_nodes, tmp_path):
+    """--strategy horovod as rendered: srun starts the tasks, distrain.backends.horovod bootstraps Gloo."""
     job = write_job(tmp_path / "hvd.yaml", JOB.format(name="hvd", epochs=2, steps=10, tensorboard="false"))
     script = rendered(tmp_path, job, "--nodes", "2", "--tasks-per-node", "1", "--strategy", "horovod")
     result = slurm_two_nodes.sbatch_wait(script, exports(), timeout=280, cwd=REPO)

@@ -16,21 +16,9 @@ from distrain.data import sources
 from distrain.data.pipelines import steps_per_epoch
 from distrain.errors import UsageError
 from distrain.spec import spec_from_dict
+from helpers import CLASSES, COUNT, solid_folder
 
 NO_AUGMENT = spec_from_dict({}).data.augment
-# 100 images: 20 test, 16 validation, 64 training (so a global batch of 16 covers an epoch exactly).
-COUNT, CLASSES = 100, ("ant", "bee", "cat", "dog")
-
-
-def solid_folder(root, count=COUNT, classes=CLASSES, size=(8, 8)):
-    """Image ``k`` is a solid PNG of value ``k``: a decoded pixel tells which file a batch holds."""
-    from PIL import Image
-
-    for k in range(count):
-        folder = root / classes[k % len(classes)]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((*size, 3), k, np.uint8)).save(folder / f"{k:04d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

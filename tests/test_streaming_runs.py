@@ -8,7 +8,7 @@ import pytest
 
 from conftest import (DISTRAIN, assert_same_weights, backup_step, free_ports, model_weights, run_distrain, tf_config,
                       worker_env, write_job)
-from test_streaming import solid_folder
+from helpers import solid_folder
 
 pytestmark = pytest.mark.multiprocess
 

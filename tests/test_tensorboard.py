@@ -8,28 +8,16 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import DISTRAIN, REPO, Workers, files_written, free_ports, tf_config, worker_env, write_job
+from conftest import DISTRAIN, REPO, files_written, free_ports, worker_env
+from helpers import accumulate, scalars, text
 
 pytestmark = pytest.mark.multiprocess
 
-# 1150 training digits; 2 x 16 per step, 6 steps per epoch, 2 epochs: 12 steps, scalars every 2.
-# lr 0.05 for batch 16, linear scaling to the global batch 32: peak 0.1 after 3 warmup steps.
-JOB = """
-name: tbjob
-seed: 5
-model: {name: cnn, params: {filters: 8}}
-data: {source: digits, batch_size_per_replica: 16}
-train: {epochs: 2, steps_per_epoch: 6, optimizer: sgd, momentum: 0.9, learning_rate: 0.05, warmup_steps: 3,
-        schedule: {name: cosine, min_factor: 0.1}}
-distribute: {strategy: multi_worker, collective_timeout_s: 60}
-checkpoint: {every_epochs: 1, save_best: false, backup_every_steps: 4}
-logging: {update_every_steps: 2, profile_steps: [3, 4], verbose: 0}
-"""
+# Of conftest.TWO_WORKER_JOB: 12 steps, scalars every 2; lr peak 0.1 after 3 warmup steps, then cosine.
 STEPS, EVERY = 12, 2
 EPOCH_TAGS = {"epoch_loss", "epoch_accuracy", "epoch_lr", "epoch_images_per_s", "epoch_step_time_s"}
 STEP_TAGS = {"batch_loss", "batch_accuracy", "batch_lr", "batch_step_time_s", "batch_images_per_s",
@@ -37,66 +25,9 @@ STEP_TAGS = {"batch_loss", "batch_accuracy", "batch_lr", "batch_step_time_s", "b
 TENSORBOARD = REPO / ".venv" / "bin" / "tensorboard"
 
 
-@dataclass
-class TwoWorkerRun:
-    run_dir: Path
-    chief_pid: int
-    other_trace: Path  # strace of the other worker's file opens and renames
-
-
-def two_worker_run(tmp_path_factory) -> TwoWorkerRun:
-    """Trains the job with two worker processes once per pytest session (test_report.py reuses it).
-
-    The second worker runs under strace, so a test can tell every file it wrote, even one it
-    deleted again (its ``.workertemp`` scratch dir is gone at the end)."""
-    root = tmp_path_factory.getbasetemp() / "tensorboard-two-workers"
-    done = root / "chief.pid"
-    if done.exists():
-        return TwoWorkerRun(root / "run", int(done.read_text()), root / "worker1.strace")
-    if subprocess.run(["strace", "-V"], capture_output=True).returncode != 0:
-        pytest.fail("strace is needed (scripts/test.sh installs it)")
-    root.mkdir(exist_ok=True)
-    job = write_job(root / "job.yaml", JOB)
-    ports = free_ports(2)
-    cmd = [*DISTRAIN, "train", str(job), "--run-dir", str(root / "run")]
-    strace = ["strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=open,openat,creat,rename,renameat,renameat2",
-              "-o", str(root / "worker1.strace")]
-    workers = Workers([cmd, strace + cmd], [worker_env(TF_CONFIG=tf_config(ports, i)) for i in range(2)],
-                      root / "logs")
-    try:
-        assert workers.wait(timeout=180) == [0, 0], workers.output()
-    finally:
-        workers.kill()
-    done.write_text(str(workers.procs[0].pid))
-    return TwoWorkerRun(root / "run", workers.procs[0].pid, root / "worker1.strace")
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return two_worker_run(tmp_path_factory)
-
-
-def accumulate(directory: Path):
-    """TensorBoard's own reader over one event directory, keeping every point."""
-    import distrain  # noqa: F401  (tf-keras before TensorFlow, which the reader imports)
-    from tensorboard.backend.event_processing import event_accumulator
-
-    acc = event_accumulator.EventAccumulator(str(directory), size_guidance={event_accumulator.TENSORS: 0})
-    acc.Reload()
-    return acc
-
-
-def scalars(acc, tag):
-    from tensorboard.util import tensor_util
-
-    assert acc.SummaryMetadata(tag).plugin_data.plugin_name == "scalars", tag
-    return {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
-
-
-def text(acc, tag):
-    from tensorboard.util import tensor_util
-
-    return tensor_util.make_ndarray(acc.Tensors(tag)[-1].tensor_proto).item().decode()
+def run(two_worker_run):
+    return two_worker_run
 
 
 def test_every_scalar_per_epoch_and_per_step(run):

@@ -1,0 +1,193 @@
+"""``distrain.callbacks.Agreement``: how the workers agree to stop. A preemption signal or a NaN
+loss on one worker stops every worker at the same agreed step with the same exit code, and an
+early stop decided on one worker ends the epoch loop on all.
+
+No worker processes: two workers are two threads, each with its own ``Agreement`` over a fake
+``Distribution`` whose ``sum`` is a real (in-process) collective: it returns only once both
+workers called it, with the element-wise sum of what they gave. ``Distribution.agree`` itself
+is the real one.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import types
+from typing import Optional, Sequence
+
+import pytest
+
+from distrain.backends.distribution import Distribution
+from distrain.callbacks import Agreement, RunState
+from distrain.errors import EXIT_NAN, EXIT_PREEMPTED, TrainingStopped
+from distrain.world import World
+
+
+class Collective:
+    """An all-reduce (sum) over ``size`` threads; records what each rank gave at each call."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=20)
+        self.given: dict[int, list[float]] = {}
+        self.calls: list[dict[int, list[float]]] = []  # one per collective: rank -> values
+
+    def sum(self, rank: int, values: Sequence[float]) -> list[float]:
+        self.given[rank] = list(values)
+        if self.barrier.wait() == 0:
+            self.calls.append(dict(self.given))
+        total = [sum(column) for column in zip(*(self.given[r] for r in range(self.size)))]
+        self.barrier.wait()  # nobody gives the next call's values before everyone read these
+        return total
+
+
+class FakeDistribution(Distribution):
+    def __init__(self, collective: Optional[Collective], rank: int, world_size: int):
+        super().__init__("fake", None, World(launcher="tf_config", rank=rank, world_size=world_size),
+                         replicas=world_size, local_replicas=1)
+        self.collective = collective
+
+    def sum(self, values):
+        if self.collective is None:
+            raise AssertionError("a single worker must not run a collective")
+        return self.collective.sum(self.world.rank, values)
+
+
+class FakeBackup:
+    def __init__(self, state: RunState):
+        self.state = state
+        self.saved_at: list[int] = []
+
+    def save(self):
+        self.saved_at.append(self.state.step)
+
+
+class Worker:
+    """One worker's ``Agreement`` with the state, backup and model it acts on."""
+
+    def __init__(self, collective: Optional[Collective], rank: int, world_size: int, *, every: int,
+                 terminate_on_nan: bool = True):
+        self.state = RunState(types.SimpleNamespace(start_step=0))
+        self.backup = FakeBackup(self.state)
+        self.model = types.SimpleNamespace(stop_training=False)
+        self.agreement = Agreement(FakeDistribution(collective, rank, world_size), self.state, self.backup,
+                                   every=every, terminate_on_nan=terminate_on_nan)
+        self.agreement.set_model(self.model)
+        self.steps_done = 0
+        self.stopped: Optional[TrainingStopped] = None
+        self.error: Optional[BaseException] = None  # anything else, e.g. the collective timing out
+
+    def train(self, steps: int, *, signal_at: Optional[int] = None, nan_at: Optional[int] = None) -> None:
+        """Steps 1..``steps`` as RunMetrics and Keras would drive them; stops at a TrainingStopped."""
+        try:
+            for step in range(1, steps + 1):
+                self.state.step = step  # RunMetrics, the first callback, advances it
+                if step == signal_at:
+                    self.state.signal_received = "SIGUSR1"
+                self.agreement.on_train_batch_end(step - 1, {"loss": math.nan if step == nan_at else 0.25})
+                self.steps_done = step
+        except TrainingStopped as stop:
+            self.stopped = stop
+        except BaseException as err:  # reported by the test, not lost in the thread
+            self.error = err
+
+
+def run_pair(every: int, steps: int, **rank1) -> tuple[list[Worker], Collective]:
+    """Two workers training ``steps`` steps; ``rank1``: what happens on worker 1 only."""
+    collective = Collective(2)
+    workers = [Worker(collective, rank, 2, every=every) for rank in range(2)]
+    threads = [threading.Thread(target=w.train, args=(steps,), kwargs=rank1 if rank == 1 else {})
+               for rank, w in enumerate(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a worker is stuck in the collective"
+    assert [w.error for w in workers] == [None, None], "a worker failed outside the agreement (left the other waiting?)"
+    return workers, collective
+
+
+def test_a_signal_on_one_worker_stops_both_at_the_next_agreed_step_with_exit_75():
+    workers, collective = run_pair(every=4, steps=20, signal_at=5)
+    # The collective runs at steps 4 and 8 only (every 4 global steps), the same on both workers.
+    assert collective.calls == [{0: [0.0, 0.0], 1: [0.0, 0.0]}, {0: [0.0, 0.0], 1: [1.0, 0.0]}]
+    for w in workers:
+        assert w.steps_done == 7  # step 8 raised
+        assert w.state.step == 8
+        assert w.stopped is not None and w.stopped.exit_code == EXIT_PREEMPTED == 75
+        assert w.backup.saved_at == [8]  # every worker takes part in the backup at the agreed step
+    assert str(workers[1].stopped) == ("preempted (SIGUSR1) at step 8; backup written, run again with the same run dir "
+                                       "to resume")
+    assert str(workers[0].stopped) == ("preempted (signal on a peer) at step 8; backup written, run again with the "
+                                       "same run dir to resume")
+
+
+def test_a_nan_loss_on_one_worker_stops_both_at_the_agreed_step_with_exit_77_and_no_backup():
+    workers, collective = run_pair(every=2, steps=20, nan_at=6)
+    assert [c[1] for c in collective.calls] == [[0.0, 0.0], [0.0, 0.0], [0.0, 1.0]]  # steps 2, 4, 6
+    assert [c[0] for c in collective.calls] == [[0.0, 0.0]] * 3
+    for w in workers:
+        assert (w.steps_done, w.stopped.exit_code) == (5, EXIT_NAN)
+        assert w.backup.saved_at == []  # NaN weights never become a backup
+    assert str(workers[1].stopped) == ("the loss became nan at step 6; the last good checkpoint is kept (lower the "
+                                       "learning rate or check the data)")
+    # Worker 0's own loss was finite: it reports the agreed stop with its own loss.
+    assert str(workers[0].stopped).startswith("the loss became 0.25 at step 6;")
+
+
+def test_a_nan_between_agreement_steps_is_seen_only_at_one():
+    # The loss is read at agreement steps only: a NaN at step 5 that is gone by step 6 stops nothing.
+    workers, collective = run_pair(every=2, steps=8, nan_at=5)
+    assert len(collective.calls) == 4 and all(w.stopped is None and w.steps_done == 8 for w in workers)
+
+
+def test_without_terminate_on_nan_a_nan_loss_stops_nothing():
+    collective = Collective(2)
+    workers = [Worker(collective, rank, 2, every=2, terminate_on_nan=False) for rank in range(2)]
+    threads = [threading.Thread(target=w.train, args=(6,), kwargs={"nan_at": 4}) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert [w.error for w in workers] == [None, None]
+    assert [w.stopped for w in workers] == [None, None] and [w.steps_done for w in workers] == [6, 6]
+    assert collective.calls == [{0: [0.0, 0.0], 1: [0.0, 0.0]}] * 3
+
+
+@pytest.mark.parametrize("stops", [(False, True), (True, False), (True, True), (False, False)])
+def test_an_early_stop_on_any_worker_ends_training_on_all(stops):
+    collective = Collective(2)
+    workers = [Worker(collective, rank, 2, every=4) for rank in range(2)]
+    for w, stop in zip(workers, stops):
+        w.model.stop_training = stop  # as EarlyStopping leaves it on that worker
+    threads = [threading.Thread(target=w.agreement.on_epoch_end, args=(0, {})) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert [w.model.stop_training for w in workers] == [any(stops)] * 2
+    assert collective.calls == [{0: [1.0 if stops[0] else 0.0], 1: [1.0 if stops[1] else 0.0]}]
+
+
+def test_a_single_worker_agrees_with_itself_without_a_collective():
+    worker = Worker(None, 0, 1, every=3)
+    worker.train(10, signal_at=2)
+    assert (worker.steps_done, worker.stopped.exit_code, worker.backup.saved_at) == (2, EXIT_PREEMPTED, [3])
+    worker.model.stop_training = True
+    worker.agreement.on_epoch_end(0, {})
+    assert worker.model.stop_training is True
+
+
+def test_agree_is_true_where_any_worker_said_true():
+    collective = Collective(3)
+    flags = {0: [False, False, True], 1: [True, False, False], 2: [False, False, True]}
+    results: dict[int, list[bool]] = {}
+
+    def agree(rank):
+        results[rank] = FakeDistribution(collective, rank, 3).agree(flags[rank])
+
+    threads = [threading.Thread(target=agree, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results == {r: [True, False, True] for r in range(3)}
