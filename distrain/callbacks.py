@@ -29,6 +29,7 @@ from typing import Iterator, Optional
 
 import tensorflow as tf
 
+from distrain.checkpoint import monitor_mode
 from distrain.errors import EXIT_NAN, EXIT_PREEMPTED, TrainingStopped
 from distrain.lr import lr_at
 from distrain.rundir import RunDir, write_atomically
@@ -150,10 +151,11 @@ class Agreement(StepCallback):
         step = self.state.step
         if step % self.every:
             return  # decided by the global step, so every worker skips the collective together
-        nan = self.terminate_on_nan and not _loss_is_finite(logs)
-        preempt, nan = self.dist.agree([self.state.signal_received is not None, nan])
+        mine = self.terminate_on_nan and not _loss_is_finite(logs)
+        preempt, nan = self.dist.agree([self.state.signal_received is not None, mine])
         if nan:
-            raise TrainingStopped(f"the loss became {(logs or {}).get('loss')} at step {step}; the last good checkpoint is kept "
+            where = f"the loss became {(logs or {}).get('loss')}" if mine else "a peer's loss became NaN or Inf"
+            raise TrainingStopped(f"{where} at step {step}; the last good checkpoint is kept "
                                   "(lower the learning rate or check the data)", EXIT_NAN)
         if preempt:
             self.backup.save()
@@ -250,7 +252,7 @@ def build_callbacks(ctx, state: RunState, backup, checkpoints, *, input_watch=No
     es = spec.train.early_stopping
     if es is not None:
         callbacks.append(tf.keras.callbacks.EarlyStopping(
-            monitor=es.monitor, patience=es.patience, min_delta=es.min_delta, mode=es.mode,
+            monitor=es.monitor, patience=es.patience, min_delta=es.min_delta, mode=monitor_mode(es.monitor, es.mode),
             restore_best_weights=es.restore_best_weights))
     callbacks.append(BackupEvery(state, backup, spec.checkpoint.backup_every_steps))
     c = spec.checkpoint

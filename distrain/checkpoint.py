@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import re
 import shutil
 from pathlib import Path
@@ -19,6 +20,18 @@ from typing import Iterator, Optional
 from distrain.rundir import RunDir, remove, replacing
 
 log = logging.getLogger("distrain")
+
+
+def monitor_mode(monitor: str, mode: str) -> str:
+    """``min`` or ``max``: ``mode`` as given, or for ``auto`` max for accuracy-like metrics (acc, auc,
+    precision, recall in the name), min for the rest. The one rule for checkpoints and early stopping.
+
+    >>> monitor_mode("val_precision", "auto"), monitor_mode("val_loss", "auto")
+    ('max', 'min')
+    """
+    if mode != "auto":
+        return mode
+    return "max" if re.search(r"acc|auc|precision|recall", monitor) else "min"
 
 
 class WorkerFiles:
@@ -126,7 +139,7 @@ class UserCheckpoints:
         self.files = files
         self.keep = keep
         self.monitor = monitor
-        self.mode = mode if mode != "auto" else ("max" if re.search(r"acc|auc|precision|recall", monitor) else "min")
+        self.mode = monitor_mode(monitor, mode)
         self.best: Optional[float] = None
         self.kept: list[str] = []
         index = run_dir.checkpoint_index
@@ -161,6 +174,8 @@ class UserCheckpoints:
         if value is None:
             return False
         value = float(value)
+        if not math.isfinite(value):
+            return False  # a NaN best would never be beaten again
         better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
         if not better:
             return False

@@ -292,11 +292,20 @@ def fit_and_evaluate(ctx: RunContext, trainee: Trainee, inputs: Inputs, callback
 
 
 def peer_lost_message(err: Exception, world: World) -> str:
-    """One line naming the lost worker (from the collective's error) and how to resume."""
-    task = re.search(r"/job:(?:worker|chief)/replica:\d+/task:(\d+)", str(err))
-    who = (f"worker {task.group(1)} ({world.worker_addresses[int(task.group(1))]})"
-           if task and int(task.group(1)) < len(world.worker_addresses) else
-           "a peer (one of " + ", ".join(world.worker_addresses) + ")")
+    """One line naming the lost worker (from the collective's error) and how to resume.
+
+    TensorFlow names a task by its job and index; with a ``chief`` in ``TF_CONFIG`` the workers'
+    ranks come after the chief's, as ``world.detect_tf_config`` numbers them.
+    """
+    task = re.search(r"/job:(worker|chief)/replica:\d+/task:(\d+)", str(err))
+    chiefs = len(((world.tf_config or {}).get("cluster") or {}).get("chief", []))
+    rank = int(task.group(2)) + (chiefs if task.group(1) == "worker" else 0) if task else None
+    if rank is not None and rank < len(world.worker_addresses):
+        who = f"worker {rank} ({world.worker_addresses[rank]})"
+    elif world.worker_addresses:
+        who = "a peer (one of " + ", ".join(world.worker_addresses) + ")"
+    else:  # Horovod and MPI worlds know no addresses
+        who = f"a peer (one of the {world.world_size} workers)"
     return f"lost {who}: {type(err).__name__}: {_error_reason(str(err))}; rerun with the same run dir to resume from the backup"
 
 

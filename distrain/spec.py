@@ -100,7 +100,7 @@ class EarlyStoppingSpec:
     monitor: str = field(default="val_loss", metadata=_check(doc="the epoch metric watched (Keras EarlyStopping); the stop is agreed across workers"))
     patience: int = field(default=3, metadata=_check(min=0, doc="epochs without improvement before the run stops"))
     min_delta: float = field(default=0.0, metadata=_check(min=0.0, doc="the smallest change of monitor that counts as an improvement"))
-    mode: str = field(default="auto", metadata=_check(choices=("auto", "min", "max"), doc="whether monitor should fall or rise; auto: from its name (acc: max, else min)"))
+    mode: str = field(default="auto", metadata=_check(choices=("auto", "min", "max"), doc="whether monitor should fall or rise; auto: max for accuracy-like names (acc, auc, precision, recall), else min, as checkpoint.mode"))
     restore_best_weights: bool = field(default=False, metadata=_check(doc="on stopping, go back to the weights of the best epoch"))
 
 

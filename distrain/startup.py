@@ -82,13 +82,16 @@ def check(job: Union[JobLike, JobSpec], overrides: Sequence[str] = (), *, source
     Raises:
         UsageError: bad input, one line (exit 2 on the command line).
     """
+    return _checked(job, overrides, source, replace)[0]
 
+
+def _checked(job, overrides: Sequence[str], source: str, replace: dict) -> tuple[JobSpec, str]:
     if isinstance(job, JobSpec):
         spec = job
     else:
         spec, source = load(job, overrides, **replace)
     check_spec(spec, source)
-    return spec
+    return spec, source
 
 
 def start(job: Union[JobLike, JobSpec], overrides: Sequence[str] = (), *, purpose: str = "train",
@@ -114,8 +117,7 @@ def start(job: Union[JobLike, JobSpec], overrides: Sequence[str] = (), *, purpos
     """
     if purpose not in PURPOSES:
         raise ValueError(f"purpose: expected one of {PURPOSES}, got {purpose!r}")
-    spec = check(job, overrides, source=source, **replace)
-    source = source or (str(job) if isinstance(job, (str, os.PathLike)) else "distrain.train(job=dict)")
+    spec, source = _checked(job, overrides, source, replace)
     world = world or detect(env, port_override=spec.distribute.port)
     if purpose == "bench":
         where = RunDir.for_bench(spec.output_dir, spec.name, run_dir=run_dir, world_size=world.world_size, env=env)

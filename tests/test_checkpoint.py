@@ -185,3 +185,27 @@ def test_a_non_chief_worker_takes_part_but_leaves_no_file(run_dir):
     assert list(run_dir.scratch(1).iterdir()) == []
     ckpt.files.cleanup()
     assert not run_dir.scratch_root.exists()
+
+
+def test_a_nan_metric_never_becomes_the_best(run_dir):
+    model = tiny_model()
+    ckpt = checkpoints(run_dir, model, monitor="val_loss")
+    assert [ckpt.consider_best({"val_loss": v}, epoch=e, step=e) for e, v in enumerate([float("nan"), 0.5, 0.3], 1)] \
+        == [False, True, True]
+    assert ckpt.best == 0.3
+
+
+@pytest.mark.parametrize("monitor, expected", [("val_precision", "max"), ("val_recall", "max"), ("val_acc", "max"),
+                                               ("val_loss", "min")])
+def test_early_stopping_uses_the_checkpoints_auto_mode(monitor, expected):
+    from types import SimpleNamespace
+
+    from distrain.callbacks import RunState, build_callbacks
+    from distrain.spec import spec_from_dict
+
+    spec = spec_from_dict({"train": {"early_stopping": {"monitor": monitor}}})
+    ctx = SimpleNamespace(spec=spec, start_step=0, is_chief=False, steps_per_epoch=10,
+                          dist=SimpleNamespace(callbacks=lambda *a: []))
+    stoppers = [c for c in build_callbacks(ctx, RunState(ctx), None, None) if isinstance(c, tf.keras.callbacks.EarlyStopping)]
+    assert len(stoppers) == 1
+    assert stoppers[0].monitor_op is (np.greater if expected == "max" else np.less)

@@ -53,6 +53,23 @@ def test_without_a_task_of_the_world_every_address_is_named(text, reason):
         f"lost a peer (one of 10.0.0.1:20000, 10.0.0.2:20000, 10.0.0.3:20000): DeadlineExceededError: {reason}{RESUME}")
 
 
+def test_with_a_chief_in_tf_config_a_workers_rank_follows_the_chief():
+    world = World(launcher="tf_config", rank=0, world_size=3, worker_addresses=ADDRESSES,
+                  tf_config={"cluster": {"chief": [ADDRESSES[0]], "worker": list(ADDRESSES[1:])},
+                             "task": {"type": "chief", "index": 0}})
+    for task, who in (("/job:worker/replica:0/task:0", "worker 1 (10.0.0.2:20000)"),
+                      ("/job:chief/replica:0/task:0", "worker 0 (10.0.0.1:20000)")):
+        err = tf.errors.UnavailableError(None, None, f"lost {task}")
+        assert peer_lost_message(err, world) == f"lost {who}: UnavailableError: lost {task}" + RESUME
+
+
+def test_a_world_without_addresses_says_how_many_workers():
+    world = World(launcher="horovod", rank=0, world_size=4)
+    err = tf.errors.UnavailableError(None, None, "Gloo connection closed")
+    assert peer_lost_message(err, world) == ("lost a peer (one of the 4 workers): UnavailableError: Gloo connection "
+                                             "closed" + RESUME)
+
+
 def test_the_error_type_is_the_exceptions_own():
     err = tf.errors.CancelledError(None, None, "Cancelled by /job:worker/replica:0/task:0")
     assert peer_lost_message(err, WORLD) == (

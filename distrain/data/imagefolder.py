@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from distrain.data import imagefiles
-from distrain.data.pipelines import Pipelines, index_stream, replica_batches
+from distrain.data.pipelines import DecodedPipelines, index_stream, replica_batches
 from distrain.data.splits import split_indices
 
 log = logging.getLogger("distrain")
@@ -56,6 +56,10 @@ class ImageFolderSource:
         return len(self.train)
 
     @property
+    def cached_examples(self) -> int:
+        return len(self.files)
+
+    @property
     def val_size(self) -> int:
         return len(self.validation)
 
@@ -93,17 +97,10 @@ def load(data, seed: int, channels: int) -> ImageFolderSource:
     return source
 
 
-class ImageFolderPipelines(Pipelines):
+class ImageFolderPipelines(DecodedPipelines):
     """Positions of the folder, read and decoded in the pipeline (through the decoded cache)."""
 
     source: ImageFolderSource
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        s = self.source
-        # One decoded cache per process, shared by its pipelines and splits.
-        self.decoded_cache = (imagefiles.DecodedCache(s.cache, len(s.files), s.image_shape, s.cache_key)
-                              if s.cache != "none" else None)
 
     def _loader(self, tf):
         """Position in the folder → (decoded uint8 image, label): reads one file."""

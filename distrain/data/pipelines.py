@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Protocol
 
+from distrain.data import imagefiles
 from distrain.errors import UsageError
 
 # The evaluation splits, as every source names them.
@@ -217,3 +218,18 @@ class Pipelines:
         if a.zoom:
             layers.append(tf.keras.layers.RandomZoom(a.zoom, seed=self.seed))
         return tf.keras.Sequential(layers) if layers else None
+
+
+class DecodedPipelines(Pipelines):
+    """Pipelines that read and decode images inside ``tf.data`` (image folders, TFRecord), through
+    the source's decoded cache (``data.cache``): one per process, shared by its pipelines and splits.
+
+    The source gives ``cache``, ``cache_key``, ``image_shape`` and ``cached_examples`` (how many
+    examples the cache holds a slot for, indexed by the example's number).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        s = self.source
+        self.decoded_cache = (imagefiles.DecodedCache(s.cache, s.cached_examples, s.image_shape, s.cache_key)
+                              if s.cache != "none" else None)

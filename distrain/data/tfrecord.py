@@ -40,7 +40,7 @@ from typing import Optional
 import numpy as np
 
 from distrain.data import imagefiles
-from distrain.data.pipelines import Pipelines, replica_batches
+from distrain.data.pipelines import DecodedPipelines, replica_batches
 from distrain.data.splits import split_indices
 from distrain.errors import UsageError
 from distrain.rundir import replacing, write_atomically
@@ -144,6 +144,10 @@ class TFRecordSource:
         return tuple(self.image_shape)
 
     @property
+    def cached_examples(self) -> int:
+        return self.records.total
+
+    @property
     def val_size(self) -> int:
         return self.records.counts[PACKED_SPLIT["validation"]]
 
@@ -189,17 +193,10 @@ def load(data, channels: int, shard: tuple[int, int]) -> TFRecordSource:
                           data.cache, key)
 
 
-class TFRecordPipelines(Pipelines):
+class TFRecordPipelines(DecodedPipelines):
     """Shards dealt to the pipelines each epoch (training), records dealt by position (evaluation)."""
 
     source: TFRecordSource
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        s = self.source
-        # One decoded cache per process, shared by its pipelines and splits.
-        self.decoded_cache = (imagefiles.DecodedCache(s.cache, s.records.total, s.image_shape, s.cache_key)
-                              if s.cache != "none" else None)
 
     def _parser(self, tf):
         """A serialized record → (decoded uint8 image, label), through the decoded cache."""
