@@ -2,7 +2,7 @@
 images/s against the model's, TFRecord against JPEG, and the cost of resuming a TFRecord stream.
 
     .venv/bin/python benchmarks/input.py                     # prints the tables
-    .venv/bin/python benchmarks/input.py --record            # and writes them into docs/performance.md
+    .venv/bin/python benchmarks/input.py --record            # and writes them into docs/performance-log.md
     .venv/bin/python benchmarks/input.py --sizes 400 4000    # a quick look
 
 The image folders are generated once into --data-dir (128x128 JPEGs, 10 classes, a class-coloured
@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--baseline", metavar="GIT_REV",
                         help="also run the memory/start-up runs with distrain/ of this revision (e.g. the last one "
                              "that decoded folders into memory) for comparison")
-    parser.add_argument("--record", action="store_true", help="write the tables into docs/performance.md")
+    parser.add_argument("--record", action="store_true", help="write the tables into docs/performance-log.md")
     args = parser.parse_args()
     small, large = args.sizes
     folders = {n: make_folder(args.data_dir / f"jpeg-{n}", n) for n in (small, large)}

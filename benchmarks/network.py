@@ -12,11 +12,12 @@ communication and waiting (the rest). With `--repeats N` each point is the media
 the points alternated. The link's TCP throughput is measured with a
 plain socket transfer through the same pair.
 
-The cost model (docs/performance.md): t_step = t_compute + a + k x S + 2(N-1)/N x S / (e x B), with
-S the gradient bytes all-reduced per step (4 bytes a trainable parameter, 2 with fp16), B the
-link's bandwidth, a a fixed per-step cost (collective launch, latency, the stop agreement), k the
-host's work per byte (gRPC serialisation and copies, on the same core as the compute) and e the
-fraction of the link the all-reduce achieves; a, k and e are fitted here by least squares.
+The cost model (docs/performance.md; the fit in docs/performance-log.md):
+t_step = t_compute + a + k x S + 2(N-1)/N x S / (e x B), with S the gradient bytes all-reduced per
+step (4 bytes a trainable parameter, 2 with fp16), B the link's bandwidth, a a fixed per-step cost
+(collective launch, latency, the stop agreement), k the host's work per byte (gRPC serialisation
+and copies, on the same core as the compute) and e the fraction of the link the all-reduce
+achieves; a, k and e are fitted here by least squares.
 """
 from __future__ import annotations
 

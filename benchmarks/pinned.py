@@ -23,7 +23,11 @@ All measure the same thing: images/s over the steps after a warm-up, from the ch
 
     .venv/bin/python benchmarks/pinned.py [--models cnn,mobilenet_v2] [--batches 64,256] [--no-ray] [--record]
 
-With --record, each (model, batch) table replaces its own section of docs/performance.md when it is done.
+With --record, each (model, batch) table replaces its own section (`pinned-<model>-<batch>`, in
+docs/performance-log.md) when it is done, and docs/images/pinned-efficiency.png is redrawn from
+every recorded table. `--plot-only` redraws that chart from the recorded tables, measuring nothing:
+
+    .venv/bin/python benchmarks/pinned.py --plot-only
 """
 from __future__ import annotations
 
@@ -212,47 +216,81 @@ def table(model: str, batch: int, rates: dict, busy: list[float], repeats: int) 
 # The chart: efficiency against 2 independent processes, per recorded table, for these rows.
 CHART_ROWS = ("distrain multi_worker", "distrain horovod", "plain MWMS (TF tutorial)", "Horovod Keras example")
 CHART = REPO / "docs" / "images" / "pinned-efficiency.png"
+GOALS = {64: 0.80, 256: 0.90}  # efficiency goals per replica batch (docs/performance.md)
 
 
-def recorded_efficiencies() -> dict[str, dict[str, float]]:
-    """{"cnn, 64": {row: efficiency vs 2 independent processes}} from the recorded pinned tables."""
+def recorded_tables() -> list[dict]:
+    """Every recorded pinned table: model, batch, when (date), machine (its "Machine:" line) and
+    cells {row: efficiency vs 2 independent processes} for the CHART_ROWS."""
     text = "\n".join(p.read_text() for p in (PERFORMANCE_MD, PERFORMANCE_LOG) if p.exists())
-    out = {}
+    tables = []
     for model, batch, body in re.findall(r"<!-- pinned-(\w+)-(\d+) -->(.*?)<!-- /pinned-", text, re.S):
         cells = {}
         for line in body.splitlines():
             parts = [c.strip().strip("*") for c in line.strip("|").split("|")]
             if len(parts) == 6 and parts[0] in CHART_ROWS and parts[4] not in ("-", ""):
                 cells[parts[0]] = float(parts[4])
-        out[f"{'MobileNetV2' if model == 'mobilenet_v2' else model.upper()}, {batch}"] = cells
-    return out
+        when = re.search(r"(\d{4}-\d\d-\d\d) \d\d:\d\d UTC", body)
+        stamp = re.search(r"^Machine: (.+?)\.?$", body, re.M)
+        tables.append({"model": model, "batch": int(batch), "cells": cells, "when": when.group(1) if when else "?",
+                       "machine": stamp.group(1) if stamp else "machine not recorded"})
+    return tables
 
 
-def plot(efficiencies: dict[str, dict[str, float]], path: Path = CHART) -> None:
-    """Grouped bars: one group per (model, per-replica batch), one bar per setup, 1.0 = no cost."""
+def plot(tables: list[dict] | None = None, path: Path = CHART) -> None:
+    """Grouped bars: one group per recorded (model, per-replica batch), one bar per setup, the goal
+    of each batch as a dotted line, 1.0 = synchronisation and communication cost nothing. The title
+    names the machine and versions of the recorded tables (their "Machine:" lines) and their dates."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(efficiencies)
+    tables = recorded_tables() if tables is None else tables
+    if not tables:
+        sys.exit("no recorded pinned tables (<!-- pinned-MODEL-BATCH --> sections) to plot")
+    names = {"cnn": "CNN", "mobilenet_v2": "MobileNetV2"}
     width = 0.8 / len(CHART_ROWS)
-    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(8.4, 4.2), dpi=110)
     for i, row in enumerate(CHART_ROWS):
-        xs = [g + (i - (len(CHART_ROWS) - 1) / 2) * width for g in range(len(groups))]
-        values = [efficiencies[group].get(row, float("nan")) for group in groups]
+        xs = [g + (i - (len(CHART_ROWS) - 1) / 2) * width for g in range(len(tables))]
+        values = [t["cells"].get(row, float("nan")) for t in tables]
         bars = ax.bar(xs, values, width, label=row)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1,
+                     bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.4})  # legible over a goal line
+    for g, t in enumerate(tables):
+        if t["batch"] in GOALS:
+            ax.hlines(GOALS[t["batch"]], g - 0.45, g + 0.45, colors="black", linewidths=1, linestyles=":",
+                      zorder=0, label="goal" if g == 0 else None)
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-    ax.set_xticks(range(len(groups)), [g.replace(", ", "\n") + " per replica" for g in groups])
+    ax.set_xticks(range(len(tables)), [f"{names.get(t['model'], t['model'])}\n{t['batch']} per replica"
+                                      for t in tables])
+    ax.set_xlabel("course model, images per replica (2 processes: twice the global batch)", fontsize=8)
     ax.set_ylim(0, 1.3)
-    ax.set_ylabel("efficiency vs 2 independent processes")
-    ax.set_title("2 pinned processes on a 2-core CPU VM (TF 2.21, tf-keras): higher is better", fontsize=10)
-    ax.legend(fontsize=7, ncol=4, loc="upper center", frameon=False)
+    ax.set_ylabel("efficiency vs 2 independent\nprocesses at once (1.0 = ideal)", fontsize=9)
+    machines = sorted({t["machine"] for t in tables})
+    dates = sorted({t["when"] for t in tables})
+    ax.set_title("2 processes, each pinned to its own core, 1 thread: higher is better\n"
+                 f"{'; '.join(machines)} (CPU only, no GPU); recorded {', '.join(dates)}", fontsize=8.5)
+    ax.legend(fontsize=7, ncol=5, loc="upper center", frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
+    plt.close(fig)
     print(f"wrote {path}", file=sys.stderr)
+
+
+def peer_versions() -> str:
+    """"; Horovod 0.28.1, Ray 2.60.0": the versions of the peers installed here, for the table's stamp."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for dist, name in (("horovod", "Horovod"), ("ray", "Ray")):
+        try:
+            found.append(f"{name} {version(dist)}")
+        except PackageNotFoundError:
+            pass
+    return "; " + ", ".join(found) if found else ""
 
 
 def main() -> None:
@@ -268,13 +306,13 @@ def main() -> None:
                         "recorded tables, measuring nothing")
     args = parser.parse_args()
     if args.plot_only:
-        plot(recorded_efficiencies())
+        plot()
         return
     if args.only and args.record:
         parser.error("--only measures part of the table; it cannot --record")
     if (os.cpu_count() or 1) < 2:
         sys.exit("pinned.py needs 2 cores")
-    machine_line = f"Machine: {machine()}."
+    machine_line = f"Machine: {machine()}{peer_versions()}."
     for model in args.models.split(","):
         for batch in map(int, args.batches.split(",")):
             rates, busy = measure(model, batch, args.repeats, not args.no_ray,
@@ -289,7 +327,7 @@ def main() -> None:
                 # One section per table, written as soon as it is measured: a partial run (one model,
                 # or a run stopped half-way) replaces only the tables it measured.
                 record(f"pinned-{model}-{batch}", text)
-                plot(recorded_efficiencies())
+                plot()
 
 
 if __name__ == "__main__":

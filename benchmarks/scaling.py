@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch", type=int, default=64, help="per replica")
     parser.add_argument("--examples", type=int, default=8192)
-    parser.add_argument("--record", action="store_true", help="write the result into docs/performance.md")
+    parser.add_argument("--record", action="store_true",
+                        help="write the table into docs/performance-log.md (section scaling-batch<N>)")
     args = parser.parse_args()
     import distrain  # noqa: F401
 

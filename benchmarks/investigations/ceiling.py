@@ -144,7 +144,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=1000, help="timed steps of each run")
-    parser.add_argument("--record", action="store_true", help="write the tables into docs/performance.md")
+    parser.add_argument("--record", action="store_true",
+                        help="write the tables into docs/performance-log.md (section ceiling)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--elements", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -114,7 +114,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200, help="timed steps (after 40 warm-up steps)")
     parser.add_argument("--profiled", type=int, default=40, help="steps recorded by the profiler")
-    parser.add_argument("--record", action="store_true", help="write the table into docs/performance.md")
+    parser.add_argument("--record", action="store_true",
+                        help="write the table into docs/performance-log.md (section collective-split)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--steps-per-call", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--trace-dir", help=argparse.SUPPRESS)
