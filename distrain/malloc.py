@@ -3,13 +3,13 @@
 Under a tf.distribute strategy (mirrored, multi_worker) a tf-keras step's tensors come from
 glibc's per-thread arenas, and glibc gives those arenas' freed memory back to the kernel after
 each step (``madvise``, heaps shrunk and unmapped), so every step faults the same pages in again
-(MobileNetV2's page faults and step times, with and without, are in docs/performance.md). The
+(MobileNetV2's page faults and step times, with and without, are in docs/performance-log.md). The
 default strategy (distrain's one_device, Horovod, plain Keras scripts) does not pay it.
 
 ``tune()`` makes every thread allocate from the main arena (``M_ARENA_MAX=1``), keeps up to
 ``TOP_PAD`` bytes of freed memory at its top (``M_TOP_PAD``) and serves blocks below 32 MiB from
 the heap instead of fresh mappings (``M_MMAP_THRESHOLD``). The pages are reused, not
-re-faulted; the peak resident size stays the same (docs/performance.md).
+re-faulted; the peak resident size stays the same (docs/performance-log.md).
 It must run before TensorFlow starts its threads (``tf_startup.import_tensorflow`` calls it),
 since threads that already hold an arena keep it. ``DISTRAIN_MALLOC=system`` leaves glibc's
 defaults.

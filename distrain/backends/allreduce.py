@@ -16,9 +16,10 @@ optimizer, stay as they are) for two things:
   execution. On every worker but the group leader that resolution is a gRPC request to the leader
   (``CompleteInstance``) before the ring can start, every step: the resolver caches instances
   under the call's step id, and each call of a ``tf.function`` gets a new one (its cost is
-  measured in docs/performance.md; at N workers the leader answers N-1 requests per step). TensorFlow's ``CollectiveReduce`` (V1) op takes its group and instance keys as
-  attributes, resolves them on its first execution and keeps them in the kernel, so every later
-  step starts the ring at once. It is the same ring over the same channels (gRPC between CPU
+  measured in docs/performance-log.md; at N workers the leader answers N-1 requests per step).
+  TensorFlow's ``CollectiveReduce`` (V1) op takes its group and instance keys as attributes,
+  resolves them on its first execution and keeps them in the kernel, so every later step starts
+  the ring at once. It is the same ring over the same channels (gRPC between CPU
   workers, NCCL between GPUs), the same bytes and the same sum.
 
 The keys. The group is MultiWorkerMirroredStrategy's own (the same devices; already resolved when

@@ -6,7 +6,7 @@ MultiWorkerMirroredStrategy each result reads the metric's sync-on-read accumula
 workers: one all-reduce per accumulator (two per ``Mean``), every step, each a round trip through
 the workers' gRPC servers, even for a scalar. With the loss and one metric that is four
 collectives a step besides the gradients' (what they cost the course CNN on 2 pinned CPU workers:
-benchmarks/pinned.py, docs/performance.md).
+benchmarks/pinned.py, docs/performance-log.md).
 
 So distrain's training step returns the results of this worker's accumulators, and ``GlobalLogs``
 reads them across the workers where logs are kept: at the last step of each epoch (before

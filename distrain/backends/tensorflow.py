@@ -144,7 +144,7 @@ def build(name: str, spec_distribute, world: World, gpus: Sequence, all_reduce: 
     else:
         # One device needs no distribution: TensorFlow's default strategy places the model on the
         # first GPU if there is one, else the CPU. OneDeviceStrategy would do the same through a
-        # slower distributed iterator (benchmarks/throughput.py, docs/performance.md).
+        # slower distributed iterator (benchmarks/throughput.py, docs/performance-log.md).
         strategy = tf.distribute.get_strategy()
     return TFDistribution(name, strategy, world, workers=workers,
                           gradient_compression=spec_distribute.gradient_compression,

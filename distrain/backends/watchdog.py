@@ -5,7 +5,7 @@ each collective launched with a timeout starts threads that sleep for the whole 
 end (2 per all-reduce, TensorFlow 2.21 on CPU). A training step launches several, so a run keeps
 about steps/s x collectives per step x 2 x T threads alive, until thread creation fails
 (``std::system_error: Resource temporarily unavailable``) after a few thousand steps; the thread
-starts also cost part of each step (both measured in docs/performance.md).
+starts also cost part of each step (both measured in docs/performance-log.md).
 
 So distrain builds MultiWorkerMirroredStrategy without a timeout and keeps one watchdog thread per
 process: ``fit`` and ``evaluate`` beat it at every batch and epoch boundary (``Heartbeat``), and when

@@ -14,87 +14,10 @@ from typing import Optional
 import numpy as np
 
 from distrain.data import imagefiles
-from distrain.data.pipelines import DecodedPipelines, index_stream, replica_batches
+from distrain.data.pipelines import DecodedImages, DecodedPipelines, index_stream, replica_batches
 from distrain.data.splits import split_indices
 
 log = logging.getLogger("distrain")
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageFolderSource:
-    """The listed folder: every readable file, and which positions of it each split holds.
-
-    Attributes:
-        files: every readable file, sorted by class then name.
-        labels: the class of each file.
-        train, validation, test: positions in ``files`` of each split.
-        num_classes: class folders.
-        rescale: what decoded pixels are multiplied by.
-        image_shape: (height, width, channels) images are decoded to.
-        cache: ``data.cache``: none, memory or a directory.
-        cache_key: names the decoded cache of exactly these files at this shape.
-    """
-
-    files: np.ndarray
-    labels: np.ndarray
-    train: np.ndarray
-    validation: np.ndarray
-    test: np.ndarray
-    num_classes: int
-    rescale: float
-    image_shape: tuple[int, ...]
-    cache: str = "none"
-    cache_key: Optional[str] = None
-    synthetic = False
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.image_shape)
-
-    @property
-    def train_size(self) -> int:
-        return len(self.train)
-
-    @property
-    def cached_examples(self) -> int:
-        return len(self.files)
-
-    @property
-    def val_size(self) -> int:
-        return len(self.validation)
-
-    @property
-    def test_size(self) -> int:
-        return len(self.test)
-
-    def pipelines(self, global_batch: int, steps: int, seed: int, input_shape, augment,
-                  watch=None) -> "ImageFolderPipelines":
-        return ImageFolderPipelines(self, global_batch, steps, seed, input_shape, augment, watch=watch,
-                                    rescale=self.rescale)
-
-
-def load(data, seed: int, channels: int) -> ImageFolderSource:
-    """Lists the folder and checks every file's header; nothing is decoded here.
-
-    Raises:
-        UsageError: the folder is missing, has no class folders or no readable image (names it).
-    """
-    files, labels, classes = imagefiles.list_image_folder(data.path)
-    infos = imagefiles.scan(files)
-    files, labels, infos = imagefiles.drop_unreadable(files, labels, infos, data.path)
-    imagefiles.warn_mixed_channels(infos, channels, data.path)
-    test, val, train = split_indices(len(files), (data.test_split, data.validation_split * (1 - data.test_split)), seed)
-    image_shape = (*data.image_size, channels)
-    cache_key = imagefiles.cache_key(files, infos, data.image_size, channels) if data.cache != "none" else None
-    imagefiles.check_cache_room(data.cache, len(files), image_shape)
-    log.info("data.path %s: %d images in %d classes (train %d, validation %d, test %d), streamed",
-             data.path, len(files), len(classes), len(train), len(val), len(test))
-    source = ImageFolderSource(np.asarray(files), np.asarray(labels, np.int32), train, val, test, len(classes),
-                               data.rescale or 1 / 255, image_shape, data.cache, cache_key)
-    if data.limit:
-        source = dataclasses.replace(source, train=train[:data.limit], validation=val[:data.limit],
-                                     test=test[:data.limit])
-    return source
 
 
 class ImageFolderPipelines(DecodedPipelines):
@@ -128,3 +51,73 @@ class ImageFolderPipelines(DecodedPipelines):
         mine = np.asarray(positions)[input_context.input_pipeline_id::input_context.num_input_pipelines]
         return replica_batches(tf, tf.data.Dataset.from_tensor_slices(mine).map(
             self._loader(tf), num_parallel_calls=tf.data.AUTOTUNE), per_replica, local_replicas)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolderSource(DecodedImages):
+    """The listed folder: every readable file, and which positions of it each split holds.
+
+    Attributes:
+        files: every readable file, sorted by class then name.
+        labels: the class of each file.
+        train, validation, test: positions in ``files`` of each split.
+        num_classes: class folders.
+        rescale: what decoded pixels are multiplied by.
+        image_shape: (height, width, channels) images are decoded to.
+        cache: ``data.cache``: none, memory or a directory.
+        cache_key: names the decoded cache of exactly these files at this shape.
+    """
+
+    files: np.ndarray
+    labels: np.ndarray
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+    num_classes: int
+    rescale: float
+    image_shape: tuple[int, ...]
+    cache: str = "none"
+    cache_key: Optional[str] = None
+    PIPELINES = ImageFolderPipelines
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train)
+
+    @property
+    def cached_examples(self) -> int:
+        return len(self.files)
+
+    @property
+    def val_size(self) -> int:
+        return len(self.validation)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.test)
+
+
+def load(data, seed: int, channels: int) -> ImageFolderSource:
+    """Lists the folder and checks every file's header; nothing is decoded here.
+
+    Raises:
+        UsageError: the folder is missing, has no class folders or no readable image (names it).
+    """
+    files, labels, classes = imagefiles.list_image_folder(data.path)
+    infos = imagefiles.scan(files)
+    files, labels, infos = imagefiles.drop_unreadable(files, labels, infos, data.path)
+    imagefiles.warn_mixed_channels(infos, channels, data.path)
+    test, val, train = split_indices(len(files), (data.test_split, data.validation_split * (1 - data.test_split)), seed)
+    image_shape = (*data.image_size, channels)
+    cache_key = imagefiles.cache_key(files, infos, data.image_size, channels) if data.cache != "none" else None
+    imagefiles.check_cache_room(data.cache, len(files), image_shape)
+    log.info("data.path %s: %d images in %d classes (train %d, validation %d, test %d), streamed",
+             data.path, len(files), len(classes), len(train), len(val), len(test))
+    source = ImageFolderSource(np.asarray(files), np.asarray(labels, np.int32), train, val, test, len(classes),
+                               data.rescale or 1 / 255, image_shape, data.cache, cache_key)
+    if data.limit:
+        source = dataclasses.replace(source, train=train[:data.limit], validation=val[:data.limit],
+                                     test=test[:data.limit])
+    return source
+
+

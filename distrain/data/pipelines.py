@@ -220,6 +220,21 @@ class Pipelines:
         return tf.keras.Sequential(layers) if layers else None
 
 
+class DecodedImages:
+    """What the sources that decode images in the pipeline share (``imagefolder``, ``tfrecord``):
+    their dataclasses give ``rescale``, ``image_shape``, ``cache``, ``cache_key`` and
+    ``cached_examples``, and name their ``DecodedPipelines`` subclass as ``PIPELINES``."""
+
+    synthetic = False
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.image_shape)
+
+    def pipelines(self, global_batch: int, steps: int, seed: int, input_shape, augment, watch=None) -> "Pipelines":
+        return self.PIPELINES(self, global_batch, steps, seed, input_shape, augment, watch=watch, rescale=self.rescale)
+
+
 class DecodedPipelines(Pipelines):
     """Pipelines that read and decode images inside ``tf.data`` (image folders, TFRecord), through
     the source's decoded cache (``data.cache``): one per process, shared by its pipelines and splits.

@@ -18,7 +18,7 @@ Guarantees when reading (the docs repeat them, docs/data.md):
   per pipeline sit out an epoch (a warning says how many).
 - resume at a global step: the epoch's stream is rebuilt from its seeds and the records before
   the step are skipped unparsed and undecoded (they are still read from disk: the cost is measured
-  in docs/performance.md).
+  in docs/performance-log.md).
 - validation and test: every record once over all pipelines (record ``i`` goes to pipeline
   ``i mod n``); each pipeline reads the split's files but parses and decodes only its share.
 - N workers do not see the examples in the order one process does, so weights after k steps are
@@ -40,7 +40,7 @@ from typing import Optional
 import numpy as np
 
 from distrain.data import imagefiles
-from distrain.data.pipelines import DecodedPipelines, replica_batches
+from distrain.data.pipelines import DecodedImages, DecodedPipelines, replica_batches
 from distrain.data.splits import split_indices
 from distrain.errors import UsageError
 from distrain.rundir import replacing, write_atomically
@@ -115,84 +115,6 @@ def usable_per_pipeline(shard_counts: list[int], num_pipelines: int) -> int:
     return sum(sorted(shard_counts)[:per])
 
 
-@dataclass(frozen=True)
-class TFRecordSource:
-    """A packed directory as this worker reads it.
-
-    Attributes:
-        records: the shards and counts (``read_metadata``).
-        train_size: training examples one epoch draws from over all pipelines (every pipeline
-            draws the same number: ``usable_per_pipeline``).
-        num_classes: classes recorded by ``pack``.
-        rescale: what decoded pixels are multiplied by.
-        image_shape: (height, width, channels) images are decoded to.
-        cache: ``data.cache``: none, memory or a directory.
-        cache_key: names the decoded cache of this pack at this shape.
-    """
-
-    records: Records
-    train_size: int
-    num_classes: int
-    rescale: float
-    image_shape: tuple[int, ...]
-    cache: str = "none"
-    cache_key: Optional[str] = None
-    synthetic = False
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.image_shape)
-
-    @property
-    def cached_examples(self) -> int:
-        return self.records.total
-
-    @property
-    def val_size(self) -> int:
-        return self.records.counts[PACKED_SPLIT["validation"]]
-
-    @property
-    def test_size(self) -> int:
-        return self.records.counts[PACKED_SPLIT["test"]]
-
-    def pipelines(self, global_batch: int, steps: int, seed: int, input_shape, augment,
-                  watch=None) -> "TFRecordPipelines":
-        return TFRecordPipelines(self, global_batch, steps, seed, input_shape, augment, watch=watch,
-                                 rescale=self.rescale)
-
-
-def load(data, channels: int, shard: tuple[int, int]) -> TFRecordSource:
-    """The packed directory ``data.path`` for pipeline ``shard[0]`` of ``shard[1]``.
-
-    Raises:
-        UsageError: no metadata, a missing shard, or fewer training shards than pipelines.
-    """
-    records = read_metadata(data.path)
-    train_counts = [c for _, c in records.shards["train"]]
-    _, num_pipelines = shard
-    if len(train_counts) < num_pipelines:
-        raise UsageError(f"data.path: {data.path} has {len(train_counts)} training shards for {num_pipelines} input "
-                         f"pipelines; pack again with --shards {num_pipelines} or a multiple of it")
-    usable = usable_per_pipeline(train_counts, num_pipelines) * num_pipelines
-    counts = records.counts
-    if usable < counts["train"]:
-        log.warning("data.path: %d training shards do not divide among %d input pipelines: %d of %d examples sit out "
-                    "each epoch (pack with --shards a multiple of %d to use all)", len(train_counts), num_pipelines,
-                    counts["train"] - usable, counts["train"], num_pipelines)
-    meta = records.metadata
-    log.info("data.path %s: TFRecord, %d classes (train %d in %d shards, validation %d, test %d; split fixed by "
-             "`distrain data pack` with seed %s)", data.path, len(records.classes), counts["train"], len(train_counts),
-             counts["val"], counts["test"], meta.get("seed"))
-    imagefiles.check_cache_room(data.cache, records.total, (*data.image_size, channels))
-    key = None
-    if data.cache != "none":
-        # A new pack (or a different decoded shape) is a new cache.
-        text = (records.root / METADATA).read_bytes() + f"{list(data.image_size)} {channels}".encode()
-        key = hashlib.sha256(text).hexdigest()[:16]
-    return TFRecordSource(records, usable, len(records.classes), data.rescale or 1 / 255, (*data.image_size, channels),
-                          data.cache, key)
-
-
 class TFRecordPipelines(DecodedPipelines):
     """Shards dealt to the pipelines each epoch (training), records dealt by position (evaluation)."""
 
@@ -242,6 +164,75 @@ class TFRecordPipelines(DecodedPipelines):
         ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
         return replica_batches(tf, ds.map(self._parser(tf), num_parallel_calls=tf.data.AUTOTUNE), per_replica,
                                local_replicas)
+
+
+@dataclass(frozen=True)
+class TFRecordSource(DecodedImages):
+    """A packed directory as this worker reads it.
+
+    Attributes:
+        records: the shards and counts (``read_metadata``).
+        train_size: training examples one epoch draws from over all pipelines (every pipeline
+            draws the same number: ``usable_per_pipeline``).
+        num_classes: classes recorded by ``pack``.
+        rescale: what decoded pixels are multiplied by.
+        image_shape: (height, width, channels) images are decoded to.
+        cache: ``data.cache``: none, memory or a directory.
+        cache_key: names the decoded cache of this pack at this shape.
+    """
+
+    records: Records
+    train_size: int
+    num_classes: int
+    rescale: float
+    image_shape: tuple[int, ...]
+    cache: str = "none"
+    cache_key: Optional[str] = None
+    PIPELINES = TFRecordPipelines
+
+    @property
+    def cached_examples(self) -> int:
+        return self.records.total
+
+    @property
+    def val_size(self) -> int:
+        return self.records.counts[PACKED_SPLIT["validation"]]
+
+    @property
+    def test_size(self) -> int:
+        return self.records.counts[PACKED_SPLIT["test"]]
+
+
+def load(data, channels: int, shard: tuple[int, int]) -> TFRecordSource:
+    """The packed directory ``data.path`` for pipeline ``shard[0]`` of ``shard[1]``.
+
+    Raises:
+        UsageError: no metadata, a missing shard, or fewer training shards than pipelines.
+    """
+    records = read_metadata(data.path)
+    train_counts = [c for _, c in records.shards["train"]]
+    _, num_pipelines = shard
+    if len(train_counts) < num_pipelines:
+        raise UsageError(f"data.path: {data.path} has {len(train_counts)} training shards for {num_pipelines} input "
+                         f"pipelines; pack again with --shards {num_pipelines} or a multiple of it")
+    usable = usable_per_pipeline(train_counts, num_pipelines) * num_pipelines
+    counts = records.counts
+    if usable < counts["train"]:
+        log.warning("data.path: %d training shards do not divide among %d input pipelines: %d of %d examples sit out "
+                    "each epoch (pack with --shards a multiple of %d to use all)", len(train_counts), num_pipelines,
+                    counts["train"] - usable, counts["train"], num_pipelines)
+    meta = records.metadata
+    log.info("data.path %s: TFRecord, %d classes (train %d in %d shards, validation %d, test %d; split fixed by "
+             "`distrain data pack` with seed %s)", data.path, len(records.classes), counts["train"], len(train_counts),
+             counts["val"], counts["test"], meta.get("seed"))
+    imagefiles.check_cache_room(data.cache, records.total, (*data.image_size, channels))
+    key = None
+    if data.cache != "none":
+        # A new pack (or a different decoded shape) is a new cache.
+        text = (records.root / METADATA).read_bytes() + f"{list(data.image_size)} {channels}".encode()
+        key = hashlib.sha256(text).hexdigest()[:16]
+    return TFRecordSource(records, usable, len(records.classes), data.rescale or 1 / 255, (*data.image_size, channels),
+                          data.cache, key)
 
 
 def _window_shuffle(tf, ds, seed):

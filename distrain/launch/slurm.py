@@ -339,7 +339,7 @@ def _bench_header(s: _Script) -> list:
         "#   The job's model, batch, optimizer and strategy on synthetic data of the job's shape, for a fixed",
         "#   number of steps; first each task alone as one replica (the baseline), then all together. The",
         "#   output file gets images/s, step time (compute vs communication) and the scaling efficiency;",
-        "#   BENCH_ARGS=(--json) below makes it one JSON object (docs/performance.md).",
+        "#   BENCH_ARGS=(--json) below makes it one JSON object (docs/bench.md).",
         "#",
         "# Run from the distrain checkout (every node must see it and the job file at the same paths):",
         _row(f"sbatch {me}", f"as rendered ({_plural(s.nodes, 'node')})"),

@@ -3,7 +3,7 @@
 #   The job's model, batch, optimizer and strategy on synthetic data of the job's shape, for a fixed
 #   number of steps; first each task alone as one replica (the baseline), then all together. The
 #   output file gets images/s, step time (compute vs communication) and the scaling efficiency;
-#   BENCH_ARGS=(--json) below makes it one JSON object (docs/performance.md).
+#   BENCH_ARGS=(--json) below makes it one JSON object (docs/bench.md).
 #
 # Run from the distrain checkout (every node must see it and the job file at the same paths):
 #   sbatch SCRIPT                                            as rendered (2 nodes)
