@@ -5,6 +5,11 @@ Importing distrain selects tf-keras (Keras 2) for ``tf.keras`` by setting
 Keras 3's ``fit`` fails under MultiWorkerMirroredStrategy (keras-team/keras#20585)
 and Horovod's Keras glue needs Keras 2.
 
+It also makes every later ``import tensorflow`` of the process quiet: TensorFlow's start-up
+notices (the ``E0000 ... failed call to cuInit`` line and others) are filtered from stderr, by
+whoever imports it (``distrain.tf_startup``; ``distrain --verbose`` or ``DISTRAIN_TF_LOG=1`` show
+them).
+
 ``distrain.train(job, model=..., data=...)`` is the Python API (``distrain.api``); it is
 imported on first use, so ``import distrain`` stays cheap.
 """
@@ -13,6 +18,10 @@ import os as _os
 _os.environ["TF_USE_LEGACY_KERAS"] = "1"
 # TensorFlow's C++ INFO/WARNING lines drown a user's terminal on every worker; errors still show.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from distrain import tf_startup as _tf_startup  # noqa: E402  (after the variables TensorFlow reads)
+
+_tf_startup.install()
 
 __version__ = "0.2.0"
 __all__ = ["train"]

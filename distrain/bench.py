@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 
 from distrain import run, startup
 from distrain.context import image_channels
-from distrain.errors import UsageError
+from distrain.errors import UsageError, signal_death
 from distrain.models import MODELS
 from distrain.tf_startup import import_tensorflow
 
@@ -132,7 +132,9 @@ def bench_spec(spec, *, steps: int, warmup: int, replicas: int):
     train = dataclasses.replace(spec.train, epochs=epochs, steps_per_epoch=per_epoch, early_stopping=None)
     checkpoint = dataclasses.replace(spec.checkpoint, every_epochs=0, every_steps=0, save_best=False,
                                      backup_every_steps=0)
-    logging_ = dataclasses.replace(spec.logging, tensorboard=False, verbose=0, profile_steps=None)
+    # No step lines either: reading the step's loss every N steps would wait for the step in the timing.
+    logging_ = dataclasses.replace(spec.logging, tensorboard=False, verbose=0, profile_steps=None,
+                                   update_every_steps=0)
     return dataclasses.replace(spec, data=data, train=train, checkpoint=checkpoint, logging=logging_)
 
 
@@ -261,7 +263,8 @@ def measure_baseline(job: str, overrides: Sequence[str], steps: int, warmup: int
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"distrain bench: the 1-replica baseline did not finish within {timeout:.0f}s") from None
     if done.returncode != 0:
-        raise RuntimeError(f"distrain bench: the 1-replica baseline failed (exit {done.returncode}):\n"
+        died = signal_death("the 1-replica baseline", done.returncode)
+        raise RuntimeError(f"distrain bench: {died or f'the 1-replica baseline failed (exit {done.returncode})'}:\n"
                            + done.stderr[-2000:])
     result = last_json(done.stdout)
     return Baseline(result["images_per_s_per_replica"], result["step_time_s"]["median"], "measured")

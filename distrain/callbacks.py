@@ -9,7 +9,8 @@ Keras calls callbacks in list order for every hook, so ``build_callbacks`` fixes
    workers at the epoch's end and at TensorBoard's step points.
 2. ``EarlyStopping`` (if asked for) decides from the metrics in the logs.
 3. ``BackupEvery`` and ``Checkpoints`` save (every worker calls; only the chief's files stay).
-4. ``HistoryFiles`` (history.json, history.csv) and TensorBoard: chief only.
+4. ``HistoryFiles`` (history.json, history.csv), ``StepLog`` (a line in the run's log every
+   ``logging.update_every_steps``) and TensorBoard: chief only.
 5. Extra callbacks (Ray's reporting, a user's): after the files above, so an epoch they hear of
    is already saved, but before ``Agreement``.
 6. ``Agreement``, last, so that it sees every callback's ``stop_training``, the extra ones'
@@ -23,9 +24,10 @@ import json
 import logging
 import math
 import signal
+import sys
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Iterator, Optional, TextIO
 
 import tensorflow as tf
 
@@ -231,6 +233,79 @@ class HistoryFiles(StepCallback):
         write_atomically(self.csv, "\n".join(lines) + "\n")
 
 
+def interactive(stream: Optional[TextIO] = None) -> bool:
+    """Whether Keras's progress bar can redraw itself where ``stream`` (default stdout) goes: a
+    terminal, or a notebook (whose output streams are not TTYs but render carriage returns)."""
+    stream = sys.stdout if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) or "ipykernel" in sys.modules
+
+
+def fit_verbosity(setting: Optional[int], *, is_interactive: Optional[bool] = None) -> int:
+    """Keras's ``fit(verbose=)`` for ``logging.verbose``: as set, else (null) the progress bar (1) on a
+    terminal or in a notebook and one line per epoch (2) elsewhere.
+
+    Elsewhere is a SLURM ``.out`` file, a Ray worker's log or output piped to a file, where each
+    redraw of the bar would be kept: thousands of carriage-return fragments on one line.
+
+    Example:
+        >>> fit_verbosity(None, is_interactive=False), fit_verbosity(1, is_interactive=False)
+        (2, 1)
+    """
+    if setting is not None:
+        return setting
+    return 1 if (interactive() if is_interactive is None else is_interactive) else 2
+
+
+class StepLog(StepCallback):
+    """Every ``every`` global steps, one line in the run's log (chief): the step, the epoch, the
+    running metrics, the LR applied and images/s since the last line.
+
+    The line also goes to the terminal when ``to_terminal`` (no progress bar: ``verbose`` 2), so a
+    SLURM ``.out`` file shows progress inside long epochs; beside a progress bar it would break
+    the bar, so it goes to ``logs/rank0.log`` only.
+    """
+
+    def __init__(self, state: RunState, every: int, *, to_terminal: bool):
+        super().__init__(state)
+        self.every = every
+        self.to_terminal = to_terminal
+        self._epoch = 0
+        self._since = 0.0
+        self._steps = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch + 1
+        self._since, self._steps = time.perf_counter(), 0  # not the validation and saves between epochs
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        if self.state.step % self.every:
+            return
+        elapsed = time.perf_counter() - self._since
+        logs = logs or {}
+        # The step logs are global (run.py sets distribute_reduction_method "first"); read only here.
+        values = {k: float(logs[k]) for k in [*self.model.metrics_names, "lr"] if k in logs}
+        ctx = self.state.ctx
+        rate = self._steps * ctx.global_batch / elapsed if elapsed > 0 else None
+        line = step_line(self.state.step, ctx.total_steps, self._epoch, ctx.spec.train.epochs, values, rate)
+        log.info("%s", line, extra={"terminal": self.to_terminal})
+        self._since, self._steps = time.perf_counter(), 0
+
+
+def step_line(step: int, steps: int, epoch: int, epochs: int, values: dict, images_per_s: Optional[float]) -> str:
+    """One line of ``StepLog``.
+
+    Example:
+        >>> step_line(20, 60, 1, 3, {"loss": 2.10341, "accuracy": 0.3125, "lr": 0.002}, 1234.4)
+        'step 20/60 (epoch 1/3): loss 2.1034, accuracy 0.3125, lr 0.002, 1234 images/s'
+    """
+    parts = [f"{name} {value:.4g}" if name == "lr" else f"{name} {value:.4f}" for name, value in values.items()]
+    if images_per_s is not None:
+        parts.append(f"{images_per_s:.0f} images/s")
+    return f"step {step}/{steps} (epoch {epoch}/{epochs}): " + ", ".join(parts)
+
+
 def build_callbacks(ctx, state: RunState, backup, checkpoints, *, input_watch=None, tensorboard=None,
                     extra=()) -> list:
     """The run's callback list, in the order documented at the top of this module.
@@ -260,6 +335,9 @@ def build_callbacks(ctx, state: RunState, backup, checkpoints, *, input_watch=No
                                  save_best=c.save_best))
     if ctx.is_chief:
         callbacks.append(HistoryFiles(state, ctx.run_dir))
+        if spec.logging.update_every_steps:
+            callbacks.append(StepLog(state, spec.logging.update_every_steps,
+                                     to_terminal=fit_verbosity(spec.logging.verbose) == 2))
         callbacks.extend(tensorboard() if tensorboard else ())
     callbacks.extend(extra)
     callbacks.append(Agreement(ctx.dist, state, backup, every=spec.distribute.preemption_check_every,

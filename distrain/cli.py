@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from distrain import __version__, malloc, startup, user_code
 from distrain.backends.factory import choose_strategy
 from distrain.bench import add_parser as add_bench_parser
 from distrain.data.cli import add_parser as add_data_parser
+from distrain.data.cli import log_to_stderr
 from distrain.errors import EXIT_FAILED, EXIT_USAGE, TrainingStopped, UsageError
 from distrain.launch import register_parsers
 from distrain.models import MODELS, REGISTRY_CLASSES, describe, is_user_model
@@ -59,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its backup (the job defaults to RUN_DIR/job.yaml)")
 
-    p = sub.add_parser("validate", help="check a job file and print the resolved job")
+    p = sub.add_parser("validate", help="check a job as training would (data, labels, model) and print it resolved",
+                       description="Check a job without training: the job file, your code, then the data and "
+                                   "the model as `train` checks them before its first step (the data loaded or "
+                                   "listed, its labels checked, the model built).")
     _add_job_args(p)
     p.add_argument("--quiet", action="store_true", help="print nothing when the job is valid")
 
@@ -112,9 +117,11 @@ def cmd_train(args) -> int:
 def cmd_validate(args) -> int:
 
     spec = startup.check(args.job, args.overrides)
+    with log_to_stderr(logging.WARNING if args.quiet else logging.INFO):
+        found = startup.preflight(spec)
     if not args.quiet:
         print(dump_spec(spec), end="")
-        print(f"# {args.job}: valid", file=sys.stderr)
+        print(f"# {args.job}: valid: {found.describe()}", file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,8 @@
 """Errors a user can act on, and the exit codes every launcher relies on."""
+from __future__ import annotations
+
+import signal
+from typing import Optional
 
 # Exit codes. The SLURM templates and the Ray launcher read these; keep them stable.
 EXIT_OK = 0
@@ -23,3 +27,47 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# Where a run killed by a signal is explained (the oneDNN crash of TensorFlow 2.21 among others).
+SIGNAL_HELP = "docs/troubleshooting.md#a-run-dies-by-a-signal"
+_CRASHES = ("SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE")
+
+
+def killed_by(returncode: int) -> Optional[str]:
+    """The name of the signal that killed a process, from its exit code, or None.
+
+    Python's ``subprocess`` gives ``-N`` for a child killed by signal N; shells, ``srun`` and
+    ``sbatch`` give ``128 + N``. None for the codes distrain itself exits with.
+
+    Example:
+        >>> killed_by(-11), killed_by(134), killed_by(76)
+        ('SIGSEGV', 'SIGABRT', None)
+    """
+    number = -returncode if returncode < 0 else returncode - 128 if 128 < returncode < 128 + 65 else None
+    if number is None:
+        return None
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def signal_death(who: str, returncode: int) -> Optional[str]:
+    """One line for a process killed by a signal, pointing to the troubleshooting page; None if it was not.
+
+    Example:
+        >>> print(signal_death("worker 1", -6))  # doctest: +ELLIPSIS
+        worker 1 died by SIGABRT (exit -6): a crash in TensorFlow or a library; ...; see docs/troubleshooting.md#...
+    """
+    name = killed_by(returncode)
+    if name is None:
+        return None
+    if name in _CRASHES:
+        why = ("a crash in TensorFlow or a library; TensorFlow 2.21's oneDNN crash (munmap_chunk(): invalid "
+               "pointer) goes away with TF_ENABLE_ONEDNN_OPTS=0")
+    elif name == "SIGKILL":
+        why = "killed from outside (out of memory, scancel, the time limit?)"
+    else:
+        why = "stopped from outside"
+    return f"{who} died by {name} (exit {returncode}): {why}; see {SIGNAL_HELP}"

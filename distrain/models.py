@@ -501,6 +501,7 @@ def build_model(
     *,
     l1: float = 0.0,
     l2: float = 0.0,
+    loss: str = "sparse_categorical_crossentropy",
     **params: object,
 ) -> tf.keras.Model:
     """Builds a registered model, uncompiled.
@@ -513,6 +514,7 @@ def build_model(
         num_classes: Number of output classes.
         l1: L1 penalty on every Conv/Dense kernel (see each builder for exceptions).
         l2: L2 penalty on every Conv/Dense kernel; with both 0 no regularizer is attached.
+        loss: ``train.loss``; a user's model's output shape is checked against what it takes.
         **params: The model's parameters, see ``model_params(name)``.
 
     Returns:
@@ -522,7 +524,8 @@ def build_model(
         ValueError: If ``name`` is not a registered model, or a parameter value is out of range.
         TypeError: If ``params`` holds a name the model does not accept.
         UsageError: A user's builder that does not import, does not take these arguments, or does
-            not return a Keras model with ``num_classes`` outputs.
+            not return a Keras model with one output of ``(batch, num_classes)`` (``(batch, 1)`` for
+            ``binary_crossentropy``).
 
     Example:
         >>> model = build_model("mlp", (28, 28, 1), 10, l2=1e-4, units=64)
@@ -530,7 +533,8 @@ def build_model(
     """
     if is_user_model(name):
 
-        return user_code.build_user_model(name, tuple(input_shape), num_classes, l1=l1, l2=l2, **params)
+        return user_code.build_user_model(name, tuple(input_shape), num_classes, l1=l1, l2=l2, loss=loss,
+                                          **params)
     entry = _entry(name)
     valid = model_params(name)
     unknown = sorted(set(params) - set(valid))

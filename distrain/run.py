@@ -28,13 +28,12 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from distrain import accumulation, context
 from distrain import lr as lr_lib
+from distrain import startup
 from distrain.backends import factory
 from distrain.checkpoint import Backup, UserCheckpoints, WorkerFiles
-from distrain.context import RunContext, image_channels
-from distrain.data import sources
+from distrain.context import RunContext
 from distrain.data.pipelines import eval_steps
 from distrain.errors import EXIT_PEER_LOST, TrainingStopped
-from distrain.models import build_model, default_input_shape
 from distrain.rendezvous import meet
 from distrain.report import plot_curves
 from distrain.rundir import RunDir, write_atomically
@@ -123,14 +122,29 @@ def open_run_dir(spec: JobSpec, run_dir: Path, world: World) -> RunDir:
     rundir.root.mkdir(parents=True, exist_ok=True)
     setup_logging(rundir, world)
     # Once per process, also on the terminal of non-chief workers (which show warnings only).
-    log.log(logging.INFO if world.is_chief else logging.WARNING, "distrain worker %s", world.describe())
+    log.info("distrain worker %s", world.describe(), extra={"terminal": True})
     if world.is_chief:
         write_atomically(rundir.job, dump_spec(spec))
     return rundir
 
 
+class TerminalFilter(logging.Filter):
+    """Which log records reach the terminal: from ``level`` up, unless a record says otherwise with
+    ``extra={"terminal": True}`` (a worker's start-up line, on every worker) or ``False`` (step
+    lines beside Keras's progress bar); the log file gets every record."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        wanted = getattr(record, "terminal", None)
+        return record.levelno >= self.level if wanted is None else bool(wanted)
+
+
 def setup_logging(run_dir: RunDir, world: World) -> None:
-    """Rank-tagged log lines: to ``logs/rank<r>.log`` always, to the terminal from the chief only."""
+    """Rank-tagged log lines: to ``logs/rank<r>.log`` always; to the terminal from the chief, and
+    warnings (and each worker's start-up line) from the other workers (``TerminalFilter``)."""
     fmt = logging.Formatter(f"%(asctime)s [rank {world.rank}] %(levelname)s %(message)s", "%H:%M:%S")
     run_dir.logs.mkdir(parents=True, exist_ok=True)
     log.handlers.clear()
@@ -141,7 +155,7 @@ def setup_logging(run_dir: RunDir, world: World) -> None:
     log.addHandler(to_file)
     to_terminal = logging.StreamHandler(sys.stderr)
     to_terminal.setFormatter(fmt)
-    to_terminal.setLevel(logging.INFO if world.is_chief else logging.WARNING)
+    to_terminal.addFilter(TerminalFilter(logging.INFO if world.is_chief else logging.WARNING))
     log.addHandler(to_terminal)
 
 
@@ -168,9 +182,7 @@ def record_segment(ctx: RunContext) -> None:
 
 def load_data(spec: JobSpec, dist) -> Source:
     """This worker's data source (TFRecord: its share of the shards), decoded with the model's channels."""
-
-    channels = image_channels(spec, default_input_shape(spec.model.name))
-    data = sources.load(spec.data, spec.seed, channels=channels, shard=(dist.pipeline_id, dist.num_pipelines))
+    data = startup.load_data(spec, shard=(dist.pipeline_id, dist.num_pipelines))
     if data.synthetic:
         log.warning("data.source synthetic: random images and labels, for throughput only; accuracy means nothing")
     return data
@@ -193,15 +205,13 @@ def build_trainee(ctx: RunContext) -> Trainee:
     """
     import tensorflow as tf
 
-
     spec, dist = ctx.spec, ctx.dist
     files = WorkerFiles(ctx.run_dir, ctx.world.rank, ctx.is_chief)
     # Same seed on every worker: identical initial weights (MultiWorkerMirroredStrategy also
     # broadcasts the chief's, Horovod broadcasts rank 0's) and identical augmentation streams.
     tf.keras.utils.set_random_seed(spec.seed)
     with dist.scope():
-        model = build_model(spec.model.name, ctx.input_shape, ctx.num_classes, l1=spec.train.l1,
-                                   l2=spec.train.l2, **spec.model.params)
+        model = startup.build_job_model(spec, ctx.input_shape, ctx.num_classes)
         optimizer = dist.wrap_optimizer(_optimizer(tf, spec, lr_lib.keras_schedule(ctx.plan)))
         loss, metrics = compile_args(spec.train)
         model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
@@ -271,6 +281,8 @@ def fit_and_evaluate(ctx: RunContext, trainee: Trainee, inputs: Inputs, callback
     """
     import tensorflow as tf
 
+    from distrain.callbacks import fit_verbosity
+
     model, dist = trainee.model, ctx.dist
     # fit() asks this hook where a recovering run starts; answering with the restored step makes
     # the first epoch run only its remaining steps, so the total step count stays exact.
@@ -280,7 +292,7 @@ def fit_and_evaluate(ctx: RunContext, trainee: Trainee, inputs: Inputs, callback
             history = model.fit(inputs.train, epochs=ctx.spec.train.epochs, steps_per_epoch=ctx.steps_per_epoch,
                                 initial_epoch=ctx.start_epoch, validation_data=inputs.validation,
                                 validation_steps=inputs.validation_steps, callbacks=callbacks,
-                                verbose=ctx.spec.logging.verbose if ctx.is_chief else 0)
+                                verbose=fit_verbosity(ctx.spec.logging.verbose) if ctx.is_chief else 0)
             test = model.evaluate(inputs.test, steps=inputs.test_steps, verbose=0, return_dict=True,
                                   callbacks=dist.evaluation_callbacks())
             test = dist.average_metrics(model, test, inputs.local_test_examples)

@@ -156,9 +156,9 @@ class CheckpointSpec:
 @dataclass(frozen=True)
 class LoggingSpec:
     tensorboard: bool = field(default=True, metadata=_check(doc="the chief writes TensorBoard logs to RUN_DIR/tensorboard (metrics, LR, images/s, hparams)"))
-    update_every_steps: int = field(default=10, metadata=_check(min=0, doc="step-level scalars; 0: per epoch only"))
+    update_every_steps: int = field(default=10, metadata=_check(min=0, doc="step-level scalars and a step line in the chief's log (logs/rank0.log); 0: per epoch only"))
     profile_steps: Optional[list[int]] = field(default=None, metadata=_check(min=1, doc="[first, last] step to profile"))
-    verbose: int = field(default=1, metadata=_check(choices=(0, 1, 2), doc="Keras's fit output on the chief: 0 none, 1 progress bar, 2 one line per epoch"))
+    verbose: Optional[int] = field(default=None, metadata=_check(choices=(0, 1, 2), doc="Keras's fit output on the chief: 0 none, 1 progress bar, 2 one line per epoch (and the step lines on the terminal too); default: 1 on a terminal or in a notebook, 2 elsewhere (SLURM .out files, Ray logs, output piped to a file)"))
 
     @property
     def step_scalars_every(self) -> int:
@@ -430,6 +430,8 @@ def spec_from_dict(raw: Any, *, source: str = "(job)", overrides: Sequence[str] 
     if not isinstance(raw, dict):
         raise UsageError(f"{source}: expected a mapping of keys at the top level, got {_show(raw)}")
     raw = _deepcopy(raw)
+    _drop_params_of_the_replaced_model(raw, overrides)
+    _drop_data_keys_of_the_replaced_source(raw, overrides)
     overridden = []
     for text in overrides:
         key, value = parse_override(text)
@@ -445,6 +447,68 @@ def spec_from_dict(raw: Any, *, source: str = "(job)", overrides: Sequence[str] 
             raise UsageError(f"--set {err.path}: {err.message}") from None
         raise UsageError(f"{source}: {err.path}: {err.message}") from None
     return spec
+
+
+def _drop_params_of_the_replaced_model(raw: dict, overrides: Sequence[str]) -> None:
+    """``--set model.name=OTHER`` (a course model) drops the job file's ``model.params`` that OTHER
+    does not take, with a one-line notice, so a course job tries another model in one flag.
+
+    The file's params were written for its own model; params given with ``--set`` are the user's
+    intent and stay (an unknown one is still an error). For a model of the user's, nothing is
+    dropped: its signature is only known once its module is imported (``user_code.check_spec``).
+    """
+    parsed = [parse_override(text) for text in overrides]
+    names = [value for key, value in parsed if key == "model.name"]
+    model = raw.get("model")
+    if not names or not isinstance(model, dict) or not isinstance(model.get("params"), dict):
+        return
+    new, old = names[-1], model.get("name", ModelSpec.name)
+    if new == old or not isinstance(new, str) or new not in MODELS or any(k == "model.params" for k, _ in parsed):
+        return
+    given = {key.split(".")[2] for key, _ in parsed if key.startswith("model.params.")}
+    allowed = model_params(new)
+    dropped = {k: v for k, v in model["params"].items() if k not in allowed and k not in given}
+    if dropped:
+        model["params"] = {k: v for k, v in model["params"].items() if k not in dropped}
+        log.warning("--set model.name=%s: dropped the job's model.params %s (written for %s); %s takes %s", new,
+                    ", ".join(f"{k}={v!r}" for k, v in dropped.items()), old, new, ", ".join(allowed) or "none")
+
+
+def _data_keys_rejected_by(source: str) -> tuple[str, ...]:
+    """The ``data`` keys that ``_check_cross_fields`` rejects, when set, for ``source``."""
+    if source == "tfrecord":
+        return ("limit",)
+    return () if source in STREAMED_SOURCES else ("path", "cache")
+
+
+def _drop_data_keys_of_the_replaced_source(raw: dict, overrides: Sequence[str]) -> None:
+    """``--set data.source=OTHER`` drops the job file's ``data`` keys OTHER rejects (an image
+    folder's ``path`` and ``cache`` for ``digits``), with a one-line notice, as ``--set model.name``
+    drops the old model's params: switching a job's data takes one flag, not also
+    ``--set data.path=null``.
+
+    Keys given with ``--set`` are the user's intent and stay (and are still checked); so does a
+    key the new source takes too (``path`` from image_folder to tfrecord must name shards: the
+    check says so). An unknown source drops nothing: its own error is the one to show.
+    """
+    parsed = [parse_override(text) for text in overrides]
+    sources = [value for key, value in parsed if key == "data.source"]
+    data = raw.get("data")
+    if not sources or not isinstance(data, dict) or any(key == "data" for key, _ in parsed):
+        return
+    new, old = sources[-1], data.get("source", DataSpec.source)
+    if new == old or not isinstance(new, str) or (new not in DATA_SOURCES and not user_code.is_reference(new)):
+        return
+    unset = {f.name: f.default for f in dataclasses.fields(DataSpec) if f.default is not dataclasses.MISSING}
+    given = {key for key, _ in parsed}
+    dropped = {k: data[k] for k in _data_keys_rejected_by(new)
+               if k in data and data[k] != unset[k] and f"data.{k}" not in given}
+    if dropped:
+        for key in dropped:
+            del data[key]
+        log.warning("--set data.source=%s: dropped the job's %s (written for %s); %s does not take %s", new,
+                    ", ".join(f"data.{k}={v!r}" for k, v in dropped.items()), old, new,
+                    ", ".join(f"data.{k}" for k in dropped))
 
 
 def _deepcopy(value: Any) -> Any:

@@ -13,8 +13,9 @@ launchers call ``check_spec`` before any worker starts.
 
 Contracts (the same as the built-in builders and ``tf.keras.datasets``):
 
-- model: ``fn(input_shape, num_classes, **model.params) -> tf.keras.Model`` (uncompiled), called
-  inside the strategy's scope; ``kernel_regularizer=`` is passed when the function takes it.
+- model: ``fn(input_shape, num_classes, **model.params) -> tf.keras.Model`` (uncompiled, one output
+  of shape ``(batch, num_classes)``, see ``output_problem``), called inside the strategy's scope;
+  ``kernel_regularizer=`` is passed when the function takes it.
 - data, arrays: ``fn() -> (x_train, y_train), (x_test, y_test)`` (see ``distrain.data.user``).
 - data, tf.data: ``fn(input_context, split) -> tf.data.Dataset`` (see ``distrain.data.user``).
 - loss: a Keras loss name, or a reference to ``fn(y_true, y_pred)`` or a ``tf.keras.losses.Loss``
@@ -283,8 +284,9 @@ def model_function(text: str, *, key: str = "model.name", params: Mapping[str, A
 
 
 def build_user_model(text: str, input_shape: tuple[int, ...], num_classes: int, *, l1: float = 0.0,
-                     l2: float = 0.0, **params: Any):
-    """Calls the user's model builder and checks what it returns (a Keras model, ``num_classes`` outputs)."""
+                     l2: float = 0.0, loss: str = "sparse_categorical_crossentropy", **params: Any):
+    """Calls the user's model builder and checks what it returns: a Keras model with one output of
+    the shape ``train.loss`` takes, ``(batch, num_classes)`` (see ``output_problem``)."""
     key = "model.name"
     fn = model_function(text, key=key, params=params, regularized=l1 > 0 or l2 > 0)
     import tensorflow as tf
@@ -300,12 +302,63 @@ def build_user_model(text: str, input_shape: tuple[int, ...], num_classes: int, 
         raise UsageError(f"{key}: {text}: {getattr(fn, '__name__', text)} ({defined_at(fn)}) returned {kind}, "
                          f"expected an uncompiled tf.keras.Model{hint}")
     outputs = model.outputs or []
-    shape = tuple(outputs[0].shape) if len(outputs) == 1 else None
-    if shape is None or shape[-1] != num_classes:
-        got = f"output shape {shape}" if shape is not None else f"{len(outputs)} outputs"
-        raise UsageError(f"{key}: {text}: the model has {got}, expected one output of {num_classes} classes "
-                         f"(batch, {num_classes}) for this data")
+    shapes = [tuple(output.shape) for output in outputs]
+    problem = output_problem(shapes, num_classes, loss)
+    if problem:
+        raise UsageError(f"{key}: {text}: {getattr(fn, '__name__', text)} ({defined_at(fn)}) {problem}")
     return model
+
+
+def expected_output(num_classes: int, loss: str = "sparse_categorical_crossentropy") -> int:
+    """How many values per image the model's output must have for ``train.loss``.
+
+    distrain's labels are one integer class per image (every source), so the crossentropies by name
+    fix the width: ``binary_crossentropy`` takes one probability of class 1, the others one score per
+    class. A loss distrain cannot read (the user's own, or another Keras loss) gets one score per
+    class too: the model contract and the ``accuracy`` metric assume it.
+    """
+    return 1 if loss == "binary_crossentropy" else num_classes
+
+
+def output_problem(shapes: list[tuple], num_classes: int, loss: str = "sparse_categorical_crossentropy"
+                   ) -> Optional[str]:
+    """What is wrong with a model's output shapes for ``num_classes`` and ``train.loss``, as the end
+    of a one-line message with a hint; None when the model has one output of ``(batch, units)``
+    (see ``expected_output``).
+
+    Keras itself only fails inside ``fit``, deep in the loss: an unpooled ``(None, 46, 46, 3)``
+    becomes ``logits.shape=(67712, 3)`` after some 60 lines, so the whole shape is checked here.
+
+    Example:
+        >>> output_problem([(None, 10)], 10) is None
+        True
+    """
+    units = expected_output(num_classes, loss)
+    if loss == "binary_crossentropy":
+        wanted = f"(batch, 1): one probability of class 1 per image for {loss}"
+    else:
+        wanted = f"(batch, {units}): one score for each of the {num_classes} classes per image"
+        wanted += f" for {loss}" if loss in CROSSENTROPIES else ""
+    if loss == "binary_crossentropy" and num_classes > 2:
+        return (f"is trained with train.loss {loss}, which takes labels 0 and 1, but this job has {num_classes} "
+                "classes (use sparse_categorical_crossentropy and end the model with Dense(num_classes))")
+    if len(shapes) != 1:
+        return f"returned a model with {len(shapes)} outputs; expected one output of shape {wanted}"
+    shape = shapes[0]
+    if len(shape) == 2 and shape[1] == units:
+        return None
+    if len(shape) > 2:
+        hint = "add a GlobalAveragePooling2D or Flatten before the last Dense"
+    elif len(shape) < 2:
+        hint = f"end the model with Dense({'1' if units == 1 else 'num_classes'})"
+    elif units == 1:
+        hint = "end the model with Dense(1, activation=\"sigmoid\")"
+    elif shape[1] == 1 and num_classes == 2:
+        hint = ("the last Dense needs num_classes units, 2 here; or set train.loss: binary_crossentropy "
+                "for one sigmoid output")
+    else:
+        hint = f"the last Dense needs num_classes units, {num_classes} here, not {shape[1]}"
+    return f"returned a model with output shape {shape}; expected {wanted} ({hint})"
 
 
 # ----------------------------------------------------------------------------- loss and metrics
@@ -340,6 +393,10 @@ def loss_object(train, tf, instantiate: bool = True):
             raise UsageError(f"train.from_logits: only for Keras crossentropy losses by name; the loss "
                              f"{name} is yours, so apply from_logits inside it")
         return _keras_object(resolve(name, key), tf, tf.keras.losses.Loss, key, name, instantiate)
+    if name == "categorical_crossentropy":
+        # Keras would fail inside fit: "Shapes (32, 1) and (32, 10) are incompatible".
+        raise UsageError("train.loss: categorical_crossentropy takes one-hot labels, but distrain's labels are "
+                         "integer classes; use sparse_categorical_crossentropy (the same loss for integer labels)")
     if name in CROSSENTROPIES:
         return getattr(tf.keras.losses, CROSSENTROPIES[name])(from_logits=train.from_logits)
     if train.from_logits:

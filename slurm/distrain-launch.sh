@@ -2,7 +2,8 @@
 # The body every sbatch script of distrain shares: sourced by slurm/*.sh (renders of
 # `distrain slurm render`) after their #SBATCH lines and settings. Not run on its own.
 #
-#   sbatch slurm/mobilenet.sh                             from the distrain checkout
+#   sbatch slurm/mobilenet.sh                             from the distrain checkout, or any directory:
+#   sbatch /path/to/distrain/slurm/mobilenet.sh           JOB and DISTRAIN also looked for in the checkout
 #   sbatch --export=ALL,DISTRAIN_RUN_DIR=runs/mobilenet/slurm-812 slurm/mobilenet.sh
 #                                                         continue that run (a new job id)
 #
@@ -21,7 +22,7 @@
 #        76       a peer was lost: `scontrol requeue` while SLURM_RESTART_COUNT < MAX_RESTARTS,
 #                 else exit 76;
 #        other    passed through (1 failed, 2 bad input, 77 NaN loss, 128+N a task killed by
-#                 signal N).
+#                 signal N: the line then names the signal and docs/troubleshooting.md).
 #      A requeued job keeps its id, so it runs again in the same run dir and resumes from its backup.
 #
 # Settings it reads (the rendered script sets them): JOB, SET (array of key.path=value), RUNS_DIR,
@@ -32,6 +33,24 @@
 # DISTRAIN_TB_PORT (default 6006), DISTRAIN_PORT (the workers' base port; see docs/slurm.md).
 #
 # Exit codes: 0 done or requeued, 2 bad input (nothing started), else distrain's (see above).
+
+# distrain_exit_line WHAT RC: "WHAT exited with RC", or when RC (128+N) says a task was killed by
+# signal N, the line distrain.errors.signal_death gives (the signal, and docs/troubleshooting.md).
+distrain_exit_line() {
+  local what=$1 rc=$2 name why
+  if ((rc <= 128 || rc >= 128 + 65)); then
+    echo "$what exited with $rc"
+    return 0
+  fi
+  name=SIG$(kill -l $((rc - 128)) 2>/dev/null) || name="signal $((rc - 128))"
+  case $name in
+    SIGSEGV | SIGABRT | SIGBUS | SIGILL | SIGFPE)
+      why="a crash in TensorFlow or a library; TensorFlow 2.21's oneDNN crash (munmap_chunk(): invalid pointer) goes away with TF_ENABLE_ONEDNN_OPTS=0" ;;
+    SIGKILL) why="killed from outside (out of memory, scancel, the time limit?)" ;;
+    *) why="stopped from outside" ;;
+  esac
+  echo "a task died by $name (exit $rc): $why; see docs/troubleshooting.md#a-run-dies-by-a-signal"
+}
 
 distrain_launch() {
   local me=distrain-launch
@@ -49,9 +68,19 @@ distrain_launch() {
     echo "$me: JOB is not set; the script must set JOB=path/to/job.yaml before sourcing $me" >&2
     return 2
   fi
+  # The checkout this launcher is in: a course job (JOB=jobs/cnn.yaml) and its .venv are found there
+  # when sbatch ran in another directory (a user's project).
+  local checkout
+  checkout=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  if [[ ! -f $job && $job != /* && -f $checkout/$job ]]; then
+    job=$checkout/$job
+  fi
   if [[ ! -f $job ]]; then
-    echo "$me: JOB=$job: no such job file (relative paths are from $PWD, where sbatch ran)" >&2
+    echo "$me: JOB=$job: no such job file (relative paths are from $PWD, where sbatch ran, or $checkout)" >&2
     return 2
+  fi
+  if [[ $distrain == distrain ]] && ! command -v distrain >/dev/null 2>&1 && [[ -x $checkout/.venv/bin/distrain ]]; then
+    distrain=$checkout/.venv/bin/distrain  # scripts/setup.sh's venv, not on PATH
   fi
   if ! command -v "$distrain" >/dev/null 2>&1; then
     echo "$me: DISTRAIN=$distrain: command not found on $(hostname); submit with DISTRAIN=/path/to/venv/bin/distrain" >&2
@@ -139,7 +168,7 @@ distrain_launch() {
     if ((rc == 0)); then
       echo "$me: benchmark done; run dir $run_dir"
     else
-      echo "$me: distrain bench exited with $rc; run dir $run_dir" >&2
+      echo "$me: $(distrain_exit_line "distrain bench" "$rc"); run dir $run_dir" >&2
     fi
     return "$rc"
   fi
@@ -155,7 +184,7 @@ distrain_launch() {
         return "$rc"
       fi
       ;;
-    *) echo "$me: distrain exited with $rc; run dir $run_dir" >&2; return "$rc" ;;
+    *) echo "$me: $(distrain_exit_line distrain "$rc"); run dir $run_dir" >&2; return "$rc" ;;
   esac
   if [[ $requeue != 1 ]]; then
     echo "$me: $why; REQUEUE=$requeue, so the job ends here." \

@@ -116,3 +116,47 @@ def test_api_rejects_bad_arguments(tmp_path):
     with pytest.raises(UsageError, match="no such job file"):
         distrain.train(tmp_path / "missing.yaml")
     assert not (tmp_path / "run").exists()
+
+
+USER_SCRIPT = """\
+import distrain
+import numpy as np
+import tensorflow as tf  # a notebook's first cell: after distrain, before any of distrain's own imports
+
+
+def model(input_shape, num_classes):
+    inputs = tf.keras.Input(shape=input_shape)
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(num_classes)(tf.keras.layers.Flatten()(inputs)))
+
+
+def data():
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 255, (96, 8, 8, 1), dtype=np.uint8), np.arange(96) % 3
+    return (x[:64], y[:64]), (x[64:], y[64:])
+
+
+job = {"name": "script", "data": {"batch_size_per_replica": 16}, "train": {"epochs": 1, "steps_per_epoch": 2},
+       "checkpoint": {"every_epochs": 0, "save_best": False, "backup_every_steps": 0},
+       "logging": {"tensorboard": False}}
+summary = distrain.train(job, model=model, data=data, run_dir=RUN_DIR)
+print("steps", summary["steps"])
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_users_script_shows_no_tensorflow_startup_lines_and_no_progress_bar_fragments(tmp_path):
+    """The user's `import tensorflow` and distrain's training print none of TensorFlow's start-up lines
+    (the E0000 cuInit line among them); output that is not a terminal gets one line per epoch."""
+    from conftest import worker_env
+    from distrain.tf_startup import is_startup_notice
+
+    script = tmp_path / "train_mine.py"
+    script.write_text(USER_SCRIPT.replace("RUN_DIR", repr(str(tmp_path / "run"))))
+    env = {k: v for k, v in worker_env().items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "DISTRAIN_TF_LOG")}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=110, cwd=tmp_path,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    assert "steps 2" in done.stdout
+    assert not [line for line in done.stderr.splitlines() if is_startup_notice(line)], done.stderr
+    assert "\r" not in done.stdout and "\b" not in done.stdout, done.stdout  # Keras's verbose 2, not its bar
+    assert done.stdout.startswith("2/2 - "), done.stdout

@@ -171,17 +171,24 @@ def _imports_tf_at_top(name: str, seen: tuple = ()) -> bool:
     return any(_imports_tf_at_top(m, seen + (name,)) for m in top if m in _modules() and m not in seen + (name,))
 
 
+def _uses_import_tensorflow(name: str) -> bool:
+    return any(isinstance(n, ast.Name) and n.id == "import_tensorflow"
+               or isinstance(n, ast.Attribute) and n.attr == "import_tensorflow"
+               or isinstance(n, ast.alias) and n.name == "import_tensorflow"
+               for n in ast.walk(_tree(_modules()[name])))
+
+
 def _tf_column(name: str) -> str:
     """What the module table must say: ``top level``, ``lazily`` or ``no``.
 
     Lazily: TensorFlow (or a distrain module that imports it at top level) imported inside a
-    function, or ``tf_startup`` imported anywhere (its ``import_tensorflow`` imports TensorFlow
-    when called).
+    function, or ``tf_startup.import_tensorflow`` used (it imports TensorFlow when called; the rest
+    of ``tf_startup``, its import hook and filter, imports nothing).
     """
     if _imports_tf_at_top(name):
         return "top level"
     top, lazy = _imports(name)
-    if "distrain.tf_startup" in top | lazy:
+    if "distrain.tf_startup" in top | lazy and _uses_import_tensorflow(name):
         return "lazily"
     for m in lazy:
         if m.split(".")[0] in TF_ROOTS or (m in _modules() and _imports_tf_at_top(m)):

@@ -47,6 +47,7 @@ def test_bench_spec_keeps_the_model_and_batch_and_drops_everything_else():
         (spec.model, spec.data.batch_size_per_replica, spec.train.optimizer, spec.data.augment)
     assert b.data.source == "synthetic" and b.data.synthetic.shape == [32, 32, 3] and b.data.synthetic.classes == 10
     assert b.data.validation_split == 0 and not b.logging.tensorboard and b.train.early_stopping is None
+    assert b.logging.update_every_steps == 0  # no step lines: they would wait for a step inside the timing
     assert (b.checkpoint.every_epochs, b.checkpoint.backup_every_steps, b.checkpoint.save_best) == (0, 0, False)
     # The training split holds whole global batches for one epoch's steps, the test split one batch.
     global_batch = 64 * 4
@@ -93,6 +94,31 @@ def test_parse_baseline(tmp_path):
     for bad in ("-3", "0", "inf", "fast", str(tmp_path / "missing.json")):
         with pytest.raises(UsageError, match="--baseline"):
             bench.parse_baseline(bad)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("signal_name", ["SIGABRT", "SIGSEGV"])
+def test_a_baseline_killed_by_a_signal_names_it_and_the_troubleshooting_page(monkeypatch, signal_name):
+    """As when TensorFlow's oneDNN crash kills the baseline: one line naming the signal and the fix."""
+    import sys
+
+    suicide = f"import os, signal; print('munmap_chunk(): invalid pointer'); os.kill(os.getpid(), signal.{signal_name})"
+    monkeypatch.setattr(bench, "baseline_command", lambda *args: [sys.executable, "-c", suicide])
+    with pytest.raises(RuntimeError) as raised:
+        bench.measure_baseline("job.yaml", (), steps=1, warmup=1, timeout=20)
+    first = str(raised.value).splitlines()[0]
+    assert first.startswith(f"distrain bench: the 1-replica baseline died by {signal_name} (exit -"), first
+    assert "TF_ENABLE_ONEDNN_OPTS=0" in first and first.endswith("see docs/troubleshooting.md#a-run-dies-by-a-signal:")
+
+
+def test_exit_codes_of_a_signal():
+    from distrain.errors import killed_by, signal_death
+
+    assert [killed_by(c) for c in (-11, -6, 139, 134, 137, 143)] == [
+        "SIGSEGV", "SIGABRT", "SIGSEGV", "SIGABRT", "SIGKILL", "SIGTERM"]
+    assert [killed_by(c) for c in (0, 1, 2, 75, 76, 77, 128, 255)] == [None] * 8  # distrain's own, and no signal
+    assert signal_death("worker 1", 1) is None
+    assert "out of memory" in signal_death("worker 1", -9) and "oneDNN" not in signal_death("worker 1", -9)
 
 
 def test_single_process_env_drops_every_launcher_variable():

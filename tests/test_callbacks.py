@@ -6,10 +6,18 @@ No worker processes: two workers are two threads, each with its own ``Agreement`
 ``Distribution`` whose ``sum`` is a real (in-process) collective: it returns only once both
 workers called it, with the element-wise sum of what they gave. ``Distribution.agree`` itself
 is the real one.
+
+Also ``StepLog`` (a step line in the run's log every N steps) and ``fit_verbosity`` (Keras's
+progress bar only where it can redraw itself).
 """
 from __future__ import annotations
 
+import io
+import logging
 import math
+import os
+import re
+import sys
 import threading
 import types
 from typing import Optional, Sequence
@@ -17,7 +25,7 @@ from typing import Optional, Sequence
 import pytest
 
 from distrain.backends.distribution import Distribution
-from distrain.callbacks import Agreement, RunState
+from distrain.callbacks import Agreement, RunState, StepLog, fit_verbosity, interactive
 from distrain.errors import EXIT_NAN, EXIT_PREEMPTED, TrainingStopped
 from distrain.world import World
 
@@ -191,3 +199,55 @@ def test_agree_is_true_where_any_worker_said_true():
     for t in threads:
         t.join(timeout=30)
     assert results == {r: [True, False, True] for r in range(3)}
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("to_terminal", [True, False])
+def test_step_log_writes_a_line_every_n_steps_with_the_running_metrics(to_terminal):
+    import tensorflow as tf
+
+    ctx = types.SimpleNamespace(start_step=0, total_steps=12, global_batch=32,
+                                spec=types.SimpleNamespace(train=types.SimpleNamespace(epochs=2)))
+    state = RunState(ctx)
+    step_log = StepLog(state, 4, to_terminal=to_terminal)
+    step_log.set_model(types.SimpleNamespace(metrics_names=["loss", "accuracy"]))
+    records = Records()
+    log = logging.getLogger("distrain")
+    log.addHandler(records)
+    level = log.level
+    log.setLevel(logging.INFO)  # (setLevel, not .level: the logger caches isEnabledFor)
+    try:
+        for epoch in range(2):
+            step_log.on_epoch_begin(epoch)
+            for batch in range(6):
+                state.step += 1  # RunMetrics, the first callback, advances it
+                # Keras's step logs stay tensors (StepCallback); lr is RunMetrics' float.
+                logs = {"loss": tf.constant(1.0 / state.step), "accuracy": tf.constant(0.5), "lr": 0.002,
+                        "unrelated": tf.zeros((2, 2))}
+                step_log.on_train_batch_end(batch, logs)
+    finally:
+        log.removeHandler(records)
+        log.setLevel(level)
+    lines = [r.getMessage() for r in records.records]
+    assert [line.split(",")[0] for line in lines] == ["step 4/12 (epoch 1/2): loss 0.2500",
+                                                      "step 8/12 (epoch 2/2): loss 0.1250",
+                                                      "step 12/12 (epoch 2/2): loss 0.0833"]
+    assert all(re.fullmatch(r"step .*: loss [\d.]+, accuracy 0\.5000, lr 0\.002, \d+ images/s", line) for line in lines)
+    assert {r.levelno for r in records.records} == {logging.INFO}
+    assert {r.terminal for r in records.records} == {to_terminal}
+
+
+def test_fit_verbosity_shows_the_progress_bar_only_where_it_can_redraw():
+    assert [fit_verbosity(None, is_interactive=i) for i in (True, False)] == [1, 2]
+    assert [fit_verbosity(v, is_interactive=False) for v in (0, 1, 2)] == [0, 1, 2]  # the job's, as set
+    assert interactive(io.StringIO()) is ("ipykernel" in sys.modules)
+    with open(os.devnull, "w") as devnull:
+        assert not interactive(devnull) or "ipykernel" in sys.modules

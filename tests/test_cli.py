@@ -95,6 +95,68 @@ def test_usage_errors_exit_2_before_tensorflow(tmp_path):
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
 
 
+# --- distrain validate: what training checks before its first step ---------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("layout,message", [
+    ("loose", "holds 3 images but no class folders; expected one folder per class, {root}/<class_name>/<image>"),
+    ("one", "has one class folder (ant, 3 images); training needs at least two classes"),
+])
+def test_validate_refuses_a_folder_training_refuses_in_one_line(tmp_path, layout, message):
+    from helpers import solid_folder
+
+    root = solid_folder(tmp_path / "imgs", count=3, classes=("ant",), size=(4, 4))
+    if layout == "loose":
+        for f in (root / "ant").iterdir():
+            f.rename(root / f.name)
+        (root / "ant").rmdir()
+    job = write_job(tmp_path / "job.yaml", f"name: x\nmodel: {{name: mlp}}\n"
+                                           f"data: {{source: image_folder, path: {root}, image_size: [4, 4]}}\n")
+    result = run_distrain(["validate", str(job)], timeout=50, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"distrain: error: data.path: {root} {message.format(root=root)}")
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+LABELS = """import numpy as np
+
+def load(first={first}, test_extra={extra}):
+    x = np.zeros((40, 4, 4), np.uint8)
+    y = np.arange(40) % 3 + first
+    return (x, y), (x[:10], np.append(y[:9], 2 + first + test_extra))
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("first,extra,sets,code,line", [
+    (0, 0, ["model.num_classes=2"], 2, "13 train labels outside 0 .. 1 (2 classes, from model.num_classes): 2 (13 "
+                                       "labels); set model.num_classes to at least 3, or remove it to take the data's "
+                                       "count"),
+    (1, 0, ["model.num_classes=3"], 2, "13 train labels outside 0 .. 2 (3 classes, from model.num_classes): 3 (13 "
+                                       "labels); labels numbered from 1? number them from 0 (y - 1)"),
+    (1, 0, [], 0, "WARNING data.source: {ref}: class 0 has no training example (4 classes, from the training labels "
+                  "(largest 3)); labels numbered from 1? number them from 0 (y - 1)"),
+    (0, 1, [], 2, "1 test label outside 0 .. 2 (3 classes, from the training labels (largest 2)): 3 (1 label); a "
+                  "class no training example has; set model.num_classes: 4 if it is meant to exist, or move its "
+                  "examples into the training data"),
+])
+def test_validate_checks_the_users_labels_as_training_does(tmp_path, capsys, first, extra, sets, code, line):
+    from distrain.cli import main
+
+    module = tmp_path / f"labels_{first}_{extra}_{len(sets)}.py"  # one module name per case: imported in-process
+    module.write_text(LABELS.format(first=first, extra=extra))
+    ref = f"{module}:load"
+    job = write_job(tmp_path / "job.yaml", f"name: x\nmodel: {{name: mlp}}\n"
+                                           f"data: {{source: {ref}, batch_size_per_replica: 4}}\n")
+    args = ["validate", str(job), "--quiet"] + [a for s in sets for a in ("--set", s)]
+    assert main(args) == code
+    err = capsys.readouterr().err
+    if code:
+        assert err == f"distrain: error: data.source: {ref}: load ({module}:3) returned labels: {line}\n"
+    else:
+        assert line.format(ref=ref) in err.splitlines()
+
+
 def test_a_bad_malloc_setting_exits_2_naming_the_variable(tmp_path):
     result = run_distrain(["train", str(REPO / "jobs" / "quickstart.yaml")], env=worker_env(DISTRAIN_MALLOC="fast"),
                           timeout=60, cwd=tmp_path)

@@ -1,6 +1,7 @@
 """Data: splits, the Keras loaders on tiny files in their own cache format, and the in-memory
 sharded pipelines (disjoint, covering, equal to one process's batches, resumable)."""
 import gzip
+import logging
 import pickle
 import tarfile
 import urllib.error
@@ -12,7 +13,7 @@ import distrain  # noqa: F401  (tf-keras before TensorFlow)
 import tensorflow as tf
 from tf_keras.src.utils import data_utils
 
-from distrain.data import sources
+from distrain.data import labels, sources
 from distrain.data.arrays import ArraySource
 from distrain.data.pipelines import eval_steps, replica_batches, steps_per_epoch
 from distrain.errors import UsageError
@@ -125,6 +126,102 @@ def test_missing_keras_dataset_offline_is_a_clear_error(tmp_path, offline):
     message = str(info.value)
     assert message.startswith("data.source: fashion_mnist is not in the Keras cache")
     assert str(tmp_path / "datasets" / "fashion-mnist") in message and "\n" not in message
+    assert ('python -c "import tf_keras; tf_keras.datasets.fashion_mnist.load_data(cache_dir='
+            f"'{tmp_path}')\"") in message
+
+
+def test_a_failed_download_into_the_default_cache_says_where_and_how_to_prefetch(tmp_path, monkeypatch, offline):
+    # An empty home: Keras's real loader looks in ~/.keras/datasets, fails to fetch (offline: the
+    # fixture refuses at once, no hang), raises its raw "URL fetch failure"; distrain translates it.
+    (tmp_path / ".keras").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(UsageError) as info:
+        sources.load(data_spec(source="fashion_mnist"), seed=0)
+    message = str(info.value)
+    assert f"not in the Keras cache ({tmp_path}/.keras/datasets/fashion-mnist)" in message
+    assert "URL fetch failure" in message and "(a login node)" in message and "\n" not in message
+    assert 'python -c "import tf_keras; tf_keras.datasets.fashion_mnist.load_data()"' in message
+
+
+# --- the label rules (data/labels.py) ------------------------------------------------------------
+
+def _hist(**splits):
+    return {split: labels.histogram(np.asarray(values)) for split, values in splits.items()}
+
+
+def test_labels_outside_num_classes_name_the_split_the_values_and_how_many():
+    seen = _hist(train=[0, 1, 2, 0], validation=[0, 1], test=[0, 3, 3, 4, 2])
+    with pytest.raises(UsageError) as info:
+        labels.resolve(seen, where="data.source: m:load", num_classes=3)
+    assert str(info.value) == (
+        "data.source: m:load: 3 test labels outside 0 .. 2 (3 classes, from model.num_classes): 3 (2 labels), "
+        "4 (1 label); set model.num_classes to at least 5, or remove it to take the data's count")
+    with pytest.raises(UsageError, match=r"^data.source: m:load: 1 train label outside 0 .. 2 .*: -1 \(1 label\); "
+                                         r"labels are class numbers"):
+        labels.resolve(_hist(train=[0, 1, 2, -1], test=[0]), where="data.source: m:load")
+
+
+def test_labels_numbered_from_1_are_an_error_with_num_classes_and_a_warning_without():
+    seen = _hist(train=[1, 2, 3, 1], test=[3, 2])
+    with pytest.raises(UsageError, match=r"1 train label outside 0 .. 2 \(3 classes, from model.num_classes\): "
+                                         r"3 \(1 label\); labels numbered from 1\? number them from 0"):
+        labels.resolve(seen, where="w", num_classes=3)
+    classes = labels.resolve(seen, where="w")
+    assert classes.count == 4 and classes.untrained == (0,)
+    assert classes.warning() == ("class 0 has no training example (4 classes, from the training labels (largest 3)); "
+                                 "labels numbered from 1? number them from 0 (y - 1)")
+
+
+def test_a_class_only_in_the_test_split_is_an_error_unless_num_classes_makes_room_for_it():
+    seen = _hist(train=[0, 1, 2, 1], validation=[0], test=[0, 7, 7])
+    with pytest.raises(UsageError) as info:
+        labels.resolve(seen, where="data.source: m:load")
+    assert str(info.value) == (
+        "data.source: m:load: 2 test labels outside 0 .. 2 (3 classes, from the training labels (largest 2)): "
+        "7 (2 labels); a class no training example has; set model.num_classes: 8 if it is meant to exist, or move "
+        "its examples into the training data")
+    classes = labels.resolve(seen, where="w", num_classes=8)
+    assert classes.untrained == (3, 4, 5, 6, 7) and classes.describe() == "8 classes, from model.num_classes"
+    assert classes.warning().startswith("5 classes (3, 4, 5, 6, 7) have no training example")
+
+
+def test_the_count_comes_from_the_source_when_it_declares_one_and_fewer_than_two_is_an_error():
+    folders = labels.resolve(_hist(train=[0, 1, 0], test=[2]), where="data.path: d", declared=3,
+                             declared_from="the class folders", names=["ant", "bee", "eel"])
+    assert folders.describe() == "3 classes, from the class folders: ant, bee, eel"
+    assert folders.warning().startswith("class 2 (eel) has no training example")
+    with pytest.raises(UsageError, match=r"^w: the labels hold 1 class, from the training labels \(largest 0\); "
+                                         r"expected at least two classes"):
+        labels.resolve(_hist(train=[0, 0], test=[0]), where="w")
+    # A pack written before pack counted labels per class: only the counts can be compared.
+    with pytest.raises(UsageError, match=r"^w: the data has 4 classes \(from its distrain-data.json\), "
+                                         r"model.num_classes is 3"):
+        labels.resolve({}, where="w", num_classes=3, declared=4, declared_from="its distrain-data.json")
+    assert labels.resolve({}, where="w", declared=4, declared_from="x").untrained == ()
+
+
+def test_every_in_memory_source_checks_its_labels_against_model_num_classes(tmp_path, caplog):
+    caplog.set_level(logging.INFO, "distrain")
+    logging.getLogger("distrain").propagate = True
+    with pytest.raises(UsageError, match=r"^data.source: digits: \d+ train labels outside 0 .. 4 \(5 classes, "
+                                         r"from model.num_classes\): 5 \("):
+        sources.load(data_spec(source="digits"), seed=0, num_classes=5)
+    assert sources.load(data_spec(source="digits"), seed=0, num_classes=12).num_classes == 12
+    assert "data.source: digits: 2 classes (10, 11) have no training example (12 classes, from model.num_classes)" \
+        in caplog.text
+    caplog.clear()
+    assert sources.load(data_spec(source="digits"), seed=0).num_classes == 10
+    assert "data.source: digits: 10 classes, from the digits dataset" in caplog.text
+    # The user's fn() arrays: load_arrays is given model.num_classes (it was not).
+    (tmp_path / "from_one.py").write_text(
+        "import numpy as np\n\ndef load():\n    x = np.zeros((30, 4, 4), np.uint8)\n"
+        "    return (x, np.arange(30) % 3 + 1), (x[:9], np.arange(9) % 3 + 1)\n")
+    user = data_spec(source=f"{tmp_path / 'from_one.py'}:load", batch_size_per_replica=4)
+    with pytest.raises(UsageError, match=r": 10 train labels outside 0 .. 2 \(3 classes, from model.num_classes\): "
+                                         r"3 \(10 labels\); labels numbered from 1"):
+        sources.load(user, seed=0, num_classes=3)
+    assert sources.load(user, seed=0).num_classes == 4
+    assert "class 0 has no training example (4 classes, from the training labels (largest 3))" in caplog.text
 
 
 def _index_splits(n_train=100, n_val=37):

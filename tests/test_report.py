@@ -1,13 +1,16 @@
 """``distrain report`` on a real 2-worker run (conftest.py's ``two_worker_run``, which test_tensorboard.py reads too): valid PNGs with
-the expected number of curves, several runs overlaid, report.md and the terminal table, and bad
-input as a one-line usage error."""
+the expected number of curves, several runs overlaid, report.md and the terminal table, bad
+input as a one-line usage error, and event files read without TensorFlow (the same scalars as
+TensorBoard's own reader)."""
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import run_distrain
+from conftest import REPO, run_distrain, worker_env
 
 pytestmark = pytest.mark.multiprocess
 
@@ -155,3 +158,94 @@ def test_a_step_written_again_after_a_resume_keeps_the_later_value(tmp_path):
                 tf.summary.scalar("batch_lr", value, step=step)
         writer.close()  # the next writer's file sorts after this one (time, then a counter, in its name)
     assert read_scalars(tmp_path) == {"train": {"batch_lr": [(2, 1.0), (4, 20.0), (6, 30.0), (8, 40.0)]}}
+
+
+def _write_events(log_dir: Path) -> None:
+    """Event files written by TensorFlow: v2 scalars (tensors), a TF1-style simple_value, a text."""
+    import tensorflow as tf  # after distrain: tf-keras, whichever test imports Keras next
+
+    writer = tf.summary.create_file_writer(str(log_dir / "train"))
+    with writer.as_default():
+        for step in (1, 2):
+            tf.summary.scalar("batch_lr", 0.1 * step, step=step)
+            tf.summary.text("note", "not a scalar", step=step)
+        old_style = tf.compat.v1.Summary(value=[tf.compat.v1.Summary.Value(tag="old", simple_value=0.5)])
+        tf.summary.experimental.write_raw_pb(old_style.SerializeToString(), step=3)
+    writer.close()
+
+
+def test_event_files_are_read_without_tensorflow(tmp_path, capsys):
+    from distrain.report import crc32c, read_scalars
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    _write_events(tmp_path)
+    expected = {"train": {"batch_lr": [(1, pytest.approx(0.1)), (2, pytest.approx(0.2))], "old": [(3, 0.5)]}}
+    assert read_scalars(tmp_path) == expected
+    events = next((tmp_path / "train").iterdir())
+    data = events.read_bytes()
+    with open(events, "ab") as f:  # a live run's writer is half-way through its next record
+        f.write(data[:20])
+    assert read_scalars(tmp_path) == expected
+    assert capsys.readouterr().err == ""
+    events.write_bytes(data[:-5] + bytes([data[-5] ^ 0xFF]) + data[-4:])  # the last record's data damaged
+    assert read_scalars(tmp_path) == {"train": {"batch_lr": expected["train"]["batch_lr"]}}
+    err = capsys.readouterr().err
+    assert err.startswith(f"distrain: warning: {events}: corrupt record at byte ") and err.count("\n") == 1
+
+
+def test_scalars_are_those_tensorboard_reads(run_dir):
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    from distrain.report import read_scalars
+
+    log_dir = run_dir / "tensorboard"
+    expected = {}
+    for d in sorted({p.parent for p in log_dir.rglob("events.out.tfevents.*")}):
+        acc = event_accumulator.EventAccumulator(str(d), size_guidance={event_accumulator.TENSORS: 0})
+        acc.Reload()
+        tags = {tag: sorted({e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
+                            .items())
+                for tag in acc.Tags()["tensors"] if acc.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"}
+        if tags:
+            expected[str(d.relative_to(log_dir))] = tags
+    assert {"train", "validation"} <= set(expected) and len(expected["train"]["batch_lr"]) > 1
+    assert read_scalars(log_dir) == expected
+
+
+@pytest.mark.timeout(120)
+def test_report_does_not_import_tensorflow_nor_print_its_start_up_lines(run_dir, tmp_path):
+    from distrain.tf_startup import is_startup_notice
+
+    code = ("import json, sys\n"
+            "from distrain.cli import main\n"
+            f"code = main(['report', {str(run_dir)!r}, '--out', {str(tmp_path / 'out')!r}])\n"
+            "print(json.dumps([code, sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('tensorflow', 'tf_keras', 'keras'))]))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=worker_env(), cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == [0, []]
+    assert f"tbjob/{run_dir.name}" in done.stdout
+    assert not [line for line in done.stderr.splitlines() if is_startup_notice(line)], done.stderr
+
+
+def test_help_and_docs_describe_the_same_report():
+    """``distrain report --help`` and docs/monitoring.md name the files the report writes, and the
+    docs every option."""
+    import argparse
+    import re
+
+    from distrain.report import PLOTS, add_report_parser
+
+    subparsers = argparse.ArgumentParser(prog="distrain").add_subparsers()
+    add_report_parser(subparsers)
+    parser = subparsers.choices["report"]
+    help_text = " ".join(parser.format_help().split())
+    docs = (REPO / "docs" / "monitoring.md").read_text()
+    section = docs.split("## Reports: `distrain report`", 1)[1].split("\n## ", 1)[0]
+    written = {f"{name}.png" for name in PLOTS} | {"report.md"}
+    assert set(re.findall(r"^\| `([\w.]+)` \|", section, re.MULTILINE)) == written
+    assert [name for name in sorted(written) if name not in help_text] == []
+    options = {o for action in parser._actions for o in action.option_strings if o not in ("-h", "--help")}
+    assert options and [o for o in sorted(options) if o not in section] == []

@@ -1,7 +1,8 @@
 """``distrain.run.peer_lost_message`` and ``_error_reason``: the one line a worker prints when a
 peer is lost (exit 76), from the TensorFlow error that ended its collective: the lost worker and its
 address when the error names its task, every address when it does not, and the reason: the
-innermost "Collective ops is aborted by:" cause, else the first line that says something."""
+innermost "Collective ops is aborted by:" cause, else the first line that says something. And
+``open_run_dir``'s logging: which lines reach a worker's terminal."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,8 @@ import pytest
 import distrain  # noqa: F401  (tf-keras before TensorFlow)
 import tensorflow as tf
 
-from distrain.run import _error_reason, peer_lost_message
+from distrain.run import _error_reason, log, open_run_dir, peer_lost_message
+from distrain.spec import spec_from_dict
 from distrain.world import World
 
 ADDRESSES = ("10.0.0.1:20000", "10.0.0.2:20000", "10.0.0.3:20000")
@@ -101,3 +103,26 @@ def test_error_reason(text, reason):
 def test_error_reason_is_cut_to_300_characters():
     assert _error_reason("x" * 500) == "x" * 300
     assert _error_reason("Collective ops is aborted by: " + "y" * 500) == "y" * 300
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_workers_start_up_line_is_info_and_reaches_its_terminal(tmp_path, capsys, rank):
+    world = World(launcher="tf_config", rank=rank, world_size=2, worker_addresses=ADDRESSES[:2])
+    try:
+        open_run_dir(spec_from_dict({}), tmp_path, world)
+        log.info("an ordinary line")
+        log.warning("a warning")
+        log.info("a step line", extra={"terminal": False})  # beside a progress bar: the file only
+    finally:
+        handlers = list(log.handlers)
+        log.handlers.clear()
+        log.propagate = True
+        for handler in handlers:
+            handler.close()
+    terminal = [line.split(" ", 1)[1] for line in capsys.readouterr().err.splitlines()]
+    start = f"[rank {rank}] INFO distrain worker {world.describe()}"
+    chief_only = [f"[rank {rank}] INFO an ordinary line"] if rank == 0 else []
+    assert terminal == [start, *chief_only, f"[rank {rank}] WARNING a warning"]
+    in_file = [line.split(" ", 1)[1] for line in (tmp_path / "logs" / f"rank{rank}.log").read_text().splitlines()]
+    assert in_file == [start, f"[rank {rank}] INFO an ordinary line", f"[rank {rank}] WARNING a warning",
+                       f"[rank {rank}] INFO a step line"]

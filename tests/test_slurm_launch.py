@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import socket
+import shutil
 import subprocess
 import sys
 import threading
@@ -120,7 +121,7 @@ def test_layouts(in_repo):
     assert "#SBATCH --ntasks-per-node=4\n#SBATCH --gres=gpu:4\n#SBATCH --cpus-per-task=6\n" in horovod
     assert "SET=(distribute.strategy=horovod)" in horovod
     cpu = render(GOLDEN_CASES["cpu-two-tasks.sh"])
-    assert "gres" not in cpu and "#SBATCH --ntasks-per-node=2\n#SBATCH --cpus-per-task=1\n" in cpu
+    assert "--gres" not in cpu and "#SBATCH --ntasks-per-node=2\n#SBATCH --cpus-per-task=1\n" in cpu
     assert "SET=(train.epochs=2 'model.params={filters: 8}')" in cpu
     assert "DISTRAIN=${DISTRAIN:-/opt/venv/bin/distrain}" in cpu and "REQUEUE=0" in cpu
     assert "##SBATCH --partition=PARTITION" in cpu
@@ -248,26 +249,51 @@ printf '%s\\n' "$*" >> "$FAKE_LOG.{name}"
 """
 
 
+# FAKE_SRUN_RUN=1: run the task's command as one task of a one-node step (what a 1-task srun gives
+# it). FAKE_SRUN_SIGNAL=SEGV: die by that signal, as srun reports a task killed by it (128 + N).
+FAKE_SRUN = """\
+if [[ -n ${FAKE_SRUN_RUN:-} ]]; then
+  while [[ $1 == --* ]]; do shift; done
+  SLURM_STEP_NUM_TASKS=1 SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NODEID=0 SLURM_STEP_ID=0 \\
+    SLURM_STEP_NODELIST=$SLURM_JOB_NODELIST SLURM_STEP_TASKS_PER_NODE=1 exec "$@"
+fi
+[[ -z ${FAKE_SRUN_SIGNAL:-} ]] || kill -"$FAKE_SRUN_SIGNAL" $$
+exit "${FAKE_SRUN_RC:-0}"
+"""
+
+
+# `scontrol show job` answers as SLURM does for a batch job: Command= names the script as submitted
+# (FAKE_SUBMITTED, when the test runs a copy as sbatch does); every other call exits FAKE_SCONTROL_RC.
+FAKE_SCONTROL = """\
+if [[ $1 == show ]]; then
+  [[ -z ${FAKE_SUBMITTED:-} ]] || echo "   Command=$FAKE_SUBMITTED"
+  exit 0
+fi
+exit "${FAKE_SCONTROL_RC:-0}"
+"""
+
+
 def fake_bin(tmp_path: Path) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, body in (("srun", 'exit "${FAKE_SRUN_RC:-0}"'), ("scontrol", 'exit "${FAKE_SCONTROL_RC:-0}"')):
+    for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(FAKE.format(name=name, body=body))
         (bin_dir / name).chmod(0o755)
     return bin_dir
 
 
 def run_fake_job(tmp_path: Path, script: Path, *, srun_rc: int, restarts: int | None = None,
-                 scontrol_rc: int = 0, extra_env: dict | None = None):
+                 scontrol_rc: int = 0, extra_env: dict | None = None, cwd: Path = REPO):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     env.update({"PATH": f"{fake_bin(tmp_path)}:{env['PATH']}", "FAKE_LOG": str(tmp_path / "calls"),
                 "FAKE_SRUN_RC": str(srun_rc), "FAKE_SCONTROL_RC": str(scontrol_rc), "SLURM_JOB_ID": "4242",
                 "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "2", "SLURM_CPUS_PER_TASK": "1",
                 "SLURM_JOB_NODELIST": "n1", "SLURM_SUBMIT_HOST": "login1", "USER": "ada",
                 **({"SLURM_RESTART_COUNT": str(restarts)} if restarts is not None else {}), **(extra_env or {})})
-    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=100, cwd=cwd, env=env)
     calls = {n: (tmp_path / f"calls.{n}").read_text().splitlines() if (tmp_path / f"calls.{n}").exists() else []
              for n in ("srun", "scontrol")}
+    calls["scontrol"] = [c for c in calls["scontrol"] if not c.startswith("show job")]  # the launcher lookup
     return done, calls
 
 
@@ -301,6 +327,46 @@ def test_launcher_runs_srun_with_the_run_dir_and_prints_tensorboard_first(tmp_pa
     assert calls["scontrol"] == []
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("where", ["rendered into a project", "beside its own launcher"])
+def test_a_script_submitted_from_another_directory_finds_its_launcher_job_and_checkout(tmp_path, where, in_repo):
+    """sbatch runs a copy of the script from its spool directory, in the directory it was submitted
+    from: the launcher is found from the original script (SLURM's Command=), a course job from the
+    checkout, so a user's project need not be the distrain checkout."""
+    project, elsewhere, spool = tmp_path / "project", tmp_path / "elsewhere", tmp_path / "spool"
+    for d in (project, elsewhere, spool):
+        d.mkdir()
+    if where == "rendered into a project":  # --output outside the checkout: the script names the checkout
+        script, job = project / "qs.sh", "jobs/quickstart.yaml"
+        text = render([job, "--nodes", "1", "--gpus-per-node", "0", "--output", str(script), "--runs-dir", "runs",
+                       "--distrain", VENV_DISTRAIN])
+        expected_job = REPO / job
+    else:  # a copy of the launcher beside the script, the job given by its absolute path
+        script, job = project / "qs.sh", str(REPO / "jobs" / "quickstart.yaml")
+        text = render([job, "--nodes", "1", "--gpus-per-node", "0", "--runs-dir", "runs", "--distrain", VENV_DISTRAIN])
+        shutil.copy(REPO / "slurm" / "distrain-launch.sh", project / "distrain-launch.sh")
+        expected_job = Path(job)
+    script.write_text(text)
+    (spool / "slurm_script").write_text(text)  # what sbatch runs
+    done, calls = run_fake_job(tmp_path, spool / "slurm_script", srun_rc=0, cwd=elsewhere,
+                               extra_env={"FAKE_SUBMITTED": str(script)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    (srun,) = calls["srun"]
+    assert f" train {expected_job} --run-dir {elsewhere / 'runs' / 'quickstart' / 'slurm-4242'}" in srun, srun
+
+
+@pytest.mark.timeout(30)
+def test_a_script_whose_launcher_cannot_be_found_says_where_it_looked(tmp_path, in_repo):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = tmp_path / "qs.sh"
+    script.write_text(render(["jobs/quickstart.yaml", "--nodes", "1", "--gpus-per-node", "0"]))
+    done, calls = run_fake_job(tmp_path, script, srun_rc=0, cwd=elsewhere)
+    assert done.returncode == 2 and calls["srun"] == []
+    assert done.stderr.strip() == (f"distrain-launch.sh: not found (looked beside {script} and in {elsewhere}/slurm); "
+                                   "set DISTRAIN_LAUNCH=/path/to/distrain/slurm/distrain-launch.sh")
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("srun_rc, restarts, scontrol_rc, exit_code, requeued", [
     (EXIT_PREEMPTED, None, 0, 0, True),   # preempted: requeue, and the job is no failure
@@ -319,6 +385,58 @@ def test_launcher_maps_exit_codes(tmp_path, cpu_script, srun_rc, restarts, scont
         assert f"requeueing job 4242: it resumes from {tmp_path}/runs/fake/slurm-4242/backup" in done.stdout
     elif srun_rc in (EXIT_PREEMPTED, EXIT_PEER_LOST):
         assert "sbatch --export=ALL,DISTRAIN_RUN_DIR=" in done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_task_killed_by_a_signal_is_named_in_one_line_with_the_troubleshooting_page(tmp_path, cpu_script):
+    done, calls = run_fake_job(tmp_path, cpu_script, srun_rc=0, extra_env={"FAKE_SRUN_SIGNAL": "SEGV"})
+    assert done.returncode == 139 and calls["scontrol"] == [], done.stdout + done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "distrain-launch: a task died by SIGSEGV (exit 139): a crash in TensorFlow or a library; TensorFlow 2.21's "
+        "oneDNN crash (munmap_chunk(): invalid pointer) goes away with TF_ENABLE_ONEDNN_OPTS=0; see "
+        f"docs/troubleshooting.md#a-run-dies-by-a-signal; run dir {tmp_path}/runs/fake/slurm-4242")
+    assert (REPO / "docs" / "troubleshooting.md").read_text().count("\n## A run dies by a signal\n") == 1
+
+
+OWN_MODEL = """\
+import tensorflow as tf  # at the top, as a user writes it: the check step and the task import it first
+
+
+def build(input_shape, num_classes):
+    inputs = tf.keras.Input(shape=input_shape)
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(num_classes)(tf.keras.layers.Flatten()(inputs)))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_out_file_of_a_rendered_script_is_readable(tmp_path):
+    """What the .out file of a job gets, with the check step and one task really run (a fake srun): no
+    TensorFlow start-up lines, one line per epoch instead of the progress bar's redraws, a step line
+    every logging.update_every_steps, and the worker's start-up line at INFO."""
+    (tmp_path / "my_model.py").write_text(OWN_MODEL)
+    job = write_job(tmp_path / "job.yaml", "name: fake\nmodel: {name: my_model.py:build}\n"
+                    "data: {source: digits, batch_size_per_replica: 16}\ntrain: {epochs: 2, steps_per_epoch: 10}\n"
+                    "checkpoint: {every_epochs: 0, save_best: false, backup_every_steps: 0}\n"
+                    "logging: {tensorboard: false, update_every_steps: 5}\n")
+    script = tmp_path / "job.sh"
+    script.write_text(render([str(job), "--nodes", "1", "--gpus-per-node", "0", "--runs-dir", str(tmp_path / "runs"),
+                              "--distrain", VENV_DISTRAIN]))
+    env = {"FAKE_SRUN_RUN": "1", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "localhost",
+           "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1", "CUDA_VISIBLE_DEVICES": "-1"}
+    done, _ = run_fake_job(tmp_path, script, srun_rc=0, extra_env=env)
+    out = done.stdout + done.stderr  # one .out file gets both
+    assert done.returncode == 0, out
+    from distrain.tf_startup import is_startup_notice
+
+    assert not [line for line in out.splitlines() if is_startup_notice(line)], out
+    assert "\r" not in out and "\b" not in out, out
+    epochs = re.findall(r"^Epoch \d/2$|^10/10 - ", done.stdout, re.M)
+    assert epochs == ["Epoch 1/2", "10/10 - ", "Epoch 2/2", "10/10 - "], done.stdout
+    line = r"INFO step (\d+)/20 \(epoch (\d)/2\): loss [\d.]+, accuracy [\d.]+, lr [\d.e-]+, \d+ images/s$"
+    steps = re.findall(line, done.stderr, re.M)
+    assert steps == [("5", "1"), ("10", "1"), ("15", "2"), ("20", "2")], done.stderr
+    log = (tmp_path / "runs" / "fake" / "slurm-4242" / "logs" / "rank0.log").read_text()
+    assert "INFO distrain worker rank 0/1" in log and "INFO step 20/20 (epoch 2/2)" in log
 
 
 @pytest.mark.timeout(60)

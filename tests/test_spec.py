@@ -178,3 +178,76 @@ def test_cli_bad_job_exits_2_with_one_line_and_writes_nothing(tmp_path):
 def test_spec_from_dict_names_the_source():
     with pytest.raises(UsageError, match=r"^ray job: train.epochs"):
         spec_from_dict({"train": {"epochs": 0}}, source="ray job")
+
+
+# ----------------------------------------------------------------------------- --set model.name (issue 25)
+
+def test_set_model_name_drops_the_files_params_the_new_model_does_not_take(caplog):
+    """docs/quickstart.md: `--set model.name=mlp` on a cnn job with params {filters: 32}."""
+    job = {"model": {"name": "cnn", "params": {"filters": 32, "dropout": 0.1}}}
+    with caplog.at_level("WARNING", logger="distrain"):
+        spec = spec_from_dict(job, overrides=["model.name=mlp"])
+    assert spec.model.name == "mlp" and spec.model.params == {"dropout": 0.1}
+    assert [r.getMessage() for r in caplog.records] == [
+        "--set model.name=mlp: dropped the job's model.params filters=32 (written for cnn); mlp takes units, dropout"]
+    assert job["model"]["params"] == {"filters": 32, "dropout": 0.1}  # the caller's mapping is left alone
+
+
+@pytest.mark.parametrize("overrides,message", [
+    # A param given with --set is meant: it is not dropped, and it is still checked.
+    (["model.params.filters=8", "model.name=mlp"], "--set model.params.filters: unknown parameter of model mlp"),
+    (["model.name=mlp", "model.params={filters: 8}"], "--set model.params.filters: unknown parameter of model mlp"),
+])
+def test_set_model_name_keeps_params_given_with_set(overrides, message):
+    with pytest.raises(UsageError, match="^" + message):
+        spec_from_dict({"model": {"name": "cnn", "params": {"filters": 32}}}, overrides=overrides)
+
+
+def test_params_are_checked_as_before_without_set_model_name(caplog):
+    with pytest.raises(UsageError, match=r"^\(job\): model.params.filters: unknown parameter of model mlp"):
+        spec_from_dict({"model": {"name": "mlp", "params": {"filters": 32}}}, overrides=["train.epochs=2"])
+    with caplog.at_level("WARNING", logger="distrain"):
+        assert spec_from_dict({"model": {"name": "cnn", "params": {"filters": 8}}},
+                              overrides=["model.name=cnn"]).model.params == {"filters": 8}
+    assert not caplog.records
+
+
+# ----------------------------------------------------------------------------- --set data.source (issue 25)
+
+def test_set_data_source_drops_the_files_keys_the_new_source_rejects(tmp_path, caplog):
+    job = {"data": {"source": "image_folder", "path": str(tmp_path), "cache": "memory", "limit": 100}}
+    with caplog.at_level("WARNING", logger="distrain"):
+        spec = spec_from_dict(job, overrides=["data.source=digits"])
+    assert (spec.data.source, spec.data.path, spec.data.cache, spec.data.limit) == ("digits", None, "none", 100)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--set data.source=digits: dropped the job's data.path={str(tmp_path)!r}, data.cache='memory' "
+        "(written for image_folder); digits does not take data.path, data.cache"]
+    assert job["data"]["path"] == str(tmp_path)  # the caller's mapping is left alone
+
+
+@pytest.mark.parametrize("overrides,message", [
+    # A key given with --set is meant: it stays, and it is still checked.
+    (["data.source=digits", "data.path=shapes"], "--set data.path: only used with source image_folder or tfrecord"),
+    # A key the new source takes too stays: from an image folder to shards, the path must change.
+    (["data.source=tfrecord"], "(job): data.path: {path} has no distrain-data.json"),
+    (["data.source=imagenet"], '--set data.source: expected one of digits,'),
+])
+def test_set_data_source_keeps_keys_given_with_set_or_taken_by_the_new_source(tmp_path, overrides, message, caplog):
+    job = {"data": {"source": "image_folder", "path": str(tmp_path), "limit": 10}}
+    with caplog.at_level("WARNING", logger="distrain"), pytest.raises(UsageError) as err:
+        spec_from_dict(job, overrides=overrides)
+    assert str(err.value).startswith(message.format(path=tmp_path))
+    dropped = [r.getMessage() for r in caplog.records]
+    assert dropped == (["--set data.source=tfrecord: dropped the job's data.limit=10 (written for image_folder); "
+                        "tfrecord does not take data.limit"] if "tfrecord" in overrides[0] else [])
+
+
+def test_cli_validate_switches_an_image_folder_job_to_digits_with_one_flag(tmp_path):
+    (tmp_path / "shapes" / "circle").mkdir(parents=True)
+    job = write(tmp_path, f"name: shapes\ndata:\n  source: image_folder\n  path: {tmp_path / 'shapes'}\n"
+                          "  cache: memory\nmodel: {name: mlp}\ntrain: {epochs: 1}\n")
+    result = subprocess.run([sys.executable, "-m", "distrain.cli", "validate", str(job), "--set", "data.source=digits",
+                             "--quiet"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (f"--set data.source=digits: dropped the job's data.path='{tmp_path / 'shapes'}', data.cache='memory' "
+            "(written for image_folder)") in result.stderr

@@ -14,6 +14,7 @@ from distrain import cli
 from distrain.data import imagefiles, tfrecord
 from distrain.data import sources
 from distrain.data.pipelines import steps_per_epoch
+from distrain.data.splits import split_indices
 from distrain.errors import UsageError
 from distrain.spec import spec_from_dict
 from helpers import CLASSES, COUNT, solid_folder
@@ -205,6 +206,60 @@ def test_an_empty_class_folder_is_a_usage_error(tmp_path):
         sources.load(spec_for(root), seed=5)
 
 
+def test_a_folder_with_more_classes_than_model_num_classes_is_a_usage_error_naming_the_class(folder, caplog):
+    caplog.set_level(logging.INFO, "distrain")
+    logging.getLogger("distrain").propagate = True
+    s = sources.load(spec_for(folder), seed=5)
+    assert s.num_classes == 4
+    assert f"data.path: {folder}: 4 classes, from the class folders: ant, bee, cat, dog" in caplog.text
+    dogs = int(np.sum(s.labels[s.train] == 3))
+    with pytest.raises(UsageError) as info:
+        sources.load(spec_for(folder), seed=5, num_classes=3)
+    assert str(info.value) == (f"data.path: {folder}: {dogs} train labels outside 0 .. 2 (3 classes, from "
+                               f"model.num_classes): 3 = dog ({dogs} labels); set model.num_classes to at least 4, or "
+                               "remove it to take the data's count")
+
+
+def test_a_class_folder_without_a_training_example_is_named_in_one_warning(tmp_path, caplog):
+    from PIL import Image
+
+    root = solid_folder(tmp_path / "imgs", count=12, size=(4, 4))
+    (root / "eel").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "eel" / "only.png")
+    # A seed whose split puts eel's one image (the last file) into the test split.
+    seed = next(k for k in range(100) if 12 in split_indices(13, (0.2, 0.16), k)[0])
+    caplog.set_level(logging.WARNING, "distrain")
+    logging.getLogger("distrain").propagate = True
+    sources.load(spec_for(root), seed=seed)
+    warnings = [r.getMessage() for r in caplog.records if "training example" in r.getMessage()]
+    assert warnings == [f"data.path: {root}: class 4 (eel) has no training example (5 classes, from the class "
+                        "folders); the model cannot learn to predict it"]
+
+
+@pytest.mark.parametrize("layout,message", [
+    ("loose", "holds 3 images but no class folders; expected one folder per class, {root}/<class_name>/<image>"),
+    ("one", "has one class folder (ant, 3 images); training needs at least two classes"),
+])
+def test_loose_images_or_one_class_folder_say_the_layout_expected(tmp_path, capsys, layout, message):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    (root / "ant").mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(np.full((4, 4, 3), k, np.uint8)).save(root / ("ant" if layout == "one" else "") / f"{k}.png")
+    if layout == "loose":
+        (root / "ant").rmdir()
+    expected = f"data.path: {root} " + message.format(root=root)
+    with pytest.raises(UsageError) as info:
+        sources.load(spec_for(root), seed=5)
+    assert str(info.value).startswith(expected)
+    # distrain data inspect said "0 images" (exit 0) for loose images: now the same one line, exit 2.
+    assert cli.main(["data", "inspect", str(root)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"distrain: error: {expected}") and captured.err.count("\n") == 1
+    assert captured.out == ""
+
+
 def test_a_path_this_node_cannot_see_is_a_usage_error(tmp_path):
     spec = spec_for(solid_folder(tmp_path / "imgs", count=8, size=(4, 4)))
     (tmp_path / "imgs").rename(tmp_path / "elsewhere")  # validated on the login node, gone on this one
@@ -293,6 +348,27 @@ def test_tfrecord_bad_directories_are_usage_errors(packed, tmp_path):
         sources.load(spec_for(copy, "tfrecord"), seed=5)
 
 
+def test_pack_splits_by_default_as_a_job_with_the_default_seed_reads_the_folder(folder, tmp_path, capsys):
+    out = tmp_path / "tfr"
+    assert cli.main(["data", "pack", str(folder), str(out), "--shards", "2"]) == 0
+    meta = json.loads((out / tfrecord.METADATA).read_text())
+    job = spec_from_dict({"data": {"source": "image_folder", "path": str(folder)}})
+    assert meta["seed"] == job.seed == 42
+    direct = sources.load(job.data, job.seed)
+    records = sources.load(spec_for(out, "tfrecord"), seed=job.seed)
+    pipes = pipelines(records)
+    for split, positions in (("validation", direct.validation), ("test", direct.test)):
+        packed_ids = sum(ids(pipes.evaluation(tf.distribute.InputContext(1, 0, 1), split)), [])
+        assert sorted(packed_ids) == image_ids(direct, positions), split
+    # The classes per split are in the metadata, so a pack's labels are checked like a folder's.
+    assert meta["label_counts"] == {packed: np.bincount(direct.labels[positions], minlength=4).tolist() for
+                                    packed, positions in (("train", direct.train), ("val", direct.validation),
+                                                          ("test", direct.test))}
+    with pytest.raises(UsageError, match=r"^data.path: .*: \d+ train labels outside 0 .. 2 \(3 classes, from "
+                                         r"model.num_classes\): 3 = dog"):
+        sources.load(spec_for(out, "tfrecord"), seed=job.seed, num_classes=3)
+
+
 def test_pack_resized_jpeg_trains_at_its_size(folder, tmp_path):
     out = tmp_path / "tfr"
     tfrecord.pack(str(folder), str(out), shards=2, image_size=[6, 6], progress=False)
@@ -337,3 +413,22 @@ def test_data_commands_reject_bad_arguments(tmp_path, capsys):
     assert "PATH: no such directory" in capsys.readouterr().err
     assert cli.main(["data", "pack", str(tmp_path), str(tmp_path / "out"), "--shards", "0"]) == 2
     assert "--shards: expected a positive number" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_data_pack_prints_none_of_tensorflows_start_up_lines(folder, tmp_path):
+    """`distrain data pack` imports TensorFlow to write the shards: its start-up notices (the E0000
+    cuInit line among them) stay off the user's terminal, as for every other command."""
+    import os
+    import subprocess
+    import sys
+
+    from distrain.tf_startup import is_startup_notice
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "DISTRAIN_TF_LOG")}
+    done = subprocess.run([sys.executable, "-m", "distrain.cli", "data", "pack", str(folder), str(tmp_path / "tfr"),
+                           "--shards", "2"], capture_output=True, text=True, timeout=100, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "tfr").is_dir()
+    assert not [line for line in done.stderr.splitlines() if is_startup_notice(line)], done.stderr
+    assert "cuInit" not in done.stderr + done.stdout

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DISTRAIN, REPO, files_written, free_ports, worker_env
+from distrain.tf_startup import is_startup_notice
 from helpers import accumulate, scalars, text
 
 pytestmark = pytest.mark.multiprocess
@@ -201,6 +202,8 @@ def test_distrain_tensorboard_serves_a_runs_dir_on_loopback(run, tmp_path):
         output = log.read_text()
         assert f"at http://127.0.0.1:{port}/" in output
         assert re.search(rf"ssh -N -L {port}:127\.0\.0\.1:{port} \S+@\S+", output)
+        # TensorBoard imported TensorFlow (it serves the runs with it): none of its start-up lines show.
+        assert not [line for line in output.splitlines() if is_startup_notice(line)], output
     finally:
         _stop(server)
 

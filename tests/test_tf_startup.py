@@ -44,6 +44,20 @@ def test_filter_keeps_everything_but_the_notices(verbose):
     assert done.stderr.splitlines() == expected
 
 
+@pytest.mark.timeout(60)
+def test_what_a_crash_prints_in_the_filtered_block_still_gets_out():
+    """As glibc's message when TensorFlow's oneDNN crash aborts the process: not lost with it."""
+    code = ("import os\n"
+            "from distrain.tf_startup import startup_notices_filtered\n"
+            "with startup_notices_filtered():\n"
+            f"    os.write(2, {(NOTICES[0] + chr(10)).encode()!r})\n"
+            "    os.write(2, b'munmap_chunk(): invalid pointer\\n')\n"
+            "    os.abort()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=worker_env(DISTRAIN_TF_LOG="0"), cwd=REPO)
+    assert (done.returncode, done.stderr) == (-6, "munmap_chunk(): invalid pointer\n")
+
+
 @pytest.mark.timeout(120)
 def test_env_prints_no_tensorflow_startup_lines_unless_verbose():
     quiet = run_distrain(["env"], timeout=120)
@@ -70,3 +84,81 @@ def test_models_and_version_need_no_tensorflow():
     from distrain import __version__
 
     assert version.returncode == 0 and version.stdout.strip() == f"distrain {__version__}"
+
+
+# A stand-in for TensorFlow, found first on PYTHONPATH: its import prints the start-up notices and
+# one real error to fd 2, as TensorFlow's C++ does, and its first device query the cuInit line.
+FAKE_TENSORFLOW = f"""\
+import os
+for line in {NOTICES[:3]!r}:
+    os.write(2, (line + "\\n").encode())
+os.write(2, b"E0000 real problem at import\\n")
+
+
+class config:
+    probed = False
+
+    @staticmethod
+    def list_physical_devices(kind=None):
+        if not config.probed:
+            os.write(2, ({NOTICES[3]!r} + "\\n").encode())
+            config.probed = True
+        return []
+"""
+
+
+def _fake_tensorflow_env(tmp_path, **env) -> dict:
+    """A worker's environment whose `import tensorflow` finds FAKE_TENSORFLOW, with no verbose switch on."""
+    package = tmp_path / "fake" / "tensorflow"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text(FAKE_TENSORFLOW)
+    return worker_env(**{"PYTHONPATH": f"{tmp_path / 'fake'}:{REPO}", "DISTRAIN_TF_LOG": "0", **env})
+
+
+def _run_with_fake_tensorflow(tmp_path, code: str, **env) -> list[str]:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO,
+                          env=_fake_tensorflow_env(tmp_path, **env))
+    assert done.returncode == 0, done.stderr
+    return done.stderr.splitlines()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("env, shown", [
+    ({}, ["E0000 real problem at import", "after"]),
+    ({"DISTRAIN_TF_LOG": "1"}, [*NOTICES[:3], "E0000 real problem at import", NOTICES[3], "after"]),
+    ({"TF_CPP_MIN_LOG_LEVEL": "0"}, [*NOTICES[:3], "E0000 real problem at import", NOTICES[3], "after"]),
+])
+def test_whoever_imports_tensorflow_after_distrain_gets_no_notices_and_every_real_error(tmp_path, env, shown):
+    """The mechanism every entry point relies on (a user's model file, data pack, report, TensorBoard):
+    `import distrain` first, then any `import tensorflow` is quiet, its cuInit probe included."""
+    code = ("import os, sys, distrain\n"
+            "import tensorflow as tf\n"
+            "tf.config.list_physical_devices('GPU')\n"
+            "assert tf.__loader__ is tf.__spec__.loader and type(tf.__loader__).__name__ == 'SourceFileLoader'\n"
+            "print('after', file=sys.stderr)\n")
+    assert _run_with_fake_tensorflow(tmp_path, code, **env) == shown
+
+
+@pytest.mark.timeout(60)
+def test_tensorflow_imported_before_distrain_keeps_its_import_lines_but_not_the_cuinit_line(tmp_path):
+    code = ("import tensorflow, distrain\n"
+            "from distrain.tf_startup import import_tensorflow\n"
+            "assert import_tensorflow() is tensorflow\n"
+            "tensorflow.config.list_physical_devices('GPU')\n")  # as the backend then does
+    # The import's lines came before distrain existed (docs/troubleshooting.md says so).
+    assert _run_with_fake_tensorflow(tmp_path, code) == [*NOTICES[:3], "E0000 real problem at import"]
+
+
+@pytest.mark.timeout(60)
+def test_python_command_runs_a_program_with_its_tensorflow_quiet(tmp_path):
+    """How `distrain tensorboard` starts TensorBoard: the program's own import of TensorFlow is quiet."""
+    (tmp_path / "fake" / "prog").mkdir(parents=True)
+    (tmp_path / "fake" / "prog" / "__init__.py").write_text(
+        "import sys\n\ndef main():\n    import tensorflow\n    print(sys.argv, file=sys.stderr)\n    return 3\n")
+    from distrain.tf_startup import python_command
+
+    code = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, *python_command("prog", "main"), "--flag"], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path, env=_fake_tensorflow_env(tmp_path))
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.splitlines() == ["E0000 real problem at import", "['prog', '--flag']"]

@@ -213,6 +213,8 @@ def test_data_function_with_wrong_signature(tmp_path, capsys):
     ("  loss: not_a_loss\n", "train.loss: unknown Keras loss 'not_a_loss'"),
     ("  metrics: [accuracy, not_a_metric]\n", "train.metrics[1]: unknown Keras metric 'not_a_metric'"),
     ("  from_logits: true\n  loss: mean_squared_error\n", "train.from_logits: only for the crossentropy losses"),
+    ("  loss: categorical_crossentropy\n", "train.loss: categorical_crossentropy takes one-hot labels, but "
+                                          "distrain's labels are integer classes; use sparse_categorical_crossentropy"),
 ])
 def test_bad_loss_and_metrics(tmp_path, capsys, extra, message):
     job = write_job(tmp_path / "job.yaml", "train:\n" + extra)
@@ -234,8 +236,71 @@ def test_model_output_size_must_match_the_classes(tmp_path, capsys):
     model = user_file(tmp_path, "seven", MODEL.replace("Dense(num_classes", "Dense(7"))
     code, line = train_exit(capsys, job_with(tmp_path, model=f"{model.name}:build"), tmp_path)
     assert code == EXIT_USAGE
-    assert line == (f"model.name: {model}:build: the model has output shape (None, 7), expected one output of "
-                    "10 classes (batch, 10) for this data")
+    assert line == (f"model.name: {model}:build: build ({model}:3) returned a model with output shape (None, 7); "
+                    "expected (batch, 10): one score for each of the 10 classes per image for "
+                    "sparse_categorical_crossentropy (the last Dense needs num_classes units, 10 here, not 7)")
+
+
+UNPOOLED = """
+import tensorflow as tf
+
+def build(input_shape, num_classes):
+    inputs = tf.keras.Input(shape=input_shape)
+    x = tf.keras.layers.Conv2D(8, 3, activation="relu")(inputs)
+    return tf.keras.Model(inputs, {last})
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("last,shape,hint", [
+    # Keras would fail ~60 lines deep in fit, ending in "logits.shape=(576, 3)".
+    ("tf.keras.layers.Dense(num_classes, activation='softmax')(x)", "(None, 6, 6, 3)",
+     "add a GlobalAveragePooling2D or Flatten before the last Dense"),
+    ("tf.keras.layers.Dense(1)(tf.keras.layers.Flatten()(x))", "(None, 1)",
+     "the last Dense needs num_classes units, 3 here, not 1"),
+])
+def test_model_output_must_be_batch_by_classes(tmp_path, capsys, last, shape, hint):
+    model = user_file(tmp_path, "unpooled", UNPOOLED.format(last=last))
+    data = user_file(tmp_path, "threeclasses", LOADER.format(change="pass"))
+    code, line = train_exit(capsys, job_with(tmp_path, model=f"{model.name}:build", source=f"{data.name}:load"),
+                            tmp_path)
+    assert code == EXIT_USAGE
+    assert line == (f"model.name: {model}:build: build ({model}:3) returned a model with output shape {shape}; "
+                    "expected (batch, 3): one score for each of the 3 classes per image for "
+                    f"sparse_categorical_crossentropy ({hint})")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("shapes,classes,loss,problem", [
+    ([(None, 3)], 3, "sparse_categorical_crossentropy", None),
+    ([(32, 3)], 3, "sparse_categorical_crossentropy", None),  # a fixed batch size is the model's business
+    ([(None, 10)], 10, "/home/ada/loss.py:my_loss", None),
+    ([(None, 1)], 2, "binary_crossentropy", None),
+    ([(None, 46, 46, 3)], 3, "sparse_categorical_crossentropy", "output shape (None, 46, 46, 3); expected (batch, 3)"),
+    ([(None, 46, 46, 3)], 3, "/home/ada/loss.py:my_loss", "(batch, 3): one score for each of the 3 classes per image "
+                                                          "(add a GlobalAveragePooling2D"),
+    ([(None, 1)], 3, "sparse_categorical_crossentropy", "output shape (None, 1); expected (batch, 3)"),
+    ([(None, 1)], 2, "sparse_categorical_crossentropy", "or set train.loss: binary_crossentropy for one sigmoid"),
+    ([(None, 2)], 2, "binary_crossentropy", "expected (batch, 1): one probability of class 1 per image for "
+                                            "binary_crossentropy (end the model with Dense(1, activation=\"sigmoid\"))"),
+    ([(None, 1)], 3, "binary_crossentropy", "takes labels 0 and 1, but this job has 3 classes"),
+    ([(None,)], 3, "sparse_categorical_crossentropy", "output shape (None,); expected (batch, 3)"),
+    ([(None, 3), (None, 3)], 3, "sparse_categorical_crossentropy", "returned a model with 2 outputs; expected one"),
+])
+def test_output_problem(shapes, classes, loss, problem):
+    found = user_code.output_problem(shapes, classes, loss)
+    assert (found is None) if problem is None else (problem in (found or "")), found
+
+
+@pytest.mark.timeout(120)
+def test_course_models_pass_the_output_check_as_user_models():
+    """The course builders take the user contract, so a reference to each must pass the same check."""
+    from distrain.models import MODELS
+
+    for name, entry in MODELS.items():
+        shape = (8, 8, 1) if name in ("mlp", "cnn") else (32, 32, 3)
+        model = user_code.build_user_model(f"distrain.models:{entry.builder.__name__}", shape, 4)
+        assert tuple(model.outputs[0].shape) == (None, 4), name
 
 
 LOADER = """
@@ -255,7 +320,8 @@ def load():
     ("x = x[:, :, 0]", "returned x_train of shape 80x8: images must be N x H x W or N x H x W x C (C 1 to 4)"),
     ("y = np.eye(3)[y]", "returned y_train of shape 80x3: labels must be one integer class per image (N or N x 1)"),
     ("y = y.astype(str)", "returned y_train of dtype <U21: labels must be integer classes 0 .. classes-1"),
-    ("y[5] = -1", "returned labels from -1 to 2; expected classes 0 .. 2"),
+    ("y[5] = -1", "returned labels: 1 train label outside 0 .. 2 (3 classes, from the training labels (largest 2)): "
+                  "-1 (1 label); labels are class numbers 0 .. classes-1"),
     ("y = y[:70]", "returned 80 x_train images but 70 y_train labels"),
     ("return x, y", "returned a tuple of 2; expected (x_train, y_train), (x_test, y_test) of NumPy arrays"),
 ])
@@ -270,9 +336,9 @@ def test_loader_with_wrong_shapes_or_labels(tmp_path, capsys, change, message):
 def test_arrays_are_normalised_and_labels_checked_against_model_num_classes():
     arrays = ((np.zeros((4, 2, 2), np.uint8), np.arange(4).reshape(4, 1)), (np.zeros((1, 2, 2), np.uint8), np.zeros(1, int)))
     x_train, y_train, x_test, y_test, classes = user_data.check_arrays("ref", "load", arrays)
-    assert x_train.shape == (4, 2, 2, 1) and y_train.shape == (4,) and y_train.dtype == np.int32 and classes == 4
-    with pytest.raises(UsageError, match=r"^data.source: ref: load returned labels from 0 to 3; expected classes "
-                                         r"0 .. 1 \(model.num_classes\)$"):
+    assert x_train.shape == (4, 2, 2, 1) and y_train.shape == (4,) and y_train.dtype == np.int32 and classes.count == 4
+    with pytest.raises(UsageError, match=r"^data.source: ref: load returned labels: 2 train labels outside 0 .. 1 "
+                                         r"\(2 classes, from model.num_classes\): 2 \(1 label\), 3 \(1 label\); "):
         user_data.check_arrays("ref", "load", arrays, num_classes=2)
 
 
@@ -303,7 +369,10 @@ def test_bad_reference_exits_2_from_a_real_process_before_training(tmp_path):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("job", ["inception.yaml", "npy_folder.yaml"])
-def test_example_jobs_validate(job, capsys):
+def test_example_jobs_validate(job, capsys, tmp_path, monkeypatch):
+    # validate loads the data as training does: npy_folder's files, written as its docstring says.
+    user_code.resolve(f"{REPO / 'jobs' / 'examples' / 'npy_folder.py'}:write_digits", "test")(tmp_path)
+    monkeypatch.setenv("NPY_DATA_DIR", str(tmp_path))
     assert main(["validate", str(REPO / "jobs" / "examples" / job), "--quiet"]) == 0, capsys.readouterr().err
 
 

@@ -8,23 +8,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from distrain.data import labels
 from distrain.data.pipelines import Pipelines, index_stream, replica_batches
 from distrain.data.splits import split_indices
 from distrain.errors import UsageError
 
 log = logging.getLogger("distrain")
 
-# data.source -> (tf.keras.datasets module, the file or folder its loader caches)
+# data.source -> (tf.keras.datasets module, the file or folder its loader caches, its classes)
 KERAS_SOURCES = {
-    "mnist": ("mnist", "mnist.npz"),
-    "fashion_mnist": ("fashion_mnist", "fashion-mnist"),
-    "cifar10": ("cifar10", "cifar-10-batches-py"),
-    "cifar100": ("cifar100", "cifar-100-python"),
+    "mnist": ("mnist", "mnist.npz", 10),
+    "fashion_mnist": ("fashion_mnist", "fashion-mnist", 10),
+    "cifar10": ("cifar10", "cifar-10-batches-py", 10),
+    "cifar100": ("cifar100", "cifar-100-python", 100),
 }
 BUILT_IN = ("digits", "synthetic", *KERAS_SOURCES)
 
@@ -139,8 +141,31 @@ def _load_synthetic(data, seed: int) -> ArraySource:
 
 
 def keras_cache_dir(cache_dir: Optional[str] = None) -> Path:
-    """Where ``tf.keras.datasets`` loaders keep their files (``~/.keras/datasets`` by default)."""
-    return Path(cache_dir or Path.home() / ".keras").expanduser() / "datasets"
+    """Where ``tf.keras.datasets`` loaders keep their files: ``CACHE_DIR/datasets``, by default
+    ``~/.keras/datasets``; ``/tmp/.keras/datasets`` when that directory does not exist or is not
+    writable, as Keras's ``get_file`` decides."""
+    base = Path(cache_dir or Path.home() / ".keras").expanduser()
+    if not os.access(base, os.W_OK):  # also when it does not exist
+        base = Path("/tmp/.keras")
+    return base / "datasets"
+
+
+def prefetch_command(source: str, cache_dir: Optional[str] = None) -> str:
+    """The command that downloads a Keras dataset into the cache a job reads (run where there is network)."""
+    module = KERAS_SOURCES[source][0]
+    where = f"cache_dir={str(cache_dir)!r}" if cache_dir else ""
+    return f'python -c "import tf_keras; tf_keras.datasets.{module}.load_data({where})"'
+
+
+def download_failed(source: str, cache_dir: Optional[str], err: BaseException) -> UsageError:
+    """The one line for a Keras dataset that is not in the cache and could not be downloaded."""
+    expected = keras_cache_dir(cache_dir) / KERAS_SOURCES[source][1]
+    reason = (str(err).strip().splitlines() or [""])[0][:160]
+    return UsageError(
+        f"data.source: {source} is not in the Keras cache ({expected}) and could not be downloaded "
+        f"({type(err).__name__}: {reason}); fetch it where there is network (a login node) with: "
+        f"{prefetch_command(source, cache_dir)} (the cache must be visible on the nodes: set data.cache_dir to a "
+        f"shared directory), or use data.source: digits offline")
 
 
 def _with_channels(x: np.ndarray) -> np.ndarray:
@@ -150,27 +175,35 @@ def _with_channels(x: np.ndarray) -> np.ndarray:
 def _load_keras(data, seed: int) -> ArraySource:
     import tensorflow as tf
 
-    module_name, cache_name = KERAS_SOURCES[data.source]
+    module_name, _, classes = KERAS_SOURCES[data.source]
     loader = getattr(tf.keras.datasets, module_name).load_data
     try:
         (x_train, y_train), (x_test, y_test) = loader(cache_dir=data.cache_dir)
     except Exception as err:  # the loaders raise bare Exception on a failed download
-        raise UsageError(
-            f"data.source: {data.source} is not in the Keras cache ({keras_cache_dir(data.cache_dir) / cache_name}) and "
-            f"could not be downloaded ({type(err).__name__}: {str(err).splitlines()[0][:120]}); copy the "
-            f"dataset there from a machine with network, or use source digits offline") from None
+        raise download_failed(data.source, data.cache_dir, err) from None
     x_train, x_test = _with_channels(x_train), _with_channels(x_test)
     y_train, y_test = y_train.reshape(-1).astype(np.int32), y_test.reshape(-1).astype(np.int32)
-    classes = int(max(y_train.max(), y_test.max())) + 1
     return train_test_splits(x_train, y_train, x_test, y_test, data, seed, classes, data.rescale or 1 / 255)
 
 
-def load(data, seed: int) -> ArraySource:
-    """A built-in in-memory source (``BUILT_IN``), split by the seed and capped by ``data.limit``."""
+def with_classes(source: ArraySource, where: str, *, num_classes: Optional[int], declared_from: str) -> ArraySource:
+    """The source with its class count resolved (``num_classes``, else its own, ``declared_from``) and
+    the labels of every split checked against it (``labels.resolve``), logged once."""
+    seen = {split: labels.histogram(source.split(split)[1]) for split in labels.SPLITS}
+    classes = labels.resolve(seen, where=where, num_classes=num_classes, declared=source.num_classes,
+                             declared_from=declared_from)
+    labels.report(classes, where)
+    return dataclasses.replace(source, num_classes=classes.count)
+
+
+def load(data, seed: int, num_classes: Optional[int] = None) -> ArraySource:
+    """A built-in in-memory source (``BUILT_IN``), split by the seed, capped by ``data.limit``, its
+    labels checked against ``num_classes`` (``model.num_classes``) or the dataset's own count."""
     if data.source == "digits":
-        source = _load_digits(data, seed)
+        source, origin = _load_digits(data, seed), "the digits dataset"
     elif data.source == "synthetic":
-        source = _load_synthetic(data, seed)
+        source, origin = _load_synthetic(data, seed), "data.synthetic.classes"
     else:
-        source = _load_keras(data, seed)
-    return source.capped(data.limit)
+        source, origin = _load_keras(data, seed), f"the {data.source} dataset"
+    return with_classes(source.capped(data.limit), f"data.source: {data.source}", num_classes=num_classes,
+                        declared_from=origin)

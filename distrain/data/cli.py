@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
+import sys
 from collections import Counter
 from pathlib import Path
 
 from distrain.data import imagefiles, tfrecord
+from distrain.data.tfrecord import DEFAULTS
 from distrain.errors import UsageError
 
 
@@ -39,9 +42,12 @@ def add_parser(subparsers) -> None:
     q.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
                    help="resize and store as JPEG (default: store the files' own bytes)")
     q.add_argument("--channels", type=int, choices=(1, 3), default=3, help="with --image-size (default: 3)")
-    q.add_argument("--seed", type=int, default=0, help="split seed: the job's `seed` (default: 0)")
-    q.add_argument("--validation-split", type=float, default=0.2, help="as data.validation_split (default: 0.2)")
-    q.add_argument("--test-split", type=float, default=0.2, help="as data.test_split (default: 0.2)")
+    q.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                   help=f"split seed: the job's `seed` (default: {DEFAULTS.seed}, a job's default)")
+    q.add_argument("--validation-split", type=float, default=DEFAULTS.data.validation_split,
+                   help=f"as data.validation_split (default: {DEFAULTS.data.validation_split})")
+    q.add_argument("--test-split", type=float, default=DEFAULTS.data.test_split,
+                   help=f"as data.test_split (default: {DEFAULTS.data.test_split})")
     q.add_argument("--quality", type=int, default=95, help="JPEG quality with --image-size (default: 95)")
     q.set_defaults(handler=cmd_pack)
 
@@ -59,7 +65,7 @@ def cmd_pack(args) -> int:
     if not 1 <= args.quality <= 100:
         raise UsageError(f"--quality: expected 1..100, got {args.quality}")
 
-    with _log_to_stderr():
+    with log_to_stderr():
         meta = tfrecord.pack(str(args.folder), str(args.out_dir), shards=args.shards, image_size=args.image_size,
                              channels=args.channels, seed=args.seed, validation_split=args.validation_split,
                              test_split=args.test_split, quality=args.quality)
@@ -71,22 +77,21 @@ def cmd_pack(args) -> int:
 
 
 @contextlib.contextmanager
-def _log_to_stderr():
-    """distrain's warnings (files left out, ...) on stderr while a command runs."""
-    import logging
-    import sys
-
+def log_to_stderr(level: int = logging.INFO):
+    """distrain's log lines from ``level`` up (files left out, the class count, ...) on stderr while a
+    command runs (``data pack``, ``validate``)."""
     log = logging.getLogger("distrain")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    level = log.level
+    handler.setLevel(level)
+    saved = log.level
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
         yield
     finally:
         log.removeHandler(handler)
-        log.setLevel(level)
+        log.setLevel(saved)
 
 
 def inspect_folder(path: str, decode: bool = False) -> dict:
@@ -95,6 +100,10 @@ def inspect_folder(path: str, decode: bool = False) -> dict:
     Args:
         path: a ``class_name/image`` folder.
         decode: also decode every header-valid image with TensorFlow (what training does).
+
+    Raises:
+        UsageError: not a folder of at least two class folders (loose images, one class), in one
+            line saying the layout expected (``imagefiles.layout_problem``).
     """
 
     files, labels, classes = imagefiles.list_image_folder(path, strict=False)
@@ -175,8 +184,6 @@ def cmd_inspect(args) -> int:
     width = max((len(n) for n in info["classes"]), default=0)
     for name, n in info["classes"].items():
         print(f"  {name:<{width}} {n:>9}" + ("  (no readable images: training refuses an empty class)" if not n else ""))
-    if len(info["classes"]) < 2:
-        print("  training needs at least two class folders")
     print("  formats: " + ", ".join(f"{k} {v}" for k, v in info["formats"].items()))
     print("  channels: " + ", ".join(f"{k}: {v}" for k, v in info["channels"].items())
           + ("  (mixed: converted to the model's channels when training)" if len(info["channels"]) > 1 else ""))

@@ -150,6 +150,31 @@ def _images_under(folder: str) -> list[str]:
     return found
 
 
+def layout_problem(path: str, classes: list[str], counts: list[int], loose: int) -> Optional[str]:
+    """Why a folder is not a ``class_name/image`` folder training can use, in one line, or None.
+
+    Args:
+        path: the folder, for the message.
+        classes: its class folders, sorted.
+        counts: images in each class folder.
+        loose: images directly in the folder, outside any class folder.
+    """
+    expected = f"expected one folder per class, {path}/<class_name>/<image> ({', '.join(IMAGE_EXTENSIONS)})"
+    if not classes and loose:
+        return f"data.path: {path} holds {loose} images but no class folders; {expected}, at least two classes"
+    if not classes:
+        return f"data.path: {path} has no class folders and no images; {expected}, at least two classes"
+    if len(classes) == 1:
+        return (f"data.path: {path} has one class folder ({classes[0]}, {counts[0]} images); training needs at least "
+                f"two classes: {expected}")
+    return None
+
+
+def _loose_images(root: Path) -> int:
+    return sum(1 for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
+               and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def list_image_folder(path: str, strict: bool = True) -> tuple[list[str], np.ndarray, list[str]]:
     """Files and labels of a ``class_name/image.jpg`` folder, classes in sorted order.
 
@@ -158,18 +183,18 @@ def list_image_folder(path: str, strict: bool = True) -> tuple[list[str], np.nda
 
     Args:
         path: the folder.
-        strict: refuse what training cannot use (``False``: list it, for ``distrain data inspect``).
+        strict: refuse a class folder without images (``False``: list it, for ``distrain data inspect``).
 
     Raises:
-        UsageError: not a directory; with ``strict``: fewer than two classes, or a class folder
-            without images.
+        UsageError: not a directory, not a folder of class folders (``layout_problem``: loose
+            images, no class folder, one class); with ``strict``: a class folder without images.
     """
     root = Path(path)
     if not root.is_dir():
         raise UsageError(f"data.path: {path} is not a directory on {socket.gethostname()} (every node must "
                          f"see the data at the same path: a shared filesystem or a copy on each node)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files, labels = [], []
+    files, labels, counts = [], [], []
     for label, name in enumerate(classes):
         found = sorted(_images_under(str(root / name)))
         if not found and strict:
@@ -177,9 +202,13 @@ def list_image_folder(path: str, strict: bool = True) -> tuple[list[str], np.nda
                              f"add images or remove the folder")
         files += found
         labels += [label] * len(found)
-    if len(classes) < 2 and strict:
-        raise UsageError(f"data.path: {path}: expected at least two class folders with images "
-                         f"({', '.join(IMAGE_EXTENSIONS)}), found {len(classes)} classes, {len(files)} images")
+        counts.append(len(found))
+    loose = _loose_images(root)
+    problem = layout_problem(path, classes, counts, loose)
+    if problem:
+        raise UsageError(problem)
+    if loose:
+        log.warning("data.path: %d images directly in %s are in no class folder: not used", loose, path)
     return files, np.asarray(labels, np.int32), classes
 
 

@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from distrain.data import imagefiles
+from distrain.data import labels as label_rules
 from distrain.data.pipelines import DecodedImages, DecodedPipelines, index_stream, replica_batches
 from distrain.data.splits import split_indices
 
@@ -97,27 +98,34 @@ class ImageFolderSource(DecodedImages):
         return len(self.test)
 
 
-def load(data, seed: int, channels: int) -> ImageFolderSource:
+def load(data, seed: int, channels: int, num_classes: Optional[int] = None) -> ImageFolderSource:
     """Lists the folder and checks every file's header; nothing is decoded here.
 
+    The class count is ``num_classes`` (``model.num_classes``), else the class folders; the labels
+    of every split are checked against it (``labels.resolve``).
+
     Raises:
-        UsageError: the folder is missing, has no class folders or no readable image (names it).
+        UsageError: the folder is missing, has fewer than two class folders or no readable image, or
+            a class folder beyond ``num_classes`` (names it).
     """
     files, labels, classes = imagefiles.list_image_folder(data.path)
     infos = imagefiles.scan(files)
     files, labels, infos = imagefiles.drop_unreadable(files, labels, infos, data.path)
     imagefiles.warn_mixed_channels(infos, channels, data.path)
     test, val, train = split_indices(len(files), (data.test_split, data.validation_split * (1 - data.test_split)), seed)
+    if data.limit:
+        train, val, test = train[:data.limit], val[:data.limit], test[:data.limit]
+    where = f"data.path: {data.path}"
+    resolved = label_rules.resolve({"train": label_rules.histogram(labels[train]),
+                                    "validation": label_rules.histogram(labels[val]),
+                                    "test": label_rules.histogram(labels[test])},
+                                   where=where, num_classes=num_classes, declared=len(classes),
+                                   declared_from="the class folders", names=classes)
     image_shape = (*data.image_size, channels)
     cache_key = imagefiles.cache_key(files, infos, data.image_size, channels) if data.cache != "none" else None
     imagefiles.check_cache_room(data.cache, len(files), image_shape)
     log.info("data.path %s: %d images in %d classes (train %d, validation %d, test %d), streamed",
              data.path, len(files), len(classes), len(train), len(val), len(test))
-    source = ImageFolderSource(np.asarray(files), np.asarray(labels, np.int32), train, val, test, len(classes),
-                               data.rescale or 1 / 255, image_shape, data.cache, cache_key)
-    if data.limit:
-        source = dataclasses.replace(source, train=train[:data.limit], validation=val[:data.limit],
-                                     test=test[:data.limit])
-    return source
-
-
+    label_rules.report(resolved, where)
+    return ImageFolderSource(np.asarray(files), np.asarray(labels, np.int32), train, val, test, resolved.count,
+                             data.rescale or 1 / 255, image_shape, data.cache, cache_key)

@@ -2,7 +2,7 @@
 
 Layout of a packed directory::
 
-    distrain-data.json                    classes, counts, image size, split, shards (written last)
+    distrain-data.json                    classes, counts (per class too), image size, split, shards (written last)
     train-00000-of-00008.tfrecord ...     records: image (encoded bytes), label, index
     val-00000-of-00001.tfrecord ...
     test-00000-of-00001.tfrecord ...
@@ -40,10 +40,12 @@ from typing import Optional
 import numpy as np
 
 from distrain.data import imagefiles
+from distrain.data import labels as label_rules
 from distrain.data.pipelines import DecodedImages, DecodedPipelines, replica_batches
 from distrain.data.splits import split_indices
 from distrain.errors import UsageError
 from distrain.rundir import replacing, write_atomically
+from distrain.spec import JobSpec
 
 log = logging.getLogger("distrain")
 
@@ -52,6 +54,7 @@ FORMAT = "distrain-tfrecord-1"
 SPLITS = ("train", "val", "test")  # as packed: file names and distrain-data.json
 PACKED_SPLIT = {"train": "train", "validation": "val", "test": "test"}  # a pipeline's split -> its packed name
 CYCLE_LENGTH = 8  # shards a pipeline reads at once
+DEFAULTS = JobSpec()  # pack splits with a job's default seed and fractions unless told otherwise
 SHUFFLE_WINDOW = 1024  # records shuffled together; pack already wrote the examples in a seeded order
 
 
@@ -203,11 +206,23 @@ class TFRecordSource(DecodedImages):
         return self.records.counts[PACKED_SPLIT["test"]]
 
 
-def load(data, channels: int, shard: tuple[int, int]) -> TFRecordSource:
+def label_counts(records: Records) -> dict[str, dict[int, int]]:
+    """``{split: {label: examples}}`` (the pipelines' split names) from the metadata; empty for a pack
+    written before ``pack`` recorded them."""
+    counts = records.metadata.get("label_counts") or {}
+    return {split: {label: n for label, n in enumerate(counts[packed]) if n}
+            for split, packed in PACKED_SPLIT.items() if packed in counts}
+
+
+def load(data, channels: int, shard: tuple[int, int], num_classes: Optional[int] = None) -> TFRecordSource:
     """The packed directory ``data.path`` for pipeline ``shard[0]`` of ``shard[1]``.
 
+    The class count is ``num_classes`` (``model.num_classes``), else the pack's classes; the labels
+    the metadata counts are checked against it (``labels.resolve``).
+
     Raises:
-        UsageError: no metadata, a missing shard, or fewer training shards than pipelines.
+        UsageError: no metadata, a missing shard, fewer training shards than pipelines, or labels
+            beyond ``num_classes``.
     """
     records = read_metadata(data.path)
     train_counts = [c for _, c in records.shards["train"]]
@@ -215,6 +230,9 @@ def load(data, channels: int, shard: tuple[int, int]) -> TFRecordSource:
     if len(train_counts) < num_pipelines:
         raise UsageError(f"data.path: {data.path} has {len(train_counts)} training shards for {num_pipelines} input "
                          f"pipelines; pack again with --shards {num_pipelines} or a multiple of it")
+    where = f"data.path: {data.path}"
+    classes = label_rules.resolve(label_counts(records), where=where, num_classes=num_classes,
+                                  declared=len(records.classes), declared_from=f"its {METADATA}", names=records.classes)
     usable = usable_per_pipeline(train_counts, num_pipelines) * num_pipelines
     counts = records.counts
     if usable < counts["train"]:
@@ -225,13 +243,14 @@ def load(data, channels: int, shard: tuple[int, int]) -> TFRecordSource:
     log.info("data.path %s: TFRecord, %d classes (train %d in %d shards, validation %d, test %d; split fixed by "
              "`distrain data pack` with seed %s)", data.path, len(records.classes), counts["train"], len(train_counts),
              counts["val"], counts["test"], meta.get("seed"))
+    label_rules.report(classes, where)
     imagefiles.check_cache_room(data.cache, records.total, (*data.image_size, channels))
     key = None
     if data.cache != "none":
         # A new pack (or a different decoded shape) is a new cache.
         text = (records.root / METADATA).read_bytes() + f"{list(data.image_size)} {channels}".encode()
         key = hashlib.sha256(text).hexdigest()[:16]
-    return TFRecordSource(records, usable, len(records.classes), data.rescale or 1 / 255, (*data.image_size, channels),
+    return TFRecordSource(records, usable, classes.count, data.rescale or 1 / 255, (*data.image_size, channels),
                           data.cache, key)
 
 
@@ -287,8 +306,8 @@ def _shard_plan(count: int, shards: int) -> list[int]:
 
 
 def pack(folder: str, out_dir: str, *, shards: int, image_size: Optional[list[int]] = None, channels: int = 3,
-         seed: int = 0, validation_split: float = 0.2, test_split: float = 0.2, quality: int = 95,
-         progress: bool = True) -> dict:
+         seed: int = DEFAULTS.seed, validation_split: float = DEFAULTS.data.validation_split,
+         test_split: float = DEFAULTS.data.test_split, quality: int = 95, progress: bool = True) -> dict:
     """Writes an image folder as TFRecord shards plus ``distrain-data.json``.
 
     The split is the one ``data.source: image_folder`` makes with the same seed and fractions.
@@ -302,7 +321,9 @@ def pack(folder: str, out_dir: str, *, shards: int, image_size: Optional[list[in
         shards: training shards; a multiple of the number of input pipelines you will train with.
         image_size: resize to [height, width] and store as JPEG; None stores the files' own bytes.
         channels: with ``image_size``: 1 or 3.
-        seed, validation_split, test_split: the split, as in the job's ``seed`` and ``data`` keys.
+        seed, validation_split, test_split: the split, as in the job's ``seed`` and ``data`` keys
+            (their defaults are a job's defaults: an unpacked folder read by a job that sets none of
+            them splits the same way).
         quality: JPEG quality with ``image_size``.
         progress: print a progress bar on stderr.
 
@@ -334,7 +355,7 @@ def pack(folder: str, out_dir: str, *, shards: int, image_size: Optional[list[in
                 return tf.identity(contents)
         return tf.io.encode_jpeg(imagefiles.decode(tf, contents, list(image_size), channels), quality=quality)
 
-    splits_meta, failed, next_index = {}, [], 0
+    splits_meta, failed, next_index, per_class = {}, [], 0, {}
     bar = Progress(len(files), f"packing {folder}") if progress else None
     for split, idx in (("train", train), ("val", val), ("test", test)):
         n_shards = shards if split == "train" else max(1, round(shards * len(idx) / max(len(train), 1)))
@@ -342,6 +363,8 @@ def pack(folder: str, out_dir: str, *, shards: int, image_size: Optional[list[in
                                                   bar)
         failed += lost
         splits_meta[split] = {"count": sum(e["count"] for e in entries), "shards": entries}
+        written = np.asarray(labels)[idx][~np.isin(np.asarray(files)[idx], lost)] if len(idx) else np.zeros(0, int)
+        per_class[split] = np.bincount(written, minlength=len(classes)).tolist()
     if bar:
         bar.close()
     if failed:
@@ -350,7 +373,7 @@ def pack(folder: str, out_dir: str, *, shards: int, image_size: Optional[list[in
     meta = {"format": FORMAT, "classes": classes, "image_size": list(image_size) if image_size else None,
             "channels": channels if image_size else None, "encoding": "jpeg" if image_size else "original",
             "source": str(Path(folder).resolve()), "seed": seed, "validation_split": validation_split,
-            "test_split": test_split, "splits": splits_meta, "failed_to_decode": failed}
+            "test_split": test_split, "splits": splits_meta, "label_counts": per_class, "failed_to_decode": failed}
     write_atomically(out / METADATA, json.dumps(meta, indent=1))  # last: a directory with metadata is complete
     return meta
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from distrain.data import labels
 from distrain.data.arrays import ArraySource, train_test_splits
 from distrain.data.pipelines import Pipelines, replica_batches
 from distrain.errors import UsageError
@@ -41,7 +42,8 @@ def check_arrays(text: str, where: str, result: Any, num_classes: Optional[int] 
 
     Returns:
         ``(x_train, y_train, x_test, y_test, classes)``: images with a channel axis, ``int32``
-        labels, and the class count (``num_classes`` if given, else the largest label + 1).
+        labels, and the ``labels.Classes`` (``num_classes`` if given, else the largest training
+        label + 1).
 
     Raises:
         UsageError: one line naming the reference, its file and what was expected.
@@ -81,24 +83,21 @@ def check_arrays(text: str, where: str, result: Any, num_classes: Optional[int] 
     (x_train, y_train), (x_test, y_test) = out
     if x_train.shape[1:] != x_test.shape[1:]:
         raise bad(f"train images of {_shape(x_train[0])} but test images of {_shape(x_test[0])}")
-    low = int(min(y_train.min(), y_test.min()))
-    high = int(max(y_train.max(), y_test.max()))
-    classes = num_classes or high + 1
-    if low < 0 or high >= classes:
-        raise UsageError(f"{KEY}: {text}: {where} returned labels from {low} to {high}; expected classes "
-                         f"0 .. {classes - 1}" + (" (model.num_classes)" if num_classes else ""))
-    if classes < 2:
-        raise bad(f"labels of one class only ({low})")
+    # The label rules of every source (data/labels.py), on the arrays as the function returned them.
+    classes = labels.resolve({"train": labels.histogram(y_train), "test": labels.histogram(y_test)},
+                             where=f"{KEY}: {text}: {where} returned labels", num_classes=num_classes)
     return x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32), classes
 
 
 def load_arrays(data, seed: int, fn: Callable, text: str, num_classes: Optional[int] = None) -> ArraySource:
-    """A ``load_data``-style function's arrays as an ``ArraySource`` (validation cut by the seed)."""
+    """A ``load_data``-style function's arrays as an ``ArraySource`` (validation cut by the seed), their
+    labels checked against ``num_classes`` (``model.num_classes``) or the training labels' count."""
     result = fn()  # the user's exceptions keep their own traceback
     x_train, y_train, x_test, y_test, classes = check_arrays(
         text, f"{getattr(fn, '__name__', text)} ({defined_at(fn)})", result, num_classes)
+    labels.report(classes, f"{KEY}: {text}")
     rescale = data.rescale or (1 / 255 if x_train.dtype == np.uint8 else 1.0)
-    return train_test_splits(x_train, y_train, x_test, y_test, data, seed, classes, rescale).capped(data.limit)
+    return train_test_splits(x_train, y_train, x_test, y_test, data, seed, classes.count, rescale).capped(data.limit)
 
 
 # ----------------------------------------------------------------------------- tf.data
@@ -149,26 +148,32 @@ def _dataset(tf, fn, text: str, input_context, split: str):
     return ds
 
 
-def _count(tf, ds) -> tuple[int, int]:
-    """(examples, largest label) of a finite split: one pass over it."""
-    def step(acc, example):
-        return acc[0] + 1, tf.maximum(acc[1], tf.cast(example[1], tf.int64))
+def _count(tf, ds) -> int:
+    """Examples of a finite split: one pass over it."""
+    return int(ds.reduce(np.int64(0), lambda count, _: count + 1))
 
-    count, top = ds.reduce((np.int64(0), np.int64(-1)), step)
-    return int(count), int(top)
+
+def _label_counts(ds) -> dict[int, int]:
+    """``{label: examples}`` of a finite split: one pass over it."""
+    counts: dict[int, int] = {}
+    for batch in ds.map(lambda image, label: label).batch(4096).as_numpy_iterator():
+        for label, n in labels.histogram(batch).items():
+            counts[label] = counts.get(label, 0) + n
+    return counts
 
 
 def _size(tf, ds) -> int:
     n = int(ds.cardinality())
-    return n if n >= 0 else _count(tf, ds)[0]
+    return n if n >= 0 else _count(tf, ds)
 
 
-def load_datasets(data, fn: Callable, text: str) -> DatasetSource:
+def load_datasets(data, fn: Callable, text: str, num_classes: Optional[int] = None) -> DatasetSource:
     """Inspects a ``fn(input_context, split)`` source: shapes, classes and split sizes.
 
-    Validation and test are read once (their sizes and largest label); the training split only
-    when its cardinality is unknown. The class count is the largest validation or test label + 1
-    (``model.num_classes`` overrides it).
+    Validation and test are read once (their sizes and labels); the training split only when its
+    cardinality is unknown (its labels are not read). The class count is ``num_classes``
+    (``model.num_classes``), else the largest validation or test label + 1; the labels of both
+    splits are checked against it (``labels.resolve``).
     """
     import tensorflow as tf
 
@@ -180,24 +185,25 @@ def load_datasets(data, fn: Callable, text: str) -> DatasetSource:
     train = _dataset(tf, fn, text, one, "train")
     shape = tuple(train.element_spec[0].shape.as_list())
     shape = (*shape, 1) if len(shape) == 2 else shape
-    sizes, top = {}, -1
+    seen = {}
     for split in ("validation", "test"):
         ds = _dataset(tf, fn, text, one, split)
         if ds is None:
-            sizes[split] = 0
             continue
         if tuple(ds.element_spec[0].shape.as_list()[:2]) != shape[:2]:
             raise UsageError(f"{KEY}: {text}: split {split!r} has images of {ds.element_spec[0].shape}, "
                              f"the training split of {list(shape)}")
         if int(ds.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
             raise UsageError(f"{KEY}: {text}: split {split!r} is infinite; expected every example once (no repeat())")
-        sizes[split], split_top = _count(tf, ds)
-        top = max(top, split_top)
+        seen[split] = _label_counts(ds)
+    sizes = {split: sum(seen.get(split, {}).values()) for split in ("validation", "test")}
     if not sizes["test"]:
         raise UsageError(f"{KEY}: {text}: split 'test' is empty; expected every test example once")
     if int(train.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
         raise UsageError(f"{KEY}: {text}: split 'train' is infinite; expected one pass (distrain repeats it)")
-    return DatasetSource(fn, text, max(top + 1, 2), shape, _size(tf, train), sizes["validation"], sizes["test"])
+    classes = labels.resolve(seen, where=f"{KEY}: {text}", num_classes=num_classes)
+    labels.report(classes, f"{KEY}: {text}")
+    return DatasetSource(fn, text, classes.count, shape, _size(tf, train), sizes["validation"], sizes["test"])
 
 
 class DatasetPipelines(Pipelines):
@@ -237,10 +243,10 @@ class DatasetPipelines(Pipelines):
         return replica_batches(tf, ds, per_replica, local_replicas)
 
 
-def load(data, seed: int):
+def load(data, seed: int, num_classes: Optional[int] = None):
     """``data.source`` as a reference: an ``ArraySource`` for ``fn()``, a ``DatasetSource`` for
-    ``fn(input_context, split)``."""
+    ``fn(input_context, split)``; ``num_classes`` is ``model.num_classes``, if set."""
     fn, kind = data_function(data.source)
     if kind == ARRAYS:
-        return load_arrays(data, seed, fn, data.source)
-    return load_datasets(data, fn, data.source)
+        return load_arrays(data, seed, fn, data.source, num_classes)
+    return load_datasets(data, fn, data.source, num_classes)

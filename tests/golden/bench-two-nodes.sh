@@ -5,7 +5,8 @@
 #   output file gets images/s, step time (compute vs communication) and the scaling efficiency;
 #   BENCH_ARGS=(--json) below makes it one JSON object (docs/bench.md).
 #
-# Run from the distrain checkout (every node must see it and the job file at the same paths):
+# Run from the distrain checkout or any other directory (every node must see both and the job file
+# at the same paths):
 #   sbatch SCRIPT                                            as rendered (2 nodes)
 #   sbatch --nodes=1 SCRIPT                                  one node: the efficiency within a node
 #   DISTRAIN=$PWD/.venv/bin/distrain sbatch SCRIPT           a distrain not on PATH
@@ -28,7 +29,7 @@
 #SBATCH --no-requeue
 #SBATCH --signal=USR1@90
 
-# Settings (relative paths are from the directory sbatch ran in).
+# Settings (relative paths are from the directory sbatch ran in; JOB, if not there, from the checkout).
 JOB=jobs/mobilenet.yaml
 SET=()  # --set overrides for every run, e.g. SET=(train.epochs=3 data.batch_size_per_replica=128)
 RUNS_DIR=runs  # the run dir: RUNS_DIR/<job name>/bench-slurm-$SLURM_JOB_ID
@@ -39,8 +40,16 @@ SRUN_ARGS=()  # more srun options, e.g. (--mpi=pmix) for an MPI build of Horovod
 MODE=bench  # distrain bench instead of distrain train
 BENCH_ARGS=()  # more distrain bench options, e.g. (--steps 100 --json)
 
-# The common launcher: checks, TensorBoard hints, srun, requeue (read it for the details).
-launch=${DISTRAIN_LAUNCH:-slurm/distrain-launch.sh}
-[[ -f $launch ]] || { echo "$launch: not found in $PWD; sbatch from the distrain checkout" >&2; exit 2; }
+# The common launcher: checks, TensorBoard hints, srun, requeue (read it for the details). It is
+# looked for beside this script (sbatch runs a copy; SLURM's Command= names the original),
+# then in ./slurm/ of the directory sbatch ran in; DISTRAIN_LAUNCH=/path/to/distrain-launch.sh overrides.
+script=${BASH_SOURCE[0]}
+[[ -n ${SLURM_JOB_ID:-} ]] && script=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null |
+  sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | grep . || echo "$script")
+launch=${DISTRAIN_LAUNCH:-}
+for found in "$(dirname "$script")/distrain-launch.sh" slurm/distrain-launch.sh; do
+  [[ -z $launch && -f $found ]] && launch=$found
+done
+[[ -f $launch ]] || { echo "distrain-launch.sh: not found${launch:+ at $launch} (looked beside $script and in $PWD/slurm); set DISTRAIN_LAUNCH=/path/to/distrain/slurm/distrain-launch.sh" >&2; exit 2; }
 # shellcheck source=slurm/distrain-launch.sh
 source "$launch"
