@@ -301,7 +301,8 @@ def run_bench(spec, *, steps: int, warmup: int, baseline: Optional[Baseline] | s
     out = {"job": spec.name, "model": spec.model.name, "input_shape": list(shape), "num_classes": classes,
            "launcher": world.launcher, "strategy": summary["strategy"], "workers": world.world_size,
            "replicas": replicas, "per_replica_batch": spec.data.batch_size_per_replica,
-           "global_batch": global_batch, "mixed_precision": spec.distribute.mixed_precision}
+           "global_batch": global_batch, "precision": summary["precision"],
+           "jit_compile": summary["jit_compile"]}
     if baseline is not None and baseline.source == "self":
         result = summarize(timer.times, warmup=warmup, global_batch=global_batch, replicas=replicas, baseline=None)
         baseline = Baseline(result["images_per_s_per_replica"], result["step_time_s"]["median"], "self")
@@ -321,6 +322,7 @@ def format_result(r: dict) -> str:
         f"{r['num_classes']} classes, synthetic data",
         f"{r['launcher']} launcher, strategy {r['strategy']}: {r['workers']} worker(s), {r['replicas']} replica(s), "
         f"global batch {r['global_batch']} = {r['per_replica_batch']} x {r['replicas']}",
+        f"precision {r['precision']}{', XLA' if r['jit_compile'] else ''}; "
         f"{r['steps']} timed steps after {r['warmup_steps']} warm-up steps",
         f"  images/s total        {r['images_per_s']:10.1f}",
         f"  images/s per replica  {r['images_per_s_per_replica']:10.1f}",
@@ -383,6 +385,6 @@ def cmd_bench(args) -> int:
 def result_keys() -> tuple[str, ...]:
     """The top-level keys of ``--json`` (documented in docs/bench.md, checked by the tests)."""
     return ("job", "model", "input_shape", "num_classes", "launcher", "strategy", "workers", "replicas",
-            "per_replica_batch", "global_batch", "mixed_precision", "steps", "warmup_steps", "step_time_s",
+            "per_replica_batch", "global_batch", "precision", "jit_compile", "steps", "warmup_steps", "step_time_s",
             "images_per_s", "images_per_s_per_replica", "compute_s_per_step", "communication_s_per_step",
             "efficiency", "baseline")

@@ -15,6 +15,7 @@ from distrain.backends.factory import choose_strategy
 from distrain.bench import add_parser as add_bench_parser
 from distrain.data.cli import add_parser as add_data_parser
 from distrain.data.cli import log_to_stderr
+from distrain.doctor import add_parser as add_doctor_parser
 from distrain.errors import EXIT_FAILED, EXIT_USAGE, TrainingStopped, UsageError
 from distrain.launch import register_parsers
 from distrain.models import MODELS, REGISTRY_CLASSES, describe, is_user_model
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     add_data_parser(sub)
     add_bench_parser(sub)
+    add_doctor_parser(sub)
     _add_launcher_parsers(sub)
     return parser
 

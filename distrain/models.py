@@ -20,6 +20,11 @@ from distrain import lr, user_code
 if TYPE_CHECKING:
     import tensorflow as tf
 
+# The classifier layer of every course model computes in float32 whatever ``train.precision``: a
+# float16 softmax rounds probabilities near 0 and 1, and the loss is computed from them (TensorFlow's
+# mixed-precision guide keeps the model's output in float32). Under float32 nothing changes.
+OUTPUT_DTYPE = "float32"
+
 
 def build_mlp(
     input_shape: tuple[int, ...],
@@ -57,7 +62,8 @@ def build_mlp(
     if dropout > 0:
         model.add(layers.Dropout(dropout))
     model.add(
-        layers.Dense(num_classes, activation="softmax", kernel_regularizer=kernel_regularizer)
+        layers.Dense(num_classes, activation="softmax", kernel_regularizer=kernel_regularizer,
+                     dtype=OUTPUT_DTYPE)
     )
     return model
 
@@ -104,7 +110,8 @@ def build_cnn(
     if dropout > 0:
         model.add(layers.Dropout(dropout))
     model.add(
-        layers.Dense(num_classes, activation="softmax", kernel_regularizer=kernel_regularizer)
+        layers.Dense(num_classes, activation="softmax", kernel_regularizer=kernel_regularizer,
+                     dtype=OUTPUT_DTYPE)
     )
     return model
 
@@ -117,7 +124,8 @@ def _pooled_classifier(x, num_classes, dropout, kernel_regularizer):
     x = layers.GlobalAveragePooling2D()(x)
     if dropout > 0:
         x = layers.Dropout(dropout)(x)
-    return layers.Dense(num_classes, activation="softmax", kernel_regularizer=kernel_regularizer)(x)
+    return layers.Dense(num_classes, activation="softmax", kernel_regularizer=kernel_regularizer,
+                        dtype=OUTPUT_DTYPE)(x)
 
 
 def build_residual(

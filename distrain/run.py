@@ -107,7 +107,9 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
     record_segment(ctx)
     from distrain.callbacks import RunState
 
-    with dist.collective_deadline():  # from the first collective (the weights' broadcast) to the last
+    # The deadline runs from the first collective (the weights' broadcast) to the last; the dtype
+    # policy from before the model is built to after its evaluation and saving.
+    with dist.collective_deadline(), factory.precision_policy(spec.train.precision):
         trainee = build_trainee(ctx)
         inputs = build_inputs(ctx, data)
         state = RunState(ctx)
@@ -214,7 +216,10 @@ def build_trainee(ctx: RunContext) -> Trainee:
         model = startup.build_job_model(spec, ctx.input_shape, ctx.num_classes)
         optimizer = dist.wrap_optimizer(_optimizer(tf, spec, lr_lib.keras_schedule(ctx.plan)))
         loss, metrics = compile_args(spec.train)
-        model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+        # Under mixed_float16 compile wraps the optimizer in a LossScaleOptimizer (dynamic loss
+        # scaling, docs/precision.md); ``optimizer`` stays the inner one, which holds the step count.
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
+                      jit_compile=jit_compile(spec.train.jit_compile, dist.name))
         # Keras's metric results are already global (computed in a merge_call); its default "auto"
         # reduction then sums them over MultiWorkerMirroredStrategy's workers, so step logs and the
         # progress bar would show N x the loss. "first" takes them as they are.
@@ -228,6 +233,34 @@ def build_trainee(ctx: RunContext) -> Trainee:
                            f"step {restored}")
     dist.broadcast_initial_state(model, optimizer)
     return Trainee(model, optimizer, backup, files)
+
+
+# Why an XLA-compiled step cannot run under a strategy (tf-keras 2.21, TensorFlow 2.21, tried on CPU:
+# docs/precision.md); the run then trains without XLA, with one notice.
+JIT_UNSUPPORTED = {
+    "mirrored": "XLA cannot compile MirroredStrategy's step over several devices here (on CPU: \"Trying to "
+                "access resource ... located in device CPU:1 from device CPU:0\"; on GPUs untested, and "
+                "keras-team/keras#21366 crashes with mixed_float16)",
+    "multi_worker": "XLA does not compile collectives on CPU (\"Collectives are not yet implemented for CPU "
+                    "devices when compiling with XLA\"); on GPUs untested, and tensorflow/tensorflow#120998 "
+                    "reports wrong reduced gradients with mixed_float16",
+    "horovod": "Horovod's allreduce is not an XLA op in our build (HOROVOD_ENABLE_XLA_OPS is off); untested",
+}
+
+
+def jit_compile(requested: bool, strategy: str) -> bool:
+    """``train.jit_compile`` for this strategy: XLA where tf-keras compiles the step (one_device),
+    else False with one notice naming why (``JIT_UNSUPPORTED``).
+
+    Example:
+        >>> jit_compile(True, "one_device"), jit_compile(False, "mirrored")
+        (True, False)
+    """
+    if not requested or strategy not in JIT_UNSUPPORTED:
+        return requested
+    log.warning("train.jit_compile: the step runs without XLA under strategy %s: %s", strategy,
+                JIT_UNSUPPORTED[strategy])
+    return False
 
 
 def build_inputs(ctx: RunContext, data) -> Inputs:
@@ -342,6 +375,7 @@ def finish(ctx: RunContext, trainee: Trainee, state, history, test: dict, data, 
     if ctx.is_chief:
         write_test_metrics(ctx.run_dir, test, epoch=steps_done // ctx.steps_per_epoch)
     summary = run_summary(ctx, state, history, test, data, steps_done, time.time() - started)
+    summary["jit_compile"] = bool(trainee.model.jit_compile)  # as Keras compiled it (it may refuse XLA itself)
     save_artefacts(ctx, trainee, summary)
     trainee.files.cleanup()
     log.info("test accuracy %.4f, loss %.4f (%d examples); run dir %s", test.get("accuracy", float("nan")),
@@ -358,6 +392,8 @@ def run_summary(ctx: RunContext, state, history, test: dict, data, steps_done: i
         "num_workers": world.num_workers, "launcher": world.launcher, "strategy": ctx.dist.name,
         "replicas": ctx.replicas, "global_batch": ctx.global_batch, "per_replica_batch": ctx.per_replica_batch,
         "accumulation_steps": ctx.accumulation_steps, "steps_per_epoch": ctx.steps_per_epoch,
+        "precision": ctx.spec.train.precision,
+        "jit_compile": ctx.spec.train.jit_compile and ctx.dist.name not in JIT_UNSUPPORTED,  # finish: as compiled
         "steps": steps_done, "resumed_from_step": ctx.start_step,
         "epochs_completed": steps_done // ctx.steps_per_epoch, "synthetic_data": data.synthetic,
         "test": {k: float(v) for k, v in test.items()},

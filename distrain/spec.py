@@ -29,6 +29,7 @@ log = logging.getLogger("distrain")
 DATA_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder", "tfrecord", "synthetic")
 STREAMED_SOURCES = ("image_folder", "tfrecord")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "horovod")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 def _check(*, choices: Sequence[Any] = (), min: float | None = None, max: float | None = None,
@@ -124,6 +125,8 @@ class TrainSpec:
     loss: str = field(default="sparse_categorical_crossentropy", metadata=_check(doc="a Keras loss name or your own: package.module:function"))
     metrics: list[str] = field(default_factory=lambda: ["accuracy"], metadata=_check(doc="Keras metric names or references"))
     from_logits: bool = field(default=False, metadata=_check(doc="the model ends without a softmax (crossentropy losses)"))
+    precision: str = field(default="float32", metadata=_check(choices=PRECISIONS, doc="Keras's dtype policy for the run: mixed_float16 computes in float16 with dynamic loss scaling, mixed_bfloat16 in bfloat16; variables and the model's output stay float32 (docs/precision.md)"))
+    jit_compile: bool = field(default=False, metadata=_check(doc="XLA-compile the training and evaluation steps (model.compile(jit_compile=True)); docs/precision.md says under which strategies"))
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,7 @@ class DistributeSpec:
     strategy: str = field(default="auto", metadata=_check(choices=STRATEGIES, doc="auto: horovod under horovodrun/mpirun, multi_worker with several workers, mirrored with several GPUs, else one_device (docs/distributed.md)"))
     devices: list[str] = field(default_factory=list, metadata=_check(doc="mirrored: explicit devices, e.g. [/gpu:0, /gpu:1]"))
     cpu_devices: int = field(default=0, metadata=_check(min=0, doc="split the CPU into N logical devices, to try mirrored without GPUs"))
-    mixed_precision: bool = field(default=False, metadata=_check(doc="Keras's mixed_float16 policy: float16 compute, float32 variables (on GPUs with tensor cores)"))
+    mixed_precision: bool = field(default=False, metadata=_check(doc="deprecated: true is train.precision: mixed_float16 (with a notice); use train.precision"))
     memory_growth: bool = field(default=True, metadata=_check(doc="GPUs: TensorFlow takes memory as it needs it, not all of every GPU at start"))
     collective_timeout_s: float = field(default=300.0, metadata=_check(min=0.0, min_exclusive=True, doc="multi_worker: a worker whose run makes no progress (no step, epoch or evaluation batch ends) for this long aborts its collectives and exits 76; the first step's tracing counts"))
     startup_timeout_s: float = field(default=300.0, metadata=_check(min=0.0, min_exclusive=True, doc="how long workers wait for each other at start-up, before the strategy is built; then exit 76 naming the missing ones"))
@@ -383,6 +386,25 @@ def _check_cross_fields(spec: JobSpec) -> None:
         raise _Invalid("name", f"expected a plain name usable as a directory, got {_show(spec.name)}")
 
 
+def _resolve_precision(spec: JobSpec, raw: dict) -> JobSpec:
+    """``distribute.mixed_precision: true`` (the old key) as ``train.precision: mixed_float16``, with
+    a one-line notice; the resolved spec (and so the run dir's ``job.yaml``) holds the new key only.
+
+    Raises:
+        _Invalid: both keys given and they disagree.
+    """
+    if not spec.distribute.mixed_precision:
+        return spec
+    train = raw.get("train")
+    given = train.get("precision") if isinstance(train, dict) else None
+    if given is not None and spec.train.precision != "mixed_float16":
+        raise _Invalid("distribute.mixed_precision", f"true means train.precision mixed_float16, but train.precision "
+                                                     f"is {spec.train.precision}; set only train.precision")
+    log.warning("distribute.mixed_precision: true is deprecated; it is train.precision: mixed_float16, the key to use")
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, precision="mixed_float16"),
+                               distribute=dataclasses.replace(spec.distribute, mixed_precision=False))
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Splits ``key.path=value``; the value is read as YAML, so ``3`` is an int and ``[1, 2]`` a list."""
     if "=" not in text or not text.split("=", 1)[0].strip():
@@ -439,6 +461,7 @@ def spec_from_dict(raw: Any, *, source: str = "(job)", overrides: Sequence[str] 
         overridden.append(key)
     try:
         spec = _check_model_params(_check_references(_build(JobSpec, raw, ""), Path(base_dir or ".")))
+        spec = _resolve_precision(spec, raw)
         _check_cross_fields(spec)
     except _Invalid as err:
         flag = next((k for k in overridden if err.path == k or err.path.startswith(k + ".")

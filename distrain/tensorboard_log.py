@@ -40,7 +40,7 @@ from distrain.callbacks import StepCallback
 from distrain.lr import SCHEDULES
 from distrain.models import MODELS
 from distrain.rundir import RunDir
-from distrain.spec import DATA_SOURCES, STRATEGIES, TrainSpec, dump_spec
+from distrain.spec import DATA_SOURCES, PRECISIONS, STRATEGIES, TrainSpec, dump_spec
 
 log = logging.getLogger("distrain")
 
@@ -53,7 +53,7 @@ HPARAMS = {
     "global_batch": "examples per optimizer step", "optimizer": "train.optimizer",
     "base_lr": "LR of the spec, before scaling", "peak_lr": "LR after scaling to the global batch",
     "schedule": "train.schedule.name", "warmup_steps": "steps of linear warmup", "epochs": "train.epochs",
-    "steps_per_epoch": "optimizer steps per epoch",
+    "steps_per_epoch": "optimizer steps per epoch", "precision": "train.precision (Keras's dtype policy)",
 }
 # (group, tag) of the metrics shown beside them: the last value written is the run's final one.
 HPARAM_METRICS = ((VALIDATION, "epoch_accuracy"), (VALIDATION, "epoch_loss"), (TRAIN, "epoch_accuracy"),
@@ -288,7 +288,7 @@ def hparam_infos() -> list:
 
     optimizers = next(f for f in dataclasses.fields(TrainSpec) if f.name == "optimizer").metadata["choices"]
     choices = {"model": tuple(MODELS), "data": DATA_SOURCES, "strategy": STRATEGIES, "optimizer": optimizers,
-               "schedule": SCHEDULES}
+               "schedule": SCHEDULES, "precision": PRECISIONS}
     return [hp.HParam(name, hp.Discrete(list(choices[name])) if name in choices else None, description=text)
             for name, text in HPARAMS.items()]
 
@@ -301,7 +301,7 @@ def hparams_of(ctx) -> dict:
         "workers": ctx.world.world_size, "replicas": ctx.replicas, "batch_per_replica": ctx.per_replica_batch,
         "global_batch": ctx.global_batch, "optimizer": spec.train.optimizer, "base_lr": plan.base_lr,
         "peak_lr": plan.peak_lr, "schedule": plan.schedule, "warmup_steps": plan.warmup_steps,
-        "epochs": spec.train.epochs, "steps_per_epoch": ctx.steps_per_epoch,
+        "epochs": spec.train.epochs, "steps_per_epoch": ctx.steps_per_epoch, "precision": spec.train.precision,
     }
 
 

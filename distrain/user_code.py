@@ -27,6 +27,7 @@ import importlib
 import importlib.util
 import inspect
 import itertools
+import logging
 import os
 import re
 import sys
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
 from distrain.errors import UsageError
+
+log = logging.getLogger("distrain")
 
 # module.sub:function or some/path.py:function (a function may be a dotted attribute, Class.create).
 _REFERENCE = re.compile(r"^(?P<target>[^:\s][^:]*?):(?P<attr>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)$")
@@ -306,7 +309,28 @@ def build_user_model(text: str, input_shape: tuple[int, ...], num_classes: int, 
     problem = output_problem(shapes, num_classes, loss)
     if problem:
         raise UsageError(f"{key}: {text}: {getattr(fn, '__name__', text)} ({defined_at(fn)}) {problem}")
-    return model
+    return float32_output(model, f"{key}: {text}")
+
+
+def float32_output(model, where: str):
+    """The model with its output in float32: as it is when it is, else wrapped in a model that casts
+    it, with one log line (``where`` names the model).
+
+    Under ``train.precision`` mixed_float16 or mixed_bfloat16 a model whose last layer follows the
+    policy outputs float16 or bfloat16, and the loss (a softmax's probabilities near 0 and 1 above
+    all) is then computed from rounded values; TensorFlow's mixed-precision guide ends the model in
+    float32. The cast is a float32 linear ``Activation`` after the output, in a functional model over
+    the user's own layers: their weights and names are untouched, one layer (``float32_output``) is added.
+    """
+    import tensorflow as tf
+
+    dtype = tf.as_dtype(model.outputs[0].dtype)
+    if dtype == tf.float32 or not dtype.is_floating:
+        return model
+    log.info("%s: the model's output is %s; distrain casts it to float32 for the loss (end the model with a layer "
+             "of dtype=\"float32\" to do it yourself: docs/precision.md)", where, dtype.name)
+    outputs = tf.keras.layers.Activation("linear", dtype="float32", name="float32_output")(model.outputs[0])
+    return tf.keras.Model(model.inputs, outputs, name=model.name)
 
 
 def expected_output(num_classes: int, loss: str = "sparse_categorical_crossentropy") -> int:

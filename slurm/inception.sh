@@ -1,5 +1,5 @@
 #!/bin/bash
-# inception: jobs/inception.yaml on SLURM: 1 node x 1 task, 2 GPUs per node, strategy mirrored (auto).
+# inception: jobs/inception.yaml on SLURM: 1 node x 1 task, 2 GPUs per node, strategy mirrored (auto), precision float32.
 #   GoogLeNet-style Inception modules on CIFAR-10, with augmentation.
 #
 # Run from the distrain checkout or any other directory (every node must see the checkout, the job

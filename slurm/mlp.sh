@@ -1,5 +1,5 @@
 #!/bin/bash
-# mlp: jobs/mlp.yaml on SLURM: 1 node x 1 task, 1 GPU per node, strategy one_device (auto).
+# mlp: jobs/mlp.yaml on SLURM: 1 node x 1 task, 1 GPU per node, strategy one_device (auto), precision float32.
 #   The course's MLP (Flatten-Dense128-Dropout0.2-Dense10) on Fashion-MNIST.
 #
 # Run from the distrain checkout or any other directory (every node must see the checkout, the job

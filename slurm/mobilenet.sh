@@ -1,5 +1,5 @@
 #!/bin/bash
-# mobilenet: jobs/mobilenet.yaml on SLURM: 1 node x 1 task, 4 GPUs per node, strategy mirrored (auto).
+# mobilenet: jobs/mobilenet.yaml on SLURM: 1 node x 1 task, 4 GPUs per node, strategy mirrored (auto), precision float32.
 #   MobileNetV2 (Sandler et al. 2018) on CIFAR-10, with augmentation; SGD with momentum and the
 #   linear scaling rule with warmup (Goyal et al. 2017) for large global batches.
 #

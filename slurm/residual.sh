@@ -1,5 +1,5 @@
 #!/bin/bash
-# residual: jobs/residual.yaml on SLURM: 1 node x 1 task, 2 GPUs per node, strategy mirrored (auto).
+# residual: jobs/residual.yaml on SLURM: 1 node x 1 task, 2 GPUs per node, strategy mirrored (auto), precision float32.
 #   The course's functional-API residual net on CIFAR-10, with augmentation.
 #
 # Run from the distrain checkout or any other directory (every node must see the checkout, the job

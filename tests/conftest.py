@@ -11,6 +11,7 @@ fail. SLURM and Ray have theirs in ``slurm_cluster.py`` and ``ray_cluster.py``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -231,6 +232,32 @@ def needs_netns() -> None:
     reason = netns_missing()
     if reason:
         skip_or_fail("DISTRAIN_REQUIRE_NETNS", reason)
+
+
+# ----------------------------------------------------------------------------- tests that need a GPU
+
+_GPU_PROBE = ("import distrain\nfrom distrain.tf_startup import import_tensorflow\n"
+              "print(len(import_tensorflow().config.list_physical_devices('GPU')))")
+
+
+@functools.lru_cache(maxsize=None)
+def tensorflow_sees_a_gpu() -> bool:
+    """Whether TensorFlow sees a GPU here, asked once in a child process (this one's TensorFlow stays
+    unconfigured). Without an NVIDIA device node TensorFlow cannot see one: no 5 s child then."""
+    if not any(Path("/dev").glob("nvidia[0-9]*")):
+        return False
+    done = subprocess.run([sys.executable, "-c", _GPU_PROBE], capture_output=True, text=True, timeout=120, cwd=REPO)
+    counted = done.stdout.split()
+    return done.returncode == 0 and bool(counted) and counted[-1] != "0"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` are not collected (deselected, not skipped) unless TensorFlow sees a GPU."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu or tensorflow_sees_a_gpu():
+        return
+    config.hook.pytest_deselected(items=gpu)
+    items[:] = [item for item in items if not item.get_closest_marker("gpu")]
 
 
 # ----------------------------------------------------------------------------- a 2-worker run, once

@@ -49,6 +49,8 @@ RUN: dict[str, tuple[str, ...]] = {
     "distrain validate jobs/examples/inception.yaml": (),
     "distrain train jobs/examples/inception.yaml": (),
     "distrain slurm render jobs/examples/inception.yaml --nodes 2 --gpus-per-node 4 > incep.sh": (),
+    # docs/precision.md
+    "distrain validate jobs/quickstart.yaml --set train.precision=mixed_bfloat16 --set train.jit_compile=true": (),
     # docs/quickstart.md
     ".venv/bin/distrain validate jobs/quickstart.yaml --set train.epochs=20 --set model.name=mlp": (),
     ".venv/bin/distrain train jobs/quickstart.yaml --set train.epochs=20 --set model.name=mlp": (),
@@ -96,6 +98,10 @@ EXCLUDED: dict[str, str] = {
     # docs/data.md
     "distrain data pack data/flowers /shared/flowers-tfr --shards 64 --image-size 224 224": SHARED,
     "distrain data inspect /shared/flowers-tfr": "reads the shards the previous command writes to /shared",
+    # docs/doctor.md
+    "distrain doctor": "about 20 s, over this file's time budget (tests/test_doctor.py runs distrain doctor --json)",
+    "distrain doctor --json > doctor.json": "about 20 s, over this file's time budget (tests/test_doctor.py runs it)",
+    "sbatch --nodes=4 --gres=gpu:8 slurm/doctor.sh": "needs a SLURM cluster with GPU nodes",
     # docs/fault-tolerance.md
     "distrain train --resume runs/cnn/20261127-101500": "an example run dir of a course job; " + COURSE,
     "distrain train --resume RUN_DIR --set train.epochs=20": "RUN_DIR is a placeholder",

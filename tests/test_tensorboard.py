@@ -94,7 +94,7 @@ def test_world_spec_and_hparams_from_the_chief(run):
     assert hparams == {"model": "cnn", "data": "digits", "strategy": "multi_worker", "workers": 2, "replicas": 2,
                        "batch_per_replica": 16, "global_batch": 32, "optimizer": "sgd",
                        "base_lr": pytest.approx(0.05), "peak_lr": pytest.approx(0.1), "schedule": "cosine",
-                       "warmup_steps": 3, "epochs": 2, "steps_per_epoch": 6}
+                       "warmup_steps": 3, "epochs": 2, "steps_per_epoch": 6, "precision": "float32"}
     assert start.group_name == f"tbjob/{run.run_dir.name}"
     experiment = metadata.parse_experiment_plugin_data(root.SummaryMetadata("_hparams_/experiment").plugin_data.content)
     assert {i.name for i in experiment.hparam_infos} == set(hparams)

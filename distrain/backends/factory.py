@@ -6,6 +6,7 @@ launchers and the unit tests can call them; ``build`` imports TensorFlow and ret
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from distrain.backends import tensorflow
@@ -81,6 +82,26 @@ def _configure_devices(tf, spec_distribute) -> list:
     return gpus
 
 
+@contextlib.contextmanager
+def precision_policy(precision: str):
+    """Keras's global dtype policy is ``precision`` (``train.precision``) inside the block, and what
+    it was before after it.
+
+    The policy is global to the process, and the layers take it when they are built: a run sets
+    it before its model is built, and a notebook (or a test) that trains several runs in one
+    process gets each run's own, whatever the run before it used. Under ``mixed_float16``,
+    ``Model.compile`` wraps the optimizer in a ``LossScaleOptimizer`` (dynamic loss scaling).
+    """
+    tf = import_tensorflow()
+    mixed_precision = tf.keras.mixed_precision
+    previous = mixed_precision.global_policy()
+    mixed_precision.set_global_policy(precision)
+    try:
+        yield
+    finally:
+        mixed_precision.set_global_policy(previous)
+
+
 def build(spec_distribute, world: World) -> Distribution:
     """Creates the backend for this process.
 
@@ -94,8 +115,6 @@ def build(spec_distribute, world: World) -> Distribution:
     if spec_distribute.cpu_devices > 1 and not gpus:
         split_cpu(spec_distribute.cpu_devices)
     name = choose_strategy(spec_distribute.strategy, world, len(gpus))
-    if spec_distribute.mixed_precision:
-        tf.keras.mixed_precision.set_global_policy("mixed_float16")
     if name == "horovod":
         from distrain.backends import horovod
 

@@ -326,10 +326,12 @@ def _header(s: _Script) -> list:
 
 
 def _layout_line(s: _Script, what: str) -> str:
-    """The script's first comment: what it runs, on how many nodes and tasks, with which strategy."""
+    """The script's first comment: what it runs, on how many nodes and tasks, with which strategy and
+    precision (``train.precision``; XLA when ``train.jit_compile``)."""
     gpus = f"{s.gpus_per_node} GPU{'s' if s.gpus_per_node > 1 else ''} per node" if s.gpus_per_node else "CPU only"
     return (f"# {s.name}: {what} on SLURM: {_plural(s.nodes, 'node')} x {_plural(s.per_node, 'task')}, {gpus}, "
-            f"strategy {s.resolved}{' (auto)' if s.requested == 'auto' else ''}.")
+            f"strategy {s.resolved}{' (auto)' if s.requested == 'auto' else ''}, precision {s.spec.train.precision}"
+            f"{', XLA' if s.spec.train.jit_compile else ''}.")
 
 
 def _bench_header(s: _Script) -> list:

@@ -1,5 +1,5 @@
 #!/bin/bash
-# mobilenet-bench: `distrain bench jobs/mobilenet.yaml` on SLURM: 2 nodes x 1 task, 4 GPUs per node, strategy multi_worker (auto).
+# mobilenet-bench: `distrain bench jobs/mobilenet.yaml` on SLURM: 2 nodes x 1 task, 4 GPUs per node, strategy multi_worker (auto), precision float32.
 #   The job's model, batch, optimizer and strategy on synthetic data of the job's shape, for a fixed
 #   number of steps; first each task alone as one replica (the baseline), then all together. The
 #   output file gets images/s, step time (compute vs communication) and the scaling efficiency;

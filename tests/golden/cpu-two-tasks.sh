@@ -1,5 +1,5 @@
 #!/bin/bash
-# quickstart: jobs/quickstart.yaml on SLURM: 1 node x 2 tasks, CPU only, strategy multi_worker (auto).
+# quickstart: jobs/quickstart.yaml on SLURM: 1 node x 2 tasks, CPU only, strategy multi_worker (auto), precision float32.
 #   Offline quickstart: the course's CNN on scikit-learn's bundled digits (real 8x8 handwritten
 #   digits, no network needed). About a minute on 2 CPU cores.
 #

@@ -1,5 +1,5 @@
 #!/bin/bash
-# quickstart: jobs/quickstart.yaml on SLURM: 2 nodes x 2 tasks, CPU only, strategy horovod.
+# quickstart: jobs/quickstart.yaml on SLURM: 2 nodes x 2 tasks, CPU only, strategy horovod, precision float32.
 #   Offline quickstart: the course's CNN on scikit-learn's bundled digits (real 8x8 handwritten
 #   digits, no network needed). About a minute on 2 CPU cores.
 #

@@ -1,5 +1,5 @@
 #!/bin/bash
-# mobilenet: jobs/mobilenet.yaml on SLURM: 2 nodes x 4 tasks, 4 GPUs per node, strategy horovod.
+# mobilenet: jobs/mobilenet.yaml on SLURM: 2 nodes x 4 tasks, 4 GPUs per node, strategy horovod, precision float32.
 #   MobileNetV2 (Sandler et al. 2018) on CIFAR-10, with augmentation; SGD with momentum and the
 #   linear scaling rule with warmup (Goyal et al. 2017) for large global batches.
 #

@@ -1,5 +1,5 @@
 #!/bin/bash
-# res4x2: jobs/residual.yaml on SLURM: 4 nodes x 1 task, 2 GPUs per node, strategy multi_worker (auto).
+# res4x2: jobs/residual.yaml on SLURM: 4 nodes x 1 task, 2 GPUs per node, strategy multi_worker (auto), precision float32.
 #   The course's functional-API residual net on CIFAR-10, with augmentation.
 #
 # Run from the distrain checkout or any other directory (every node must see the checkout, the job
