@@ -374,8 +374,8 @@ def finish(ctx: RunContext, trainee: Trainee, state, history, test: dict, data, 
     steps_done = int(trainee.optimizer.iterations.numpy())
     if ctx.is_chief:
         write_test_metrics(ctx.run_dir, test, epoch=steps_done // ctx.steps_per_epoch)
-    summary = run_summary(ctx, state, history, test, data, steps_done, time.time() - started)
-    summary["jit_compile"] = bool(trainee.model.jit_compile)  # as Keras compiled it (it may refuse XLA itself)
+    summary = run_summary(ctx, state, history, test, data, steps_done, time.time() - started,
+                          jit_compiled=bool(trainee.model.jit_compile))
     save_artefacts(ctx, trainee, summary)
     trainee.files.cleanup()
     log.info("test accuracy %.4f, loss %.4f (%d examples); run dir %s", test.get("accuracy", float("nan")),
@@ -383,8 +383,10 @@ def finish(ctx: RunContext, trainee: Trainee, state, history, test: dict, data, 
     return summary
 
 
-def run_summary(ctx: RunContext, state, history, test: dict, data, steps_done: int, wall_time_s: float) -> dict:
-    """The run summary (``summary.json``): the world, the arithmetic, the results."""
+def run_summary(ctx: RunContext, state, history, test: dict, data, steps_done: int, wall_time_s: float, *,
+                jit_compiled: bool) -> dict:
+    """The run summary (``summary.json``): the world, the arithmetic, the results; ``jit_compiled``
+    is the step as Keras compiled it (``run.jit_compile`` may have fallen back)."""
     world, plan = ctx.world, ctx.plan
     trained = (steps_done - ctx.start_step) * ctx.global_batch
     return {
@@ -393,7 +395,7 @@ def run_summary(ctx: RunContext, state, history, test: dict, data, steps_done: i
         "replicas": ctx.replicas, "global_batch": ctx.global_batch, "per_replica_batch": ctx.per_replica_batch,
         "accumulation_steps": ctx.accumulation_steps, "steps_per_epoch": ctx.steps_per_epoch,
         "precision": ctx.spec.train.precision,
-        "jit_compile": ctx.spec.train.jit_compile and ctx.dist.name not in JIT_UNSUPPORTED,  # finish: as compiled
+        "jit_compile": jit_compiled,
         "steps": steps_done, "resumed_from_step": ctx.start_step,
         "epochs_completed": steps_done // ctx.steps_per_epoch, "synthetic_data": data.synthetic,
         "test": {k: float(v) for k, v in test.items()},

@@ -452,11 +452,11 @@ def spec_from_dict(raw: Any, *, source: str = "(job)", overrides: Sequence[str] 
     if not isinstance(raw, dict):
         raise UsageError(f"{source}: expected a mapping of keys at the top level, got {_show(raw)}")
     raw = _deepcopy(raw)
-    _drop_params_of_the_replaced_model(raw, overrides)
-    _drop_data_keys_of_the_replaced_source(raw, overrides)
+    parsed = [parse_override(text) for text in overrides]
+    _drop_params_of_the_replaced_model(raw, parsed)
+    _drop_data_keys_of_the_replaced_source(raw, parsed)
     overridden = []
-    for text in overrides:
-        key, value = parse_override(text)
+    for key, value in parsed:
         _apply_override(raw, key, value)
         overridden.append(key)
     try:
@@ -472,7 +472,7 @@ def spec_from_dict(raw: Any, *, source: str = "(job)", overrides: Sequence[str] 
     return spec
 
 
-def _drop_params_of_the_replaced_model(raw: dict, overrides: Sequence[str]) -> None:
+def _drop_params_of_the_replaced_model(raw: dict, parsed: Sequence[tuple[str, Any]]) -> None:
     """``--set model.name=OTHER`` (a course model) drops the job file's ``model.params`` that OTHER
     does not take, with a one-line notice, so a course job tries another model in one flag.
 
@@ -480,7 +480,6 @@ def _drop_params_of_the_replaced_model(raw: dict, overrides: Sequence[str]) -> N
     intent and stay (an unknown one is still an error). For a model of the user's, nothing is
     dropped: its signature is only known once its module is imported (``user_code.check_spec``).
     """
-    parsed = [parse_override(text) for text in overrides]
     names = [value for key, value in parsed if key == "model.name"]
     model = raw.get("model")
     if not names or not isinstance(model, dict) or not isinstance(model.get("params"), dict):
@@ -504,7 +503,7 @@ def _data_keys_rejected_by(source: str) -> tuple[str, ...]:
     return () if source in STREAMED_SOURCES else ("path", "cache")
 
 
-def _drop_data_keys_of_the_replaced_source(raw: dict, overrides: Sequence[str]) -> None:
+def _drop_data_keys_of_the_replaced_source(raw: dict, parsed: Sequence[tuple[str, Any]]) -> None:
     """``--set data.source=OTHER`` drops the job file's ``data`` keys OTHER rejects (an image
     folder's ``path`` and ``cache`` for ``digits``), with a one-line notice, as ``--set model.name``
     drops the old model's params: switching a job's data takes one flag, not also
@@ -514,7 +513,6 @@ def _drop_data_keys_of_the_replaced_source(raw: dict, overrides: Sequence[str]) 
     key the new source takes too (``path`` from image_folder to tfrecord must name shards: the
     check says so). An unknown source drops nothing: its own error is the one to show.
     """
-    parsed = [parse_override(text) for text in overrides]
     sources = [value for key, value in parsed if key == "data.source"]
     data = raw.get("data")
     if not sources or not isinstance(data, dict) or any(key == "data" for key, _ in parsed):
