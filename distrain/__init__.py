@@ -10,8 +10,9 @@ notices (the ``E0000 ... failed call to cuInit`` line and others) are filtered f
 whoever imports it (``distrain.tf_startup``; ``distrain --verbose`` or ``DISTRAIN_TF_LOG=1`` show
 them).
 
-``distrain.train(job, model=..., data=...)`` is the Python API (``distrain.api``); it is
-imported on first use, so ``import distrain`` stays cheap.
+``distrain.train(job, model=..., data=...)`` and ``distrain.sweep(job, run_dir=..., grid=...)``
+are the Python API (``distrain.api``); it is imported on first use, so ``import distrain`` stays
+cheap.
 """
 import os as _os
 
@@ -24,12 +25,12 @@ from distrain import tf_startup as _tf_startup  # noqa: E402  (after the variabl
 _tf_startup.install()
 
 __version__ = "0.2.0"
-__all__ = ["train"]
+__all__ = ["train", "sweep"]
 
 
 def __getattr__(name):
-    if name == "train":
-        from distrain.api import train
+    if name in ("train", "sweep"):
+        from distrain import api
 
-        return train
+        return getattr(api, name)
     raise AttributeError(f"module 'distrain' has no attribute {name!r}")

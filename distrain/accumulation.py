@@ -1,7 +1,7 @@
 """Gradient accumulation: one optimizer step from the mean gradient of k micro-batches.
 
 tf-keras has none (keras-team/keras#16633 is open, tf-keras#107 was closed unfixed), so distrain
-replaces the model's ``train_step`` when ``train.accumulation_steps`` is above 1:
+replaces the model's ``train_step`` when ``train.accumulation_steps`` is above 1 (``trainstep``):
 
 - Each replica receives ``k x per-replica batch`` examples per Keras step (the input pipelines
   deal ``global_batch / replicas`` as always, with the global batch including k) and splits them
@@ -28,9 +28,6 @@ does not support), so tracing takes about k times as long.
 """
 from __future__ import annotations
 
-import types
-from typing import Callable
-
 from distrain.errors import UsageError
 
 
@@ -54,44 +51,3 @@ def accumulation_for(global_batch: int, per_replica_batch: int, replicas: int) -
                             f"divisor of {global_batch}")
     raise UsageError(f"train.accumulation_steps: the run's global batch is {global_batch}, which {replicas} replicas "
                      f"x {per_replica_batch} per replica cannot make with whole micro-batches; {hint}")
-
-
-def enable(model, steps: int, reduce_gradients: Callable[[list], list]) -> None:
-    """Makes ``model.fit`` take one optimizer step per ``steps`` micro-batches (``steps`` > 1).
-
-    Args:
-        model: a compiled tf-keras model; its ``train_step`` is replaced on this instance only
-            (the saved model is unchanged).
-        steps: micro-batches per optimizer step (k).
-        reduce_gradients: the backend's reduction of the averaged gradients before they are
-            applied (``Distribution.reduce_gradients``).
-    """
-    if steps < 2:
-        return
-    model.train_step = types.MethodType(_accumulating_train_step(steps, reduce_gradients), model)
-    model.train_function = None  # Keras builds it again, around the new step
-
-
-def _accumulating_train_step(k: int, reduce_gradients: Callable[[list], list]):
-    import tensorflow as tf
-
-    def train_step(self, data):
-        x, y = data[0], data[1]
-        variables = self.trainable_variables
-        total = [tf.zeros_like(v) for v in variables]
-        for m in range(k):  # unrolled: see the module docstring
-            x_m, y_m = x[m::k], y[m::k]
-            with tf.GradientTape() as tape:
-                y_pred = self(x_m, training=True)
-                loss = self.compute_loss(x_m, y_m, y_pred, None)
-                scaled = self.optimizer.get_scaled_loss(loss) if hasattr(self.optimizer, "get_scaled_loss") else loss
-            grads = tape.gradient(scaled, variables)
-            if hasattr(self.optimizer, "get_unscaled_gradients"):  # mixed precision's loss scaling
-                grads = self.optimizer.get_unscaled_gradients(grads)
-            total = [t + tf.convert_to_tensor(g) for t, g in zip(total, grads)]
-            self.compiled_metrics.update_state(y_m, y_pred, None)
-        mean = reduce_gradients([t / k for t in total])
-        self.optimizer.apply_gradients(zip(mean, variables))
-        return self.get_metrics_result()
-
-    return train_step

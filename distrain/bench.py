@@ -189,12 +189,15 @@ class StepTimer:
                 self._last = None
 
             def on_train_batch_begin(self, batch, logs=None):
+                self._first_batch = batch
                 if self._last is None:
                     self._last = time.perf_counter()
 
             def on_train_batch_end(self, batch, logs=None):
                 now = time.perf_counter()
-                self.times.append(now - self._last)
+                # A call of several steps (train.steps_per_execution): each gets the call's mean.
+                steps = batch - self._first_batch + 1
+                self.times.extend([(now - self._last) / steps] * steps)
                 self._last = now
 
         return _StepTimer()

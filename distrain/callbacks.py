@@ -6,7 +6,8 @@ Keras calls callbacks in list order for every hook, so ``build_callbacks`` fixes
    and ``InputWatch`` the fraction of the epoch spent waiting for input; the backend's callbacks
    (``dist.callbacks()``: Horovod's metric averaging; multi_worker's heartbeat and
    ``stepmetrics.GlobalLogs``) follow them, so everything after them sees the metrics over all
-   workers at the epoch's end and at TensorBoard's step points.
+   workers at the epoch's end and at TensorBoard's step points; then, under mixed_float16,
+   ``lossscale.LossScaleLogs`` (the loss scale and the skipped steps).
 2. ``EarlyStopping`` (if asked for) decides from the metrics in the logs.
 3. ``BackupEvery`` and ``Checkpoints`` save (every worker calls; only the chief's files stay).
 4. ``HistoryFiles`` (history.json, history.csv), ``StepLog`` (a line in the run's log every
@@ -16,6 +17,17 @@ Keras calls callbacks in list order for every hook, so ``build_callbacks`` fixes
 6. ``Agreement``, last, so that it sees every callback's ``stop_training``, the extra ones'
    included: one decision for all workers to stop early, for NaN or for a preemption signal. A
    worker that stopped alone would hang the others in their next collective.
+
+Steps per hook. With ``train.steps_per_execution: K`` Keras runs up to K optimizer steps per call
+of its compiled step and calls the batch hooks once per call, with ``batch`` the index of the
+call's last step in its epoch (a call never crosses an epoch's end: the last one of an epoch, or
+the first after a resume mid-epoch, may be shorter). ``RunMetrics`` sets ``RunState.step`` from
+that index and ``RunState.hook_steps`` to the steps the call took; every "every N steps" action
+(backups, checkpoints, the agreement, step lines, TensorBoard's step scalars, multi_worker's
+global logs) asks ``RunState.reached(N)``: whether the call reached or passed a multiple of N
+(``crossed``). So each acts at the end of the call that took the multiple's step, on the step
+the call ended at (the first step at or after the multiple where Python runs), once per call
+even when a call passes several multiples, and every worker decides alike from the same numbers.
 """
 from __future__ import annotations
 
@@ -33,6 +45,7 @@ import tensorflow as tf
 
 from distrain.checkpoint import monitor_mode
 from distrain.errors import EXIT_NAN, EXIT_PREEMPTED, TrainingStopped
+from distrain.lossscale import LOSS_SCALE_KEYS
 from distrain.lr import lr_at
 from distrain.rundir import RunDir, write_atomically
 
@@ -52,8 +65,14 @@ class RunState:
     def __init__(self, ctx):
         self.ctx = ctx
         self.step = ctx.start_step
+        self.hook_steps = 1  # optimizer steps the last batch hook covered (train.steps_per_execution)
         self.signal_received: Optional[str] = None
         self.train_time_s = 0.0  # epochs' wall time in this process, validation included
+
+    def reached(self, every: int) -> bool:
+        """Whether the steps of the last batch hook reached or passed a multiple of ``every``
+        (``crossed``); False for ``every`` 0 (never)."""
+        return crossed(self.step, self.hook_steps, every)
 
     @contextlib.contextmanager
     def stop_on_signals(self) -> Iterator[None]:
@@ -76,6 +95,18 @@ class RunState:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+
+
+def crossed(step: int, steps: int, every: int) -> bool:
+    """Whether steps ``step - steps + 1`` .. ``step`` (those one batch hook covered) hold a multiple
+    of ``every``: the one rule by which every "every N steps" action decides, the same on every
+    worker. With one step per hook it is ``step % every == 0``; ``every`` 0 means never.
+
+    Example:
+        >>> crossed(8, 4, 6), crossed(12, 4, 6), crossed(10, 2, 6), crossed(12, 4, 0)
+        (True, True, False, False)
+    """
+    return every > 0 and steps > 0 and step // every > (step - steps) // every
 
 
 def _loss_is_finite(logs) -> bool:
@@ -101,12 +132,18 @@ class StepCallback(tf.keras.callbacks.Callback):
 
 
 class RunMetrics(StepCallback):
-    """Advances ``state.step`` and adds ``lr`` (the LR applied at the step just taken) and, per
-    epoch, ``images_per_s`` / ``step_time_s`` to the logs."""
+    """Advances ``state.step`` (and ``state.hook_steps``) and adds ``lr`` (the LR applied at the
+    last step taken) and, per epoch, ``images_per_s`` / ``step_time_s`` to the logs.
+
+    The step comes from Keras's ``batch``, the index in its epoch of the last step the hook covers
+    (fit starts a resumed run's first epoch at the restored step: ``run.fit_and_evaluate``), so it
+    counts every step of a call of several (``train.steps_per_execution``) without a device read.
+    """
 
     def __init__(self, state: RunState):
         super().__init__(state)
         self._epoch_start = 0.0
+        self._epoch = 0
         self._steps = 0
 
     def _lr(self) -> float:
@@ -116,11 +153,14 @@ class RunMetrics(StepCallback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
+        self._epoch = epoch
         self._steps = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        self._steps += 1
-        self.state.step += 1
+        step = self._epoch * self.state.ctx.steps_per_epoch + batch + 1
+        self.state.hook_steps = step - self.state.step
+        self.state.step = step
+        self._steps += self.state.hook_steps
         if logs is not None:
             logs["lr"] = self._lr()
 
@@ -137,9 +177,11 @@ class RunMetrics(StepCallback):
 class Agreement(StepCallback):
     """One decision for all workers about stopping, taken at the same step on each.
 
-    Every ``every`` steps, the workers all-reduce two flags: a preemption signal arrived, the loss
-    is NaN/Inf. At epoch end they all-reduce ``stop_training`` (set by EarlyStopping on any of
-    them). Preemption writes the backup at that step and raises ``TrainingStopped``.
+    Every ``every`` steps (at the end of the batch hook that reached a multiple: ``RunState.reached``),
+    the workers all-reduce two flags: a preemption signal arrived, the loss is NaN/Inf (the epoch's
+    running mean: a NaN at any step of a hook of several is still NaN at its end). At epoch end they
+    all-reduce ``stop_training`` (set by EarlyStopping on any of them). Preemption writes the
+    backup at that step and raises ``TrainingStopped``.
     """
 
     def __init__(self, dist, state: RunState, backup, *, every: int, terminate_on_nan: bool):
@@ -151,7 +193,7 @@ class Agreement(StepCallback):
 
     def on_train_batch_end(self, batch, logs=None):
         step = self.state.step
-        if step % self.every:
+        if not self.state.reached(self.every):
             return  # decided by the global step, so every worker skips the collective together
         mine = self.terminate_on_nan and not _loss_is_finite(logs)
         preempt, nan = self.dist.agree([self.state.signal_received is not None, mine])
@@ -173,7 +215,8 @@ class Agreement(StepCallback):
 
 
 class BackupEvery(StepCallback):
-    """Saves the resume state every N steps and at every epoch end."""
+    """Saves the resume state every N steps (at the hook that reached a multiple of N, on its last
+    step) and at every epoch end."""
 
     def __init__(self, state: RunState, backup, every_steps: int):
         super().__init__(state)
@@ -181,7 +224,7 @@ class BackupEvery(StepCallback):
         self.every_steps = every_steps
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.every_steps and self.state.step % self.every_steps == 0 and _loss_is_finite(logs):
+        if self.state.reached(self.every_steps) and _loss_is_finite(logs):
             self.backup.save()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -201,8 +244,8 @@ class Checkpoints(StepCallback):
 
     def on_train_batch_end(self, batch, logs=None):
         step = self.state.step
-        if self.every_steps and step % self.every_steps == 0 and _loss_is_finite(logs):
-            self.checkpoints.save_periodic(f"step-{step:06d}")
+        if self.state.reached(self.every_steps) and _loss_is_finite(logs):
+            self.checkpoints.save_periodic(f"step-{step:06d}")  # the step saved, maybe past the multiple
 
     def on_epoch_end(self, epoch, logs=None):
         if not _loss_is_finite(logs):
@@ -279,13 +322,13 @@ class StepLog(StepCallback):
         self._since, self._steps = time.perf_counter(), 0  # not the validation and saves between epochs
 
     def on_train_batch_end(self, batch, logs=None):
-        self._steps += 1
-        if self.state.step % self.every:
+        self._steps += self.state.hook_steps
+        if not self.state.reached(self.every):
             return
         elapsed = time.perf_counter() - self._since
         logs = logs or {}
         # The step logs are global (run.py sets distribute_reduction_method "first"); read only here.
-        values = {k: float(logs[k]) for k in [*self.model.metrics_names, "lr"] if k in logs}
+        values = {k: float(logs[k]) for k in [*self.model.metrics_names, "lr", *LOSS_SCALE_KEYS] if k in logs}
         ctx = self.state.ctx
         rate = self._steps * ctx.global_batch / elapsed if elapsed > 0 else None
         line = step_line(self.state.step, ctx.total_steps, self._epoch, ctx.spec.train.epochs, values, rate)
@@ -299,15 +342,22 @@ def step_line(step: int, steps: int, epoch: int, epochs: int, values: dict, imag
     Example:
         >>> step_line(20, 60, 1, 3, {"loss": 2.10341, "accuracy": 0.3125, "lr": 0.002}, 1234.4)
         'step 20/60 (epoch 1/3): loss 2.1034, accuracy 0.3125, lr 0.002, 1234 images/s'
+        >>> step_line(5, 60, 1, 3, {"loss": 2.5, "loss_scale": 4096.0, "skipped_steps": 3.0}, None)
+        'step 5/60 (epoch 1/3): loss 2.5000, loss_scale 4096, skipped_steps 3'
     """
-    parts = [f"{name} {value:.4g}" if name == "lr" else f"{name} {value:.4f}" for name, value in values.items()]
+    def number(name: str, value: float) -> str:
+        if name == "lr":
+            return f"{value:.4g}"
+        return f"{value:g}" if name in LOSS_SCALE_KEYS else f"{value:.4f}"
+
+    parts = [f"{name} {number(name, value)}" for name, value in values.items()]
     if images_per_s is not None:
         parts.append(f"{images_per_s:.0f} images/s")
     return f"step {step}/{steps} (epoch {epoch}/{epochs}): " + ", ".join(parts)
 
 
 def build_callbacks(ctx, state: RunState, backup, checkpoints, *, input_watch=None, tensorboard=None,
-                    extra=()) -> list:
+                    loss_scale=(), extra=()) -> list:
     """The run's callback list, in the order documented at the top of this module.
 
     Args:
@@ -319,11 +369,14 @@ def build_callbacks(ctx, state: RunState, backup, checkpoints, *, input_watch=No
             ``input_wait_fraction`` to the epoch logs, so it runs before what logs them).
         tensorboard: makes the TensorBoard callbacks (``tensorboard_log.tensorboard_callbacks``);
             called on the chief only, which writes the files a user sees.
+        loss_scale: ``lossscale.loss_scale_callbacks`` of the run's optimizer (mixed_float16 puts
+            ``loss_scale`` and ``skipped_steps`` into the logs for what follows).
         extra: more callbacks (Ray's reporting, a user's), run before ``Agreement``.
     """
     spec = ctx.spec
     callbacks: list = [RunMetrics(state), *([input_watch] if input_watch is not None else []),
-                       *ctx.dist.callbacks(state, ctx.steps_per_epoch, spec.logging.step_scalars_every)]
+                       *ctx.dist.callbacks(state, ctx.steps_per_epoch, spec.logging.step_scalars_every),
+                       *loss_scale]
     es = spec.train.early_stopping
     if es is not None:
         callbacks.append(tf.keras.callbacks.EarlyStopping(

@@ -23,6 +23,9 @@ from distrain.report import add_report_parser
 from distrain.run import train
 from distrain.rundir import RunDir
 from distrain.spec import dump_spec
+from distrain.sweeps.local import add_parser as add_sweep_parser
+from distrain.sweeps.local import add_sweep_args
+from distrain.sweeps.plan import plan as plan_sweep
 from distrain.tf_startup import VERBOSE_ENV, import_tensorflow
 from distrain.world import detect
 
@@ -32,8 +35,11 @@ examples:
   distrain train jobs/cnn.yaml --set train.epochs=3      override a key of the job
   distrain train --resume runs/cnn/20261127-101500       continue a stopped run
   distrain validate jobs/mobilenet.yaml                  check a job without starting anything
+  distrain sweep jobs/quickstart.yaml --run-dir runs/lr --grid train.learning_rate=0.001,0.003
+                                                         train a sweep's trials, then: distrain report runs/lr
   distrain env --json                                    what a launcher gave this process
-exit codes: 0 done, 1 failed, 2 bad input, 75 preempted (rerun to resume), 76 peer lost, 77 NaN loss
+exit codes: 0 done, 1 failed, 2 bad input, 74 a write failed (disk full), 75 preempted (rerun to resume),
+  76 peer lost, 77 NaN loss
 """
 
 
@@ -67,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the model as `train` checks them before its first step (the data loaded or "
                                    "listed, its labels checked, the model built).")
     _add_job_args(p)
+    add_sweep_args(p)
     p.add_argument("--quiet", action="store_true", help="print nothing when the job is valid")
 
     p = sub.add_parser("models", help="list the models: name, input shape, parameter count")
@@ -80,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--port", type=int, help="base worker port (default: from the job id)")
 
+    add_sweep_parser(sub)
     add_report_parser(sub)
     add_data_parser(sub)
     add_bench_parser(sub)
@@ -119,10 +127,15 @@ def cmd_train(args) -> int:
 def cmd_validate(args) -> int:
 
     spec = startup.check(args.job, args.overrides)
+    # A sweep's trials are each checked as --set checks them, before the data and the model.
+    sweep = (plan_sweep(args.job, args.overrides, grid=args.grid, trials=args.trials)
+             if spec.sweep.defined or args.grid or args.trials is not None else None)
     with log_to_stderr(logging.WARNING if args.quiet else logging.INFO):
         found = startup.preflight(spec)
     if not args.quiet:
-        print(dump_spec(spec), end="")
+        print(dump_spec(sweep.spec if sweep else spec), end="")
+        if sweep:
+            print("".join(f"# {line}\n" for line in sweep.describe()), end="")
         print(f"# {args.job}: valid: {found.describe()}", file=sys.stderr)
     return 0
 

@@ -10,6 +10,7 @@ the callbacks, TensorBoard and the summary cannot disagree about, say, the globa
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -20,6 +21,8 @@ from distrain.errors import UsageError
 from distrain.rundir import RunDir
 from distrain.spec import JobSpec
 from distrain.world import World
+
+log = logging.getLogger("distrain")
 
 DEFAULT_CHANNELS = 3  # image folders are decoded as RGB unless the model says otherwise
 
@@ -131,6 +134,23 @@ def global_batch_of(spec: JobSpec, replicas: int, run_dir: RunDir, start_step: i
     return spec.data.batch_size_per_replica * replicas * spec.train.accumulation_steps
 
 
+def start_step_of(run_dir: RunDir, is_chief: bool) -> int:
+    """The step the run starts from: its newest backup that verifies (0 without one). Says in one
+    line (a warning on the chief, in the log file elsewhere) each newer backup it skipped and why.
+
+    Raises:
+        UsageError: backups exist and none verifies.
+    """
+    backup = run_dir.choose_backup()
+    level = logging.WARNING if is_chief else logging.INFO
+    resumed = f"resuming from {backup.prefix.name} (step {backup.step})" if backup.prefix else "starting from step 0"
+    for step, why in backup.skipped:
+        log.log(level, "%s: skipped: %s; %s", run_dir.backup_prefix(step), why, resumed)
+    if backup.prefix and not backup.verified:
+        log.log(level, "%s: written before commit markers, so not verified before it is restored", backup.prefix)
+    return backup.step
+
+
 def resolve(spec: JobSpec, world: World, dist, data, run_dir: RunDir) -> RunContext:
     """Resolves the run: batch arithmetic, steps, LR plan, input shape and start step.
 
@@ -139,14 +159,16 @@ def resolve(spec: JobSpec, world: World, dist, data, run_dir: RunDir) -> RunCont
         world: this process's place in the job.
         dist: the backend (its ``replicas`` and ``local_replicas``).
         data: the loaded ``data.pipelines.Source`` (``train_size``, ``input_shape``, ``num_classes``).
-        run_dir: the run dir; its backup, if any, gives the start step.
+        run_dir: the run dir; its newest backup that verifies, if any, gives the start step
+            (``RunDir.choose_backup``; each newer one skipped is logged in one line).
 
     Raises:
-        UsageError: the global batch does not fit the data or this number of replicas, or the
-            model's input shape does not fit the data.
+        UsageError: the global batch does not fit the data or this number of replicas, the
+            model's input shape does not fit the data, or the run dir's backups exist and none
+            verifies.
     """
     per_replica = spec.data.batch_size_per_replica
-    start_step = run_dir.backup_step()
+    start_step = start_step_of(run_dir, world.is_chief)
     global_batch = global_batch_of(spec, dist.replicas, run_dir, start_step)
     accumulation = accumulation_for(global_batch, per_replica, dist.replicas)
     steps = steps_per_epoch(data.train_size, global_batch, spec.train.steps_per_epoch)

@@ -1,6 +1,8 @@
 """Errors a user can act on, and the exit codes every launcher relies on."""
 from __future__ import annotations
 
+import errno
+import os
 import signal
 from typing import Optional
 
@@ -8,6 +10,10 @@ from typing import Optional
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2  # bad input, found before anything expensive started
+# EX_IOERR: a file of the run could not be written (disk full, over quota, I/O error); the previous
+# backup is kept and nothing half-written is trusted. Launchers do not requeue it: a rerun would hit
+# the same full disk. Free space, then rerun with the same run dir.
+EXIT_WRITE_FAILED = 74
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: backup written at a step boundary; rerun with the same run dir
 EXIT_PEER_LOST = 76  # a collective timed out or a peer died; rerun resumes from the backup
 EXIT_NAN = 77  # the loss became NaN or Inf; the last good checkpoint is kept
@@ -27,6 +33,46 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class WriteFailed(TrainingStopped):
+    """A file could not be written because the disk is full, over quota or failing (``EXIT_WRITE_FAILED``).
+
+    The message is one line naming the file, the reason and what was kept.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_WRITE_FAILED)
+
+
+# What a full or failing file system gives a writer: the errno, and the text TensorFlow's C++ writers
+# put in their errors (they carry no errno).
+_WRITE_ERRNOS = {errno.ENOSPC: "ENOSPC", errno.EDQUOT: "EDQUOT", errno.EIO: "EIO"}
+
+
+def write_failure(err: BaseException) -> Optional[str]:
+    """``"No space left on device (ENOSPC)"`` when ``err`` says the disk is full, over quota or failing;
+    None for any other error.
+
+    Python and h5py raise ``OSError`` with the errno; TensorFlow's savers raise an ``OpError`` whose
+    message holds the system's text.
+
+    Example:
+        >>> write_failure(OSError(errno.ENOSPC, "No space left on device"))
+        'No space left on device (ENOSPC)'
+        >>> write_failure(RuntimeError("... /b/ckpt-1_temp/part-00000; Disk quota exceeded [Op:SaveV2]"))
+        'Disk quota exceeded (EDQUOT)'
+        >>> write_failure(OSError(errno.ENOENT, "No such file or directory")) is None
+        True
+    """
+    code = getattr(err, "errno", None)
+    if code in _WRITE_ERRNOS:
+        return f"{os.strerror(code)} ({_WRITE_ERRNOS[code]})"
+    text = str(err)
+    for number, name in _WRITE_ERRNOS.items():
+        if os.strerror(number) in text:
+            return f"{os.strerror(number)} ({name})"
+    return None
 
 
 # Where a run killed by a signal is explained (the oneDNN crash of TensorFlow 2.21 among others).

@@ -13,13 +13,20 @@ compare on one figure:
 The same table goes to the terminal. A run without event files (``logging.tensorboard: false``)
 still gets every plot, from the per-epoch ``lr`` and ``images_per_s`` of ``history.json``.
 
+``distrain report SWEEP_DIR`` (a dir ``distrain sweep`` wrote) compares the sweep's trials
+instead: a table of the trials sorted by the sweep's metric (best first) with each trial's
+overrides, ``sweep.png`` (the metric against each swept key), ``accuracy_loss.png`` of every trial
+overlaid, and ``report.md``; by default into ``SWEEP_DIR/report``.
+
 ``distrain tensorboard RUNS_DIR [--port P]`` serves TensorBoard on 127.0.0.1 only and prints the
-``ssh -L`` command that brings it to a laptop.
+``ssh -L`` command that brings it to a laptop; given a sweep dir, its HParams dashboard lists the
+trials with their swept keys and the sweep's metric.
 
 Example:
     distrain report runs/quickstart/20261127-101500
     distrain report runs/cnn/slurm-81 runs/cnn/slurm-82 --out compare/
     distrain tensorboard runs/ --port 6006
+    distrain report runs/lr-sweep
 """
 from __future__ import annotations
 
@@ -34,12 +41,16 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from distrain.errors import UsageError
-from distrain.rundir import RunDir
+from distrain.rundir import RunDir, replacing
+from distrain.sweeps import state as sweep_state
+from distrain.sweeps.compare import axis, format_number, ranked, table_rows
 from distrain.tf_startup import python_command
 
 TRAIN, VALIDATION = RunDir.TB_TRAIN, RunDir.TB_VALIDATION
 PLOTS = {"accuracy_loss": "accuracy and loss per epoch, train vs validation",
          "lr": "learning rate applied per step", "throughput": "images/s per step, global and per replica"}
+SWEEP_PLOTS = {"sweep": "the sweep's metric against each swept key",
+               "accuracy_loss": "accuracy and loss per epoch of every trial, train vs validation"}
 
 
 @dataclass
@@ -275,9 +286,13 @@ def _save(fig, path: Path) -> Plot:
     lines = sum(len(ax.get_lines()) for ax in fig.axes)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    # Replaced atomically, as every run-dir file: a full disk is a WriteFailed (exit 74, one line)
+    # that leaves the old picture, not a traceback and half a PNG.
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=80)
+    finally:
+        plt.close(fig)
     return Plot(path, lines)
 
 
@@ -481,6 +496,72 @@ def write_report(runs: Sequence[Run], out: Path) -> Report:
     return Report(out, plots, markdown, format_table(rows))
 
 
+def plot_sweep(state: sweep_state.SweepState, path: Path) -> Plot:
+    """The sweep's metric against each swept key, one panel per key: a point per trial with a
+    result, the best one starred, a cross at the bottom for each failed trial (a NaN loss: no
+    result). Numbers on a linear or log axis (``compare.axis``), other values (lists, strings) as
+    categories."""
+    plt = _pyplot()
+    scored = [t for t in state.trials if t.result is not None]
+    failed = [t for t in state.trials if t.result is None and t.state == sweep_state.FAILED]
+    best = ranked(scored, state.mode)[0] if scored else None
+    keys = state.keys or ["(no key)"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        shown = scored + failed
+        values = [t.overrides.get(key) for t in shown]
+        kind = axis(values)
+        if kind == "category":
+            labels = list(dict.fromkeys(format_number(v) for v in values))
+            x = [labels.index(format_number(v)) for v in values]
+            ax.set_xticks(range(len(labels)), labels, rotation=30 if max(map(len, labels), default=0) > 8 else 0)
+        else:
+            x = values
+            ax.set_xscale("log" if kind == "log" else "linear")
+        if scored:
+            ax.plot(x[:len(scored)], [t.result for t in scored], "o", color=_color(0), label="trials")
+            at = scored.index(best)
+            ax.plot([x[at]], [best.result], "*", color=_color(3), markersize=14, label=f"best: {best.name}")
+        if failed:  # at the bottom of the panel: x in data, y in axes coordinates
+            ax.plot(x[len(scored):], [0.03] * len(failed), "x", color=_color(3), markersize=9,
+                    transform=ax.get_xaxis_transform(), label="failed (no result)")
+        if scored or failed:
+            ax.legend(fontsize="small")
+        ax.set_xlabel(key)
+        ax.set_ylabel(state.metric)
+        ax.set_title(f"{state.metric} ({state.mode} is best)" if scored else "no trial has a result yet")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def write_sweep_report(path: Path, out: Path) -> Report:
+    """Writes ``sweep.png``, ``accuracy_loss.png`` (every trial with an epoch) and ``report.md``
+    of the sweep in ``path`` into ``out``.
+
+    Raises:
+        UsageError: ``path/sweep.yaml`` is unreadable, or a trial's files are.
+    """
+    state = sweep_state.load(path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = {t.index: _read_json(state.trial_dir(t.index) / RunDir.SUMMARY) for t in state.trials
+                 if (state.trial_dir(t.index) / RunDir.SUMMARY).exists()}
+    rows = table_rows(state.trials, state.keys, state.metric, state.mode, summaries)
+    plots = {"sweep": plot_sweep(state, out / "sweep.png")}
+    runs = [load_run(state.trial_dir(t.index)) for t in ranked(state.trials, state.mode)
+            if RunDir(state.trial_dir(t.index)).history.exists()]
+    if runs:
+        plots["accuracy_loss"] = plot_accuracy_loss([(r.path.name, r.epochs) for r in runs], out / "accuracy_loss.png")
+    md = ["# distrain sweep report", "", f"`{path}`: {sweep_state.describe(state)}; the trials by {state.metric} at "
+          f"their last epoch ({state.mode} is best), each a run dir `{path}/trial-NNN`.", "",
+          format_table(rows, markdown=True), ""]
+    for name, plot in plots.items():
+        md += [f"## {SWEEP_PLOTS[name]}", "", f"![{SWEEP_PLOTS[name]}]({plot.path.name})", ""]
+    markdown = out / "report.md"
+    markdown.write_text("\n".join(md))
+    return Report(out, plots, markdown, format_table(rows))
+
+
 # ---------------------------------------------------------------------------------------------
 # Commands
 
@@ -495,7 +576,9 @@ def add_report_parser(subparsers) -> None:
                                           "history.json, summary.json, job.yaml and TensorBoard event files, "
                                           "without TensorFlow.")
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                   help="a run dir (the one holding history.json, e.g. runs/quickstart/20261127-101500)")
+                   help="a run dir (the one holding history.json, e.g. runs/quickstart/20261127-101500), or one "
+                        "sweep dir: its trials ranked by the sweep's metric, sweep.png (the metric against each "
+                        "swept key) and every trial's curves")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="where the PNGs and report.md go (default: RUN_DIR/report for one run, "
                         "./report for several)")
@@ -504,7 +587,8 @@ def add_report_parser(subparsers) -> None:
     p = subparsers.add_parser("tensorboard", help="serve TensorBoard for a runs dir on 127.0.0.1",
                               description="Starts TensorBoard on 127.0.0.1 (never on a public address) "
                                           "and prints the ssh -L command to reach it from a laptop.")
-    p.add_argument("runs_dir", type=Path, metavar="RUNS_DIR", help="a runs dir (e.g. runs/) or one run dir")
+    p.add_argument("runs_dir", type=Path, metavar="RUNS_DIR",
+                   help="a runs dir (e.g. runs/), a sweep dir (its trials in the HParams dashboard) or one run dir")
     p.add_argument("--port", type=int, default=6006, help="port on 127.0.0.1 (default: 6006)")
     p.add_argument("--via", metavar="LOGIN_HOST",
                    help="login node to tunnel through (default: $SLURM_SUBMIT_HOST inside a SLURM job)")
@@ -512,6 +596,11 @@ def add_report_parser(subparsers) -> None:
 
 
 def cmd_report(args) -> int:
+    if len(args.run_dirs) == 1 and sweep_state.is_sweep_dir(args.run_dirs[0]):
+        report = write_sweep_report(args.run_dirs[0], args.out or args.run_dirs[0] / "report")
+        print(report.table)
+        print(f"wrote {report.markdown} and " + ", ".join(p.path.name for p in report.plots.values()))
+        return 0
     runs = load_runs(args.run_dirs)
     out = args.out or (runs[0].path / "report" if len(runs) == 1 else Path("report"))
     report = write_report(runs, out)

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from distrain import accumulation, context
+from distrain import context
 from distrain import lr as lr_lib
-from distrain import startup
+from distrain import startup, trainstep
 from distrain.backends import factory
 from distrain.checkpoint import Backup, UserCheckpoints, WorkerFiles
 from distrain.context import RunContext
@@ -58,6 +58,7 @@ class Trainee:
     optimizer: tf.keras.optimizers.Optimizer
     backup: Backup
     files: WorkerFiles  # this worker's way to write run-dir files
+    xla: Optional[str] = None  # what train.jit_compile XLA-compiles (xla_scope), None without XLA
 
 
 @dataclass
@@ -203,9 +204,11 @@ def build_trainee(ctx: RunContext) -> Trainee:
     """The compiled model and optimizer, created in the strategy's scope, restored from the backup.
 
     Raises:
-        RuntimeError: the backup's index names a step its checkpoint does not hold.
+        RuntimeError: the backup chosen to resume from (``RunDir.choose_backup``) holds another step.
     """
     import tensorflow as tf
+
+    from distrain.lossscale import count_skipped_steps
 
     spec, dist = ctx.spec, ctx.dist
     files = WorkerFiles(ctx.run_dir, ctx.world.rank, ctx.is_chief)
@@ -218,49 +221,46 @@ def build_trainee(ctx: RunContext) -> Trainee:
         loss, metrics = compile_args(spec.train)
         # Under mixed_float16 compile wraps the optimizer in a LossScaleOptimizer (dynamic loss
         # scaling, docs/precision.md); ``optimizer`` stays the inner one, which holds the step count.
-        model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
-                      jit_compile=jit_compile(spec.train.jit_compile, dist.name))
+        # steps_per_execution: the callbacks count the steps each batch hook covers (callbacks.py).
+        xla = xla_scope(spec.train.jit_compile, dist.name)
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=xla == XLA_WHOLE_STEP,
+                      steps_per_execution=spec.train.steps_per_execution)
         # Keras's metric results are already global (computed in a merge_call); its default "auto"
         # reduction then sums them over MultiWorkerMirroredStrategy's workers, so step logs and the
         # progress bar would show N x the loss. "first" takes them as they are.
         model.distribute_reduction_method = "first"
-        accumulation.enable(model, ctx.accumulation_steps, dist.reduce_gradients)
+        trainstep.enable(model, micro_batches=ctx.accumulation_steps, reduce_gradients=dist.reduce_gradients,
+                         xla_gradients=xla == XLA_GRADIENTS)
+        if xla:
+            log.info("train.jit_compile: XLA compiles the %s under strategy %s", xla, dist.name)
         dist.adapt_model(model)
+        count_skipped_steps(model.optimizer)  # before the restore: the counter is in the backup
         backup = Backup(model, optimizer, ctx.run_dir, files)
         restored = backup.restore()
     if restored != ctx.start_step:
-        raise RuntimeError(f"{ctx.run_dir.backup}: the index names step {ctx.start_step}, the checkpoint holds "
-                           f"step {restored}")
+        raise RuntimeError(f"{ctx.run_dir.backup}: the backup chosen to resume from is step {ctx.start_step}, the "
+                           f"checkpoint restored holds step {restored}")
     dist.broadcast_initial_state(model, optimizer)
-    return Trainee(model, optimizer, backup, files)
+    return Trainee(model, optimizer, backup, files, xla)
 
 
-# Why an XLA-compiled step cannot run under a strategy (tf-keras 2.21, TensorFlow 2.21, tried on CPU:
-# docs/precision.md); the run then trains without XLA, with one notice.
-JIT_UNSUPPORTED = {
-    "mirrored": "XLA cannot compile MirroredStrategy's step over several devices here (on CPU: \"Trying to "
-                "access resource ... located in device CPU:1 from device CPU:0\"; on GPUs untested, and "
-                "keras-team/keras#21366 crashes with mixed_float16)",
-    "multi_worker": "XLA does not compile collectives on CPU (\"Collectives are not yet implemented for CPU "
-                    "devices when compiling with XLA\"); on GPUs untested, and tensorflow/tensorflow#120998 "
-                    "reports wrong reduced gradients with mixed_float16",
-    "horovod": "Horovod's allreduce is not an XLA op in our build (HOROVOD_ENABLE_XLA_OPS is off); untested",
-}
+# Where ``train.jit_compile`` puts XLA (docs/precision.md): Keras compiles the whole step under
+# one_device; elsewhere Keras's whole step cannot be compiled (``distrain.trainstep``), and distrain
+# compiles each replica's forward and backward pass instead.
+XLA_WHOLE_STEP, XLA_GRADIENTS = "whole step", "each replica's forward and backward pass"
 
 
-def jit_compile(requested: bool, strategy: str) -> bool:
-    """``train.jit_compile`` for this strategy: XLA where tf-keras compiles the step (one_device),
-    else False with one notice naming why (``JIT_UNSUPPORTED``).
+def xla_scope(requested: bool, strategy: str) -> Optional[str]:
+    """What ``train.jit_compile`` XLA-compiles under ``strategy``: ``XLA_WHOLE_STEP``,
+    ``XLA_GRADIENTS`` or None (not requested).
 
     Example:
-        >>> jit_compile(True, "one_device"), jit_compile(False, "mirrored")
-        (True, False)
+        >>> xla_scope(True, "one_device") == XLA_WHOLE_STEP, xla_scope(True, "multi_worker") == XLA_GRADIENTS
+        (True, True)
     """
-    if not requested or strategy not in JIT_UNSUPPORTED:
-        return requested
-    log.warning("train.jit_compile: the step runs without XLA under strategy %s: %s", strategy,
-                JIT_UNSUPPORTED[strategy])
-    return False
+    if not requested:
+        return None
+    return XLA_WHOLE_STEP if strategy == "one_device" else XLA_GRADIENTS
 
 
 def build_inputs(ctx: RunContext, data) -> Inputs:
@@ -293,12 +293,14 @@ def build_inputs(ctx: RunContext, data) -> Inputs:
 def build_run_callbacks(ctx: RunContext, trainee: Trainee, state, data, input_watch, extra: Sequence) -> list:
     """The run's callbacks (``callbacks.build_callbacks``), TensorBoard's on the chief."""
     from distrain.callbacks import build_callbacks
+    from distrain.lossscale import loss_scale_callbacks
     from distrain.tensorboard_log import tensorboard_callbacks
 
     c = ctx.spec.checkpoint
     checkpoints = UserCheckpoints(trainee.model, ctx.run_dir, trainee.files, keep=c.keep, monitor=c.monitor,
                                   mode=c.mode)
     return build_callbacks(ctx, state, trainee.backup, checkpoints, input_watch=input_watch,
+                           loss_scale=loss_scale_callbacks(trainee.model.optimizer),
                            tensorboard=lambda: tensorboard_callbacks(ctx, state, synthetic=data.synthetic),
                            extra=list(extra))
 
@@ -375,7 +377,7 @@ def finish(ctx: RunContext, trainee: Trainee, state, history, test: dict, data, 
     if ctx.is_chief:
         write_test_metrics(ctx.run_dir, test, epoch=steps_done // ctx.steps_per_epoch)
     summary = run_summary(ctx, state, history, test, data, steps_done, time.time() - started,
-                          jit_compiled=bool(trainee.model.jit_compile))
+                          xla=trainee.xla)
     save_artefacts(ctx, trainee, summary)
     trainee.files.cleanup()
     log.info("test accuracy %.4f, loss %.4f (%d examples); run dir %s", test.get("accuracy", float("nan")),
@@ -384,9 +386,9 @@ def finish(ctx: RunContext, trainee: Trainee, state, history, test: dict, data, 
 
 
 def run_summary(ctx: RunContext, state, history, test: dict, data, steps_done: int, wall_time_s: float, *,
-                jit_compiled: bool) -> dict:
-    """The run summary (``summary.json``): the world, the arithmetic, the results; ``jit_compiled``
-    is the step as Keras compiled it (``run.jit_compile`` may have fallen back)."""
+                xla: Optional[str]) -> dict:
+    """The run summary (``summary.json``): the world, the arithmetic, the results; ``xla`` is what
+    XLA compiled (``xla_scope``)."""
     world, plan = ctx.world, ctx.plan
     trained = (steps_done - ctx.start_step) * ctx.global_batch
     return {
@@ -395,7 +397,7 @@ def run_summary(ctx: RunContext, state, history, test: dict, data, steps_done: i
         "replicas": ctx.replicas, "global_batch": ctx.global_batch, "per_replica_batch": ctx.per_replica_batch,
         "accumulation_steps": ctx.accumulation_steps, "steps_per_epoch": ctx.steps_per_epoch,
         "precision": ctx.spec.train.precision,
-        "jit_compile": jit_compiled,
+        "jit_compile": xla is not None, "xla": xla, "steps_per_execution": ctx.spec.train.steps_per_execution,
         "steps": steps_done, "resumed_from_step": ctx.start_step,
         "epochs_completed": steps_done // ctx.steps_per_epoch, "synthetic_data": data.synthetic,
         "test": {k: float(v) for k, v in test.items()},

@@ -23,6 +23,7 @@ import yaml
 from distrain import user_code
 from distrain.errors import UsageError
 from distrain.models import MODELS, model_params
+from distrain.sweeps import trials as sweep_trials
 
 log = logging.getLogger("distrain")
 
@@ -126,7 +127,8 @@ class TrainSpec:
     metrics: list[str] = field(default_factory=lambda: ["accuracy"], metadata=_check(doc="Keras metric names or references"))
     from_logits: bool = field(default=False, metadata=_check(doc="the model ends without a softmax (crossentropy losses)"))
     precision: str = field(default="float32", metadata=_check(choices=PRECISIONS, doc="Keras's dtype policy for the run: mixed_float16 computes in float16 with dynamic loss scaling, mixed_bfloat16 in bfloat16; variables and the model's output stay float32 (docs/precision.md)"))
-    jit_compile: bool = field(default=False, metadata=_check(doc="XLA-compile the training and evaluation steps (model.compile(jit_compile=True)); docs/precision.md says under which strategies"))
+    jit_compile: bool = field(default=False, metadata=_check(doc="XLA-compile the training step: the whole step on one device, each replica's forward and backward pass under mirrored, multi_worker and horovod (docs/precision.md)"))
+    steps_per_execution: int = field(default=1, metadata=_check(min=1, doc="optimizer steps per call of the compiled step (model.compile(steps_per_execution=K)): less Python between steps; backups, checkpoints, step logs and agreements every N steps act at the end of the call that reaches a multiple of N (docs/precision.md)"))
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,26 @@ class LoggingSpec:
 
 
 @dataclass(frozen=True)
+class RandomSpec:
+    trials: int = field(default=1, metadata=_check(min=1, doc="sweep: random trials (for each point of the grid), each drawing every key of distributions"))
+    seed: int = field(default=0, metadata=_check(min=0, doc="sweep: seeds the random draws: the same seed gives the same trials"))
+    distributions: dict = field(default_factory=dict, metadata=_check(doc="sweep: job key to {uniform: [low, high]}, {log_uniform: [low, high]}, {integer: [low, high]} or {choice: [a, b, ...]} (docs/sweeps.md)"))
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    metric: Optional[str] = field(default=None, metadata=_check(doc="sweep: the epoch metric trials are compared on (its last epoch's value): loss, a train.metrics name or val_ + one of them; default: checkpoint.monitor"))
+    mode: str = field(default="auto", metadata=_check(choices=("auto", "min", "max"), doc="sweep: whether a higher metric is better; auto: checkpoint.mode for the default metric, else max for accuracy-like names (acc, auc, precision, recall), else min"))
+    grid: dict = field(default_factory=dict, metadata=_check(doc="sweep: job key to a list of values; every combination is a trial (distrain sweep, docs/sweeps.md)"))
+    random: Optional[RandomSpec] = None
+
+    @property
+    def defined(self) -> bool:
+        """Whether the section gives any trial (a grid or random distributions)."""
+        return bool(self.grid or (self.random and self.random.distributions))
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str = field(default="job", metadata=_check(doc="the run's name: runs go to OUTPUT_DIR/<name>/<run id>"))
     seed: int = field(default=42, metadata=_check(min=0, doc="seeds the splits, the shuffling, the initial weights and augmentation, the same on every worker"))
@@ -179,6 +201,7 @@ class JobSpec:
     distribute: DistributeSpec = field(default_factory=DistributeSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)
+    sweep: SweepSpec = field(default_factory=SweepSpec)
     output_dir: str = field(default="runs", metadata=_check(doc="runs go to OUTPUT_DIR/<name>/<run id>"))
 
 
@@ -386,6 +409,53 @@ def _check_cross_fields(spec: JobSpec) -> None:
         raise _Invalid("name", f"expected a plain name usable as a directory, got {_show(spec.name)}")
 
 
+def _check_sweep(spec: JobSpec) -> JobSpec:
+    """The ``sweep`` section's shape and keys (``sweeps.trials``: lists, distributions, bounds), its
+    numbers read as YAML 1.2 reads them. Each trial's values are checked where a sweep is planned
+    (``sweeps.plan``): that takes one validation per trial."""
+    sweep = spec.sweep
+    try:
+        grid = sweep_trials.check_grid(sweep.grid)
+        random = sweep.random
+        if random is not None:
+            sweep_trials.check_distributions(random.distributions, grid)
+    except sweep_trials.SweepError as err:
+        raise _Invalid(f"sweep.{err.path}", err.message) from None
+    for path, key in [*((f"sweep.grid.{k}", k) for k in grid),
+                      *((f"sweep.random.distributions.{k}", k) for k in (random.distributions if random else ()))]:
+        problem = key_problem(key)
+        if problem:
+            raise _Invalid(path, problem)
+    return dataclasses.replace(spec, sweep=dataclasses.replace(sweep, grid=grid))
+
+
+def key_problem(key: str) -> Optional[str]:
+    """Why ``key``, a key path as ``--set`` takes it, names no key of a job (None: it names one).
+
+    A key below a mapping of free keys (``model.params.filters``) is checked with its value.
+
+    >>> key_problem("train.learning_rate"), key_problem("train.schedule"), key_problem("model.params.alpha")
+    (None, None, None)
+    >>> key_problem("train.epochs.x")
+    'train.epochs is a value, not a section of keys'
+    """
+    cls, parts = JobSpec, key.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            where = f"in {'.'.join(parts[:i])}" if i else "at the top level"
+            return f"not a job key; valid keys {where}: {', '.join(fields)}"
+        hint = typing.get_type_hints(cls)[part]
+        sections = [a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)]
+        if sections:
+            cls = sections[0]
+        elif hint is dict or typing.get_origin(hint) is dict:
+            return None
+        elif i < len(parts) - 1:
+            return f"{'.'.join(parts[:i + 1])} is a value, not a section of keys"
+    return None
+
+
 def _resolve_precision(spec: JobSpec, raw: dict) -> JobSpec:
     """``distribute.mixed_precision: true`` (the old key) as ``train.precision: mixed_float16``, with
     a one-line notice; the resolved spec (and so the run dir's ``job.yaml``) holds the new key only.
@@ -463,6 +533,7 @@ def spec_from_dict(raw: Any, *, source: str = "(job)", overrides: Sequence[str] 
         spec = _check_model_params(_check_references(_build(JobSpec, raw, ""), Path(base_dir or ".")))
         spec = _resolve_precision(spec, raw)
         _check_cross_fields(spec)
+        spec = _check_sweep(spec)
     except _Invalid as err:
         flag = next((k for k in overridden if err.path == k or err.path.startswith(k + ".")
                      or k.startswith(err.path + ".")), None)
@@ -571,8 +642,12 @@ def spec_to_dict(spec: JobSpec) -> dict:
 
 
 def dump_spec(spec: JobSpec) -> str:
-    """The resolved spec as YAML text that ``load_spec`` reads back to an equal spec."""
-    return yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
+    """The resolved spec as YAML text that ``load_spec`` reads back to an equal spec (a job without
+    a sweep has no ``sweep`` section: its defaults, which every run dir's ``job.yaml`` would carry)."""
+    raw = spec_to_dict(spec)
+    if not spec.sweep.defined and spec.sweep == SweepSpec():
+        raw.pop("sweep", None)
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 def reference(cls: type = JobSpec, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -11,7 +11,10 @@ other and stops polling a file once a newer one exists: a second writer would hi
 data from a live dashboard):
 
 - ``.``: text ``world``, ``job_spec``, ``lr_plan`` and the hparams session and config, at the step
-  training starts from.
+  training starts from. A trial of a sweep (a job with a ``sweep:`` section) also logs its swept
+  keys as hparams, and the sweep's metric comes first among the metrics (``hparam_infos``,
+  ``hparam_metrics``): the same config in every trial and in ``SWEEP_DIR/tensorboard``
+  (``write_hparams_config``), so the HParams dashboard lists a sweep's trials together.
 - ``train/``: per epoch ``epoch_loss``, ``epoch_accuracy``, ``epoch_lr``, ``epoch_images_per_s``,
   ``epoch_step_time_s`` (the last two include validation); every ``logging.update_every_steps``
   global steps ``batch_loss``, ``batch_accuracy`` (the epoch's running mean, as Keras' progress
@@ -24,7 +27,10 @@ data from a live dashboard):
 - ``plugins/profile/``: the profiler trace of ``logging.profile_steps`` (the chief's process).
 
 Epochs are numbered from 1 like ``history.json`` (Keras' own callback numbers them from 0), and
-steps are optimizer steps since the run began, so a resumed run continues the same curves.
+steps are optimizer steps since the run began, so a resumed run continues the same curves. With
+``train.steps_per_execution: K`` a step scalar is written at the end of the call (of up to K steps)
+that reached a multiple of ``logging.update_every_steps``, at the step that call ended on
+(``callbacks.RunState.reached``): the same steps when the interval is a multiple of K.
 """
 from __future__ import annotations
 
@@ -32,15 +38,18 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
 import tensorflow as tf
 
 from distrain import lr as lr_lib
 from distrain.callbacks import StepCallback
+from distrain.lossscale import LOSS_SCALE_KEYS
 from distrain.lr import SCHEDULES
 from distrain.models import MODELS
 from distrain.rundir import RunDir
-from distrain.spec import DATA_SOURCES, PRECISIONS, STRATEGIES, TrainSpec, dump_spec
+from distrain.spec import DATA_SOURCES, PRECISIONS, STRATEGIES, JobSpec, TrainSpec, dump_spec
+from distrain.sweeps.compare import metric_and_mode, swept_hparams, swept_keys
 
 log = logging.getLogger("distrain")
 
@@ -108,13 +117,15 @@ class EpochScalars(tf.keras.callbacks.Callback):
 
 
 class StepScalars(StepCallback):
-    """Every N global steps: the running metrics, the LR applied, step time and images/s.
+    """Every N global steps: the running metrics, the LR applied, step time and images/s, and under
+    mixed_float16 the loss scale and the skipped steps (``lossscale.LossScaleLogs``).
 
-    Step time is the wall time per step over the steps since the last write, measured from one
-    step's end to the next: the train step and every callback (backups, checkpoints, the
-    agreement all-reduce), but not the work between epochs (validation, epoch-end saves); an
-    epoch's first step counts from its own begin. ``lr`` is put into the logs by
-    ``callbacks.RunMetrics``, which runs before this callback.
+    Step time is the wall time per optimizer step over the steps since the last write, measured
+    from one batch hook's end to the next (a hook covers ``RunState.hook_steps`` steps): the train
+    steps and every callback (backups, checkpoints, the agreement all-reduce), but not the work
+    between epochs (validation, epoch-end saves); an epoch's first hook counts from its own begin.
+    ``lr`` (the LR of the hook's last step) is put into the logs by ``callbacks.RunMetrics``, which
+    runs before this callback.
     """
 
     def __init__(self, state, writers: Writers, every: int, replicas: int):
@@ -138,15 +149,16 @@ class StepScalars(StepCallback):
         now = time.perf_counter()
         self._time += now - (self._began if self._last_end is None else self._last_end)
         self._last_end = now
-        self._steps += 1
+        self._steps += self.state.hook_steps
         step = self.state.step
-        if step % self.every:
+        if not self.state.reached(self.every):
             return
         step_time = self._time / self._steps
         self._time, self._steps = 0.0, 0
         logs = logs or {}
         # The step logs are global: run.py sets distribute_reduction_method = "first".
-        values = {k: float(v) for k, v in logs.items() if k in self.model.metrics_names and _is_number(v)}
+        values = {k: float(v) for k, v in logs.items()
+                  if (k in self.model.metrics_names or k in LOSS_SCALE_KEYS) and _is_number(v)}
         values.update(lr=logs.get("lr"), step_time_s=step_time,
                       images_per_s=self.state.ctx.global_batch / step_time,
                       images_per_s_per_replica=self.state.ctx.global_batch / step_time / self.replicas)
@@ -170,7 +182,7 @@ class RunInfo(tf.keras.callbacks.Callback):
     hyperparameters stay separate rows in the dashboard instead of being averaged.
     """
 
-    def __init__(self, writers: Writers, texts: dict, hparams: dict, trial_id: str):
+    def __init__(self, writers: Writers, texts: dict, hparams: dict, trial_id: str, spec: Optional[JobSpec] = None):
         super().__init__()
         from tensorboard.plugins.hparams import api as hp
 
@@ -178,6 +190,7 @@ class RunInfo(tf.keras.callbacks.Callback):
         self.texts = texts
         self.hparams = hparams
         self.trial_id = trial_id
+        self.spec = spec
         self._hp = hp
         hp.hparams_pb(hparams, trial_id=trial_id)  # bad values fail here, before training starts
 
@@ -187,9 +200,7 @@ class RunInfo(tf.keras.callbacks.Callback):
         with self.writers["."].as_default(step=step):
             for tag, text in self.texts.items():
                 tf.summary.text(tag, text)
-            hp.hparams_config(hparams=hparam_infos(), metrics=[
-                hp.Metric(tag, group=group, display_name=f"{group} {tag[len(EPOCH_PREFIX):]}")
-                for group, tag in HPARAM_METRICS])
+            hp.hparams_config(hparams=hparam_infos(self.spec), metrics=hparam_metrics(self.spec))
             hp.hparams(self.hparams, trial_id=self.trial_id)
         self.writers.flush()
 
@@ -207,6 +218,9 @@ class RunInfo(tf.keras.callbacks.Callback):
 class Profiler(StepCallback):
     """Profiles global steps ``first``..``last`` (1-based) of this process with TensorFlow's profiler.
 
+    With ``train.steps_per_execution: K`` it starts before the call (of up to K steps) that may take
+    step ``first`` and stops after the call that took ``last``: whole calls, perhaps a few steps more.
+
     Keras' ``TensorBoard(profile_batch=...)`` counts batches from the start of ``fit``, so after a
     resume it would profile other steps, and it brings its own writers for ``train/``; the
     profiler API it calls is used here directly. Works on CPU: the trace (host threads, TensorFlow
@@ -221,8 +235,9 @@ class Profiler(StepCallback):
         self._running = False
 
     def on_train_batch_begin(self, batch, logs=None):
-        step = self.state.step + 1  # the step about to run
-        if not self._running and self.first <= step <= self.last:
+        step = self.state.step + 1  # the first step of the call about to run
+        last_of_call = self.state.step + self.state.ctx.spec.train.steps_per_execution  # at most
+        if not self._running and step <= self.last and self.first <= last_of_call:
             try:
                 tf.profiler.experimental.start(str(self.log_dir))
                 self._running = True
@@ -278,23 +293,70 @@ def world_text(ctx, synthetic: bool) -> str:
     return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
-def hparam_infos() -> list:
+def hparam_infos(spec: Optional[JobSpec] = None) -> list:
     """The hparams config: the same in every run, because TensorBoard shown a whole runs dir takes
     the config of whichever run it finds first. So no run's values go into it: the choices of the
     string hparams come from the spec, and numbers have no domain (the dashboard shows them as
-    they come; a numeric range would have to guess bounds)."""
+    they come; a numeric range would have to guess bounds). A sweep's trial (``spec`` with a
+    ``sweep:`` section) adds the swept keys, the same in every trial of the sweep."""
     from tensorboard.plugins.hparams import api as hp
 
 
     optimizers = next(f for f in dataclasses.fields(TrainSpec) if f.name == "optimizer").metadata["choices"]
     choices = {"model": tuple(MODELS), "data": DATA_SOURCES, "strategy": STRATEGIES, "optimizer": optimizers,
                "schedule": SCHEDULES, "precision": PRECISIONS}
+    swept = swept_keys(spec.sweep) if spec is not None else {}
     return [hp.HParam(name, hp.Discrete(list(choices[name])) if name in choices else None, description=text)
-            for name, text in HPARAMS.items()]
+            for name, text in HPARAMS.items()] + [hp.HParam(key, None, description=f"swept by {how}")
+                                                  for key, how in swept.items()]
+
+
+def metric_tag(metric: str) -> tuple[str, str]:
+    """Where an epoch metric of the logs is in TensorBoard: ``val_loss`` → (``validation``, ``epoch_loss``).
+
+    >>> metric_tag("val_accuracy"), metric_tag("loss")
+    (('validation', 'epoch_accuracy'), ('train', 'epoch_loss'))
+    """
+    if metric.startswith("val_"):
+        return VALIDATION, EPOCH_PREFIX + metric[len("val_"):]
+    return TRAIN, EPOCH_PREFIX + metric
+
+
+def hparam_metrics(spec: Optional[JobSpec] = None) -> list:
+    """The metrics the dashboard shows beside the hparams (``HPARAM_METRICS``); a sweep's trial
+    puts the sweep's metric first (``sweeps.compare.metric_and_mode``)."""
+    from tensorboard.plugins.hparams import api as hp
+
+    pairs, described = list(HPARAM_METRICS), {}
+    if spec is not None and spec.sweep.defined:
+        metric, mode = metric_and_mode(spec)
+        first = metric_tag(metric)
+        pairs = [first] + [pair for pair in pairs if pair != first]
+        described[first] = f"the sweep's metric: {metric}, {mode} is best"
+    return [hp.Metric(tag, group=group, display_name=f"{group} {tag[len(EPOCH_PREFIX):]}",
+                      description=described.get((group, tag))) for group, tag in pairs]
+
+
+def write_hparams_config(log_dir: Path, spec: JobSpec) -> None:
+    """Writes the HParams config of ``spec`` (``hparam_infos``, ``hparam_metrics``) alone, as one
+    event file in ``log_dir``: a sweep's (``SWEEP_DIR/tensorboard``), which its trials write too.
+
+    Without a TensorFlow op (TensorBoard's own event writer), so a sweep writes it before its first
+    trial configures TensorFlow's devices (``distribute.cpu_devices``).
+    """
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.plugins.hparams import api as hp
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    writer = EventFileWriter(str(log_dir))
+    summary = hp.hparams_config_pb(hparams=hparam_infos(spec), metrics=hparam_metrics(spec))
+    writer.add_event(event_pb2.Event(wall_time=time.time(), step=0, summary=summary))
+    writer.close()
 
 
 def hparams_of(ctx) -> dict:
-    """The key hyperparameters of the run, by the names in ``HPARAMS``."""
+    """The key hyperparameters of the run, by the names in ``HPARAMS``, and a sweep's trial's
+    swept keys (``sweeps.compare.swept_hparams``)."""
     spec, plan = ctx.spec, ctx.plan
     return {
         "model": spec.model.name, "data": spec.data.source, "strategy": ctx.dist.name,
@@ -302,6 +364,7 @@ def hparams_of(ctx) -> dict:
         "global_batch": ctx.global_batch, "optimizer": spec.train.optimizer, "base_lr": plan.base_lr,
         "peak_lr": plan.peak_lr, "schedule": plan.schedule, "warmup_steps": plan.warmup_steps,
         "epochs": spec.train.epochs, "steps_per_epoch": ctx.steps_per_epoch, "precision": spec.train.precision,
+        **swept_hparams(spec),
     }
 
 
@@ -326,7 +389,7 @@ def tensorboard_callbacks(ctx, state, *, synthetic: bool = False) -> list:
     texts = {"world": world_text(ctx, synthetic),
              "job_spec": "```yaml\n" + dump_spec(spec) + "```",
              "lr_plan": lr_lib.describe(ctx.plan)}
-    callbacks = [RunInfo(writers, texts, hparams_of(ctx), trial_id=f"{spec.name}/{ctx.run_dir.name}"),
+    callbacks = [RunInfo(writers, texts, hparams_of(ctx), trial_id=f"{spec.name}/{ctx.run_dir.name}", spec=spec),
                  EpochScalars(writers)]
     if spec.logging.step_scalars_every:
         callbacks.append(StepScalars(state, writers, spec.logging.step_scalars_every, ctx.replicas))

@@ -416,7 +416,10 @@ def loss_object(train, tf, instantiate: bool = True):
         if train.from_logits:
             raise UsageError(f"train.from_logits: only for Keras crossentropy losses by name; the loss "
                              f"{name} is yours, so apply from_logits inside it")
-        return _keras_object(resolve(name, key), tf, tf.keras.losses.Loss, key, name, instantiate)
+        loss = _keras_object(resolve(name, key), tf, tf.keras.losses.Loss, key, name, instantiate)
+        if instantiate and train.precision == "mixed_float16":
+            check_scalable_loss(loss, name, tf)
+        return loss
     if name == "categorical_crossentropy":
         # Keras would fail inside fit: "Shapes (32, 1) and (32, 10) are incompatible".
         raise UsageError("train.loss: categorical_crossentropy takes one-hot labels, but distrain's labels are "
@@ -434,6 +437,28 @@ def loss_object(train, tf, instantiate: bool = True):
         return loss
     raise UsageError(f"train.loss: unknown Keras loss {name!r}; expected a name such as "
                      f"{', '.join(CROSSENTROPIES)}, mean_squared_error, or {EXPECTED}")
+
+
+def check_scalable_loss(loss, text: str, tf) -> None:
+    """Refuses a loss of the user's that mixed_float16's loss scaling cannot scale: one whose value
+    is not float32 (the model's output is float32: ``float32_output``).
+
+    The loss is multiplied by the scale (2**15 at the start) in the loss's own dtype: a float16 loss
+    overflows to inf from a value of 2 on, every step is then skipped and the scale falls towards 0;
+    an integer loss has no gradient at all. Tried on a batch of two uniform predictions of two
+    classes; a loss that cannot take those is left to training's own errors.
+
+    Raises:
+        UsageError: one line naming ``train.loss``, the dtype and the fix.
+    """
+    try:
+        value = tf.convert_to_tensor(loss(tf.constant([0, 1]), tf.fill((2, 2), 0.5)))
+    except Exception:  # noqa: BLE001  (a loss made for other shapes: training reports its own errors)
+        return
+    if value.dtype != tf.float32:
+        raise UsageError(f"train.loss: {text} returns {value.dtype.name} under train.precision mixed_float16; loss "
+                         f"scaling multiplies it by up to 2**15, which {value.dtype.name} cannot hold: return the loss "
+                         f"in float32 (compute it from y_pred as given, or tf.cast it to float32): docs/precision.md")
 
 
 def metric_objects(train, tf, instantiate: bool = True) -> list:

@@ -19,7 +19,8 @@ directory or an unknown model or data source stops the command with one line and
 
 The resolved job is saved as `job.yaml` in the run dir; `distrain train --resume RUN_DIR` reads it.
 Model parameters (`model.params`) are the keyword parameters of the model's builder: see
-`distrain models` and `distrain/models.py`.
+`distrain models` and `distrain/models.py`. The `sweep.*` keys describe many trainings of the job,
+each with other values of some keys (`distrain sweep`): [sweeps.md](sweeps.md).
 
 | key | default | meaning |
 | --- | --- | --- |

@@ -28,7 +28,7 @@ step "horovod"
 scripts/install-horovod.sh --python .venv/bin/python
 step "tests"
 # A backend that is missing here must fail the suite, not skip its tests.
-export DISTRAIN_REQUIRE_SLURM=1 DISTRAIN_REQUIRE_RAY=1 DISTRAIN_REQUIRE_HOROVOD=1 DISTRAIN_REQUIRE_SHELLCHECK=1 DISTRAIN_REQUIRE_NETNS=1
+export DISTRAIN_REQUIRE_SLURM=1 DISTRAIN_REQUIRE_RAY=1 DISTRAIN_REQUIRE_HOROVOD=1 DISTRAIN_REQUIRE_SHELLCHECK=1 DISTRAIN_REQUIRE_NETNS=1 DISTRAIN_REQUIRE_TMPFS=1
 set +e
 .venv/bin/python -m pytest -p no:cacheprovider -ra "$@"
 rc=$?

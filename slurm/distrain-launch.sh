@@ -21,8 +21,11 @@
 #        75       preempted, backup written: `scontrol requeue`, then exit 0 (not a failure);
 #        76       a peer was lost: `scontrol requeue` while SLURM_RESTART_COUNT < MAX_RESTARTS,
 #                 else exit 76;
-#        other    passed through (1 failed, 2 bad input, 77 NaN loss, 128+N a task killed by
-#                 signal N: the line then names the signal and docs/troubleshooting.md).
+#        74       a file could not be written (disk full, over quota, I/O error): never requeued
+#                 (a requeue would hit the same disk); the line says to free space, then continue;
+#        other    passed through (1 failed, 2 bad input, e.g. no backup that verifies, 77 NaN loss,
+#                 128+N a task killed by signal N: the line then names the signal and
+#                 docs/troubleshooting.md).
 #      A requeued job keeps its id, so it runs again in the same run dir and resumes from its backup.
 #
 # Settings it reads (the rendered script sets them): JOB, SET (array of key.path=value), RUNS_DIR,
@@ -176,6 +179,12 @@ distrain_launch() {
   case $rc in
     0) echo "$me: done; run dir $run_dir"; return 0 ;;
     75) why="preempted (exit 75), backup written" ;;
+    74)
+      echo "$me: a file of the run could not be written (exit 74: disk full, over quota or failing; the line" \
+           "above names it); not requeued, since a requeue would meet the same disk. The previous backup is" \
+           "intact: free space under $run_dir (or raise the quota), then continue with: $resume" >&2
+      return "$rc"
+      ;;
     76)
       why="a peer was lost (exit 76)"
       if ((restarts >= max_restarts)); then

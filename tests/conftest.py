@@ -11,6 +11,7 @@ fail. SLURM and Ray have theirs in ``slurm_cluster.py`` and ``ray_cluster.py``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -18,10 +19,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Iterator, NoReturn, Optional
 
 import pytest
 
@@ -232,6 +234,42 @@ def needs_netns() -> None:
     reason = netns_missing()
     if reason:
         skip_or_fail("DISTRAIN_REQUIRE_NETNS", reason)
+
+
+def tmpfs_missing() -> Optional[str]:
+    """Why a tmpfs cannot be mounted here (None: it can; a 64 KiB one was mounted and unmounted)."""
+    if os.geteuid() != 0:
+        return "mounting a tmpfs needs root"
+    if not (shutil.which("mount") and shutil.which("umount")):
+        return "mount/umount not found (util-linux)"
+    with tempfile.TemporaryDirectory() as where:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", where], capture_output=True,
+                              text=True, timeout=30)
+        if done.returncode != 0:
+            return f"mount -t tmpfs fails here: {done.stderr.strip()}"
+        subprocess.run(["umount", where], check=True, timeout=30)
+    return None
+
+
+@pytest.fixture(scope="session")
+def needs_tmpfs() -> None:
+    """Skips a test where a tmpfs cannot be mounted (not root, a container without the right);
+    fails it instead under ``DISTRAIN_REQUIRE_TMPFS``."""
+    reason = tmpfs_missing()
+    if reason:
+        skip_or_fail("DISTRAIN_REQUIRE_TMPFS", reason)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (created): a disk that fills up; always unmounted on the way out."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True, timeout=30)
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], timeout=60).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], timeout=60)  # busy: detach it now, freed when unused
 
 
 # ----------------------------------------------------------------------------- tests that need a GPU

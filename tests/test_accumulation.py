@@ -229,9 +229,8 @@ def test_a_world_that_cannot_make_the_global_batch_is_refused(two_workers_k1, tm
     shutil.copytree(two_workers_k1 / "backup", run_dir / "backup")
     shutil.copy(two_workers_k1 / "segments.json", run_dir / "segments.json")
     shutil.copy(two_workers_k1 / "job.yaml", run_dir / "job.yaml")
-    # Pretend the run stopped at step 6: 3 logical CPUs x 8 per replica cannot make 16.
-    (run_dir / "backup" / "checkpoint").write_text(
-        (run_dir / "backup" / "checkpoint").read_text().replace(f"ckpt-{STEPS}", "ckpt-6"))
+    # 3 logical CPUs x 8 per replica cannot make 16: refused while the run is resolved, before the
+    # backup's step is looked at (so also before "already complete").
     result = run_distrain(["train", "--resume", str(run_dir), "--set", "distribute.strategy=mirrored",
                            "--set", "distribute.cpu_devices=3"], timeout=200)
     assert result.returncode == 2, result.stderr[-3000:]

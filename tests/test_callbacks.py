@@ -251,3 +251,43 @@ def test_fit_verbosity_shows_the_progress_bar_only_where_it_can_redraw():
     assert interactive(io.StringIO()) is ("ipykernel" in sys.modules)
     with open(os.devnull, "w") as devnull:
         assert not interactive(devnull) or "ipykernel" in sys.modules
+
+
+def test_every_batch_hook_of_a_run_leaves_the_step_logs_as_tensors(tmp_path):
+    """Keras converts every step's logs to numbers, and so waits for each step before it queues the
+    next, unless every callback with batch hooks declares ``_supports_tf_logs`` (StepCallback). One
+    that does not (InputWatch did not) costs that for the whole run: the chief's full list, with the
+    backend's, the loss scale's and TensorBoard's batch-hook callbacks, must not have one."""
+    import tensorflow as tf
+
+    from distrain.backends.factory import precision_policy
+    from distrain.backends.stepmetrics import GlobalLogs
+    from distrain.backends.watchdog import Watchdog, heartbeat
+    from distrain.callbacks import build_callbacks
+    from distrain.data.inputwatch import InputWatch
+    from distrain.lossscale import loss_scale_callbacks
+    from distrain.rundir import RunDir
+    from distrain.spec import spec_from_dict
+    from distrain.tensorboard_log import Profiler, StepScalars, Writers
+
+    spec = spec_from_dict({"logging": {"update_every_steps": 5}, "checkpoint": {"backup_every_steps": 5}})
+    ctx = types.SimpleNamespace(spec=spec, start_step=0, is_chief=True, steps_per_epoch=10, run_dir=RunDir(tmp_path),
+                                dist=None)
+    state = RunState(ctx)
+    ctx.dist = types.SimpleNamespace(callbacks=lambda *a: [heartbeat(Watchdog(60, lambda m: None)),
+                                                           GlobalLogs(state, 10, 5)])
+    with precision_policy("mixed_float16"):
+        model = tf.keras.Sequential([tf.keras.layers.Dense(2, input_shape=(3,))])
+        model.compile(optimizer="sgd", loss="mse")
+    writers = Writers(tmp_path / "tb")
+    callbacks = build_callbacks(ctx, state, None, None, input_watch=InputWatch(),
+                                loss_scale=loss_scale_callbacks(model.optimizer),
+                                tensorboard=lambda: [StepScalars(state, writers, 5, 1),
+                                                     Profiler(state, tmp_path / "tb", 2, 3)])
+    batch_hooks = [c for c in callbacks if c._implements_train_batch_hooks()]
+    assert {type(c).__name__ for c in batch_hooks} >= {"RunMetrics", "InputWatch", "Heartbeat", "GlobalLogs",
+                                                      "LossScaleLogs", "BackupEvery", "Checkpoints", "StepLog",
+                                                      "StepScalars", "Profiler", "Agreement"}
+    assert [type(c).__name__ for c in batch_hooks if not getattr(c, "_supports_tf_logs", False)] == []
+    assert tf.keras.callbacks.CallbackList(callbacks, add_history=True, add_progbar=False)._batch_hooks_support_tf_logs
+    writers.close()

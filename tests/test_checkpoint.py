@@ -13,7 +13,7 @@ import distrain  # noqa: F401  (tf-keras for tf.keras)
 import tensorflow as tf
 
 from distrain.checkpoint import UserCheckpoints, WorkerFiles
-from distrain.rundir import RunDir
+from distrain.rundir import RunDir, file_record
 
 
 def tiny_model():
@@ -127,7 +127,9 @@ def test_best_follows_only_improvements_of_a_loss(run_dir):
         decisions.append(ckpt.consider_best({"val_loss": value, "loss": 9.0}, epoch=epoch, step=10 * epoch))
     assert decisions == [True, False, True, False, False]  # an equal value is no improvement
     assert ckpt.best == 0.4
-    assert json.loads(run_dir.best_meta.read_text()) == {"epoch": 3, "step": 30, "monitor": "val_loss", "value": 0.4}
+    meta = json.loads(run_dir.best_meta.read_text())
+    assert meta == {"epoch": 3, "step": 30, "monitor": "val_loss", "value": 0.4,
+                    "weights": file_record(run_dir.best_weights)}
     assert weights_in(run_dir.best_weights) == 3.0
     assert index(run_dir) == {"kept": [], "best": 0.4}
     assert files(run_dir) == ["best.json", "best.weights.h5", "index.json"]

@@ -35,15 +35,27 @@ def test_resolve_batch_steps_and_plan(tmp_path):
         ctx.global_batch = 1
 
 
-def test_start_step_comes_from_the_backup_index(tmp_path):
+def _committed_backup(run: RunDir, step: int) -> None:
+    run.backup.mkdir(parents=True, exist_ok=True)
+    for suffix in (".index", ".data-00000-of-00001"):
+        run.backup.joinpath(f"ckpt-{step}{suffix}").write_bytes(b"tensors")
+    run.commit_backup(step)
+
+
+def test_start_step_comes_from_the_newest_backup_that_verifies(tmp_path, caplog):
     run = RunDir(tmp_path)
-    run.backup.mkdir()
-    run.backup_index.write_text('model_checkpoint_path: "ckpt-37"\n')
+    _committed_backup(run, 37)
     spec = spec_from_dict({"data": {"batch_size_per_replica": 10}, "train": {"epochs": 2}})
     ctx = resolve(spec, World(launcher="local"), _dist(1, name="one_device"), _data(200), run)
     assert (ctx.start_step, ctx.start_epoch, ctx.step_in_start_epoch, ctx.is_complete) == (37, 1, 17, False)
-    run.backup_index.write_text('model_checkpoint_path: "ckpt-40"\n')
+    _committed_backup(run, 40)
     assert resolve(spec, World(launcher="local"), _dist(1, name="one_device"), _data(200), run).is_complete
+    run.backup.joinpath("ckpt-40.index").write_bytes(b"cut")
+    with caplog.at_level("WARNING", logger="distrain"):
+        assert resolve(spec, World(launcher="local"), _dist(1, name="one_device"), _data(200), run).start_step == 37
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{run.backup}/ckpt-40: skipped: ckpt-40.index has 3 bytes, 7 were written (cut short or overwritten); "
+        "resuming from ckpt-37 (step 37)"]
 
 
 def test_global_batch_larger_than_the_data_is_a_usage_error(tmp_path):

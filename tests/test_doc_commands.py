@@ -51,6 +51,8 @@ RUN: dict[str, tuple[str, ...]] = {
     "distrain slurm render jobs/examples/inception.yaml --nodes 2 --gpus-per-node 4 > incep.sh": (),
     # docs/precision.md
     "distrain validate jobs/quickstart.yaml --set train.precision=mixed_bfloat16 --set train.jit_compile=true": (),
+    # docs/sweeps.md
+    "distrain validate jobs/examples/mobilenet_sweep.yaml": (),
     # docs/quickstart.md
     ".venv/bin/distrain validate jobs/quickstart.yaml --set train.epochs=20 --set model.name=mlp": (),
     ".venv/bin/distrain train jobs/quickstart.yaml --set train.epochs=20 --set model.name=mlp": (),
@@ -157,6 +159,22 @@ EXCLUDED: dict[str, str] = {
     "--max-failures 3 --storage-path /shared/ray-runs --name cnn-1": SLURM,
     "pytest tests/test_ray.py -q": "the Ray tests themselves (about 3 minutes)",
     'pytest tests/test_ray.py -m "not slurm"': "the Ray tests themselves",
+    # docs/fault-tolerance.md
+    "pytest tests/test_fault_campaign.py -s": "the campaign's own test, which the suite runs (about 90 s)",
+    "DISTRAIN_CAMPAIGN_DRAWS=120 DISTRAIN_CAMPAIGN_REPORT=campaign.json pytest tests/test_fault_campaign.py -s":
+        "the long campaign: about half an hour on 2 cores",
+    "DISTRAIN_CAMPAIGN_SEED=27 DISTRAIN_CAMPAIGN_ONLY=41 pytest tests/test_fault_campaign.py -s":
+        "one draw of the campaign's own test, which the suite runs",
+    # docs/sweeps.md
+    "distrain sweep jobs/examples/mobilenet_sweep.yaml --run-dir runs/mobilenet-sweep":
+        "six trainings of MobileNetV2, about 4 minutes on 2 cores (tests/test_sweep.py runs a sweep of the "
+        "quickstart job)",
+    "distrain sweep jobs/quickstart.yaml --run-dir runs/lr --set train.epochs=3 --grid "
+    "train.learning_rate=0.001,0.003,0.01": "three trainings of the quickstart job, over this file's time budget "
+                                           "(tests/test_sweep.py runs a sweep of it)",
+    "distrain report runs/mobilenet-sweep": "reports the sweep of the excluded command above (tests/test_sweep.py "
+                                            "reports a sweep)",
+    "distrain tensorboard runs/mobilenet-sweep --port 6006": SERVER,
     # docs/slurm.md
     "sbatch slurm/mobilenet.sh": SLURM,
     "TF_ENABLE_ONEDNN_OPTS=0 sbatch slurm/cnn.sh": SLURM,

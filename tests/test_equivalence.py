@@ -2,6 +2,7 @@
 MultiWorkerMirroredStrategy with 2 real processes, each against one device with the same global
 batch, the same initial weights and no randomness (no dropout, no augmentation)."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,8 @@ name: equivalence
 seed: 7
 model: {{name: cnn, params: {{filters: 8}}}}
 data: {{source: digits, batch_size_per_replica: {per_replica}}}
-train: {{epochs: 2, steps_per_epoch: 3, optimizer: sgd, momentum: 0.9, learning_rate: 0.05, lr_scaling: none}}
+train: {{epochs: 2, steps_per_epoch: 3, optimizer: sgd, momentum: 0.9, learning_rate: 0.05, lr_scaling: none,
+         jit_compile: {jit}}}
 distribute: {{strategy: {strategy}, cpu_devices: {cpu_devices}}}
 checkpoint: {{every_epochs: 0, save_best: false, backup_every_steps: 0}}
 logging: {{tensorboard: true, update_every_steps: 1, verbose: 0}}
@@ -28,7 +30,7 @@ METRICS = ("loss", "accuracy")
 @pytest.fixture(scope="module")
 def single_device_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
-    job = write_job(tmp / "job.yaml", JOB.format(per_replica=32, strategy="one_device", cpu_devices=0))
+    job = write_job(tmp / "job.yaml", JOB.format(per_replica=32, strategy="one_device", cpu_devices=0, jit=False))
     result = run_distrain(["train", str(job), "--run-dir", str(tmp / "run")], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp / "run" / "summary.json").read_text())
@@ -36,24 +38,39 @@ def single_device_run(tmp_path_factory):
     return tmp / "run"
 
 
+XLA_GRADIENTS = "each replica's forward and backward pass"  # summary.json's "xla" (run.XLA_GRADIENTS)
+
+
 @pytest.mark.timeout(300)
-def test_mirrored_two_logical_cpus_equals_one_device(single_device_run, tmp_path):
-    job = write_job(tmp_path / "job.yaml", JOB.format(per_replica=16, strategy="mirrored", cpu_devices=2))
+@pytest.mark.parametrize("jit", [False, True], ids=["plain", "xla"])
+def test_mirrored_two_logical_cpus_equals_one_device(single_device_run, tmp_path, jit):
+    """With ``train.jit_compile`` each replica's forward and backward pass is XLA-compiled
+    (distrain.trainstep), the all-reduce and the update stay outside XLA: still the weights of one
+    device without XLA (the CNN has BatchNorm, whose per-replica moving statistics are updated
+    inside the compiled pass)."""
+    job = write_job(tmp_path / "job.yaml", JOB.format(per_replica=16, strategy="mirrored", cpu_devices=2, jit=jit))
     result = run_distrain(["train", str(job), "--run-dir", str(tmp_path / "run")], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["strategy"], summary["replicas"], summary["global_batch"], summary["steps"]) == ("mirrored", 2, 32, STEPS)
+    assert summary["xla"] == (XLA_GRADIENTS if jit else None)
     assert_same_weights(model_weights(tmp_path / "run"), model_weights(single_device_run))
 
 
-@pytest.mark.timeout(300)
-def test_two_worker_processes_equal_one_process(single_device_run, tmp_path, workers_factory):
-    job = write_job(tmp_path / "job.yaml", JOB.format(per_replica=16, strategy="multi_worker", cpu_devices=0))
+def two_workers(tmp_path, workers_factory, *, jit: bool) -> Path:
+    """Trains the job as 2 multi_worker processes; returns the run dir."""
+    job = write_job(tmp_path / "job.yaml", JOB.format(per_replica=16, strategy="multi_worker", cpu_devices=0, jit=jit))
     ports = free_ports(2)
     run_dir = tmp_path / "run"
     cmd = [*DISTRAIN, "train", str(job), "--run-dir", str(run_dir)]
     workers = workers_factory([cmd, cmd], [worker_env(TF_CONFIG=tf_config(ports, i)) for i in range(2)])
     assert workers.wait(timeout=240) == [0, 0], workers.output()
+    return run_dir
+
+
+@pytest.mark.timeout(300)
+def test_two_worker_processes_equal_one_process(single_device_run, tmp_path, workers_factory):
+    run_dir = two_workers(tmp_path, workers_factory, jit=False)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["strategy"], summary["world_size"], summary["replicas"], summary["global_batch"],
             summary["steps"]) == ("multi_worker", 2, 2, 32, STEPS)
@@ -95,3 +112,11 @@ logging: {tensorboard: false, verbose: 0}
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["replicas"] == 2 and 0.0 <= summary["test"]["accuracy"] <= 1.0
+
+
+@pytest.mark.timeout(300)
+def test_two_worker_processes_with_xla_equal_one_process_without(single_device_run, tmp_path, workers_factory):
+    run_dir = two_workers(tmp_path, workers_factory, jit=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["steps"], summary["jit_compile"], summary["xla"]) == (STEPS, True, XLA_GRADIENTS)
+    assert_same_weights(model_weights(run_dir), model_weights(single_device_run))

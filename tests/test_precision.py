@@ -54,6 +54,28 @@ def test_the_old_mixed_precision_key_is_mixed_float16_with_a_notice(caplog):
     assert not caplog.records
 
 
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_a_loss_that_mixed_float16_cannot_scale_exits_2_before_training(tmp_path):
+    """A user loss returning float16 would overflow once scaled (2**15 x a loss above 2): validate
+    and train both say so in one line, before any step; the same loss in float32 validates."""
+    (tmp_path / "losses.py").write_text(
+        "import tensorflow as tf\n\n"
+        "def half(y_true, y_pred):\n"
+        "    return tf.cast(tf.keras.losses.sparse_categorical_crossentropy(y_true, y_pred), tf.float16)\n")
+    job = tmp_path / "job.yaml"
+    job.write_text(f"model: {{name: mlp}}\ndata: {{source: digits}}\n"
+                   f"train: {{epochs: 1, loss: '{tmp_path / 'losses.py'}:half', precision: mixed_float16}}\n")
+    for command in (["validate", str(job)], ["train", str(job), "--run-dir", str(tmp_path / "run")]):
+        result = run_distrain(command, timeout=110)
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = [line for line in result.stderr.splitlines() if "train.loss" in line]
+        assert len(lines) == 1 and "returns float16 under train.precision mixed_float16" in lines[0], result.stderr
+    assert not (tmp_path / "run" / "backup").exists()
+    result = run_distrain(["validate", str(job), "--set", "train.precision=float32"], timeout=110)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------- the policy of a run
 
 def test_the_policy_is_the_runs_and_restored_after_it():
@@ -123,17 +145,19 @@ def test_a_user_model_with_a_float16_output_is_cast_with_one_line(tmp_path, capl
 
 # ----------------------------------------------------------------------------- loss scaling
 
-def test_mixed_float16_scales_the_loss_also_when_accumulating():
+@pytest.mark.parametrize("xla_gradients", [False, True], ids=["eager", "xla"])
+def test_mixed_float16_scales_the_loss_also_when_accumulating(xla_gradients):
     """Under mixed_float16 ``compile`` wraps the optimizer in a LossScaleOptimizer; the step with
     k = 2 micro-batches goes through it too (its finite check counts the step), and takes the same
     step as k = 1 on the whole batch, within float16's rounding (2 u = 2**-10 relative).
 
     The loss is scaled down by 2**-20 so that the conv layer's float16 gradients (~1e-8) underflow
     unless the loss scale (2**15) lifts them: a step that did not scale its micro-batches' losses
-    would leave the conv kernel unchanged and fail the comparison."""
+    would leave the conv kernel unchanged and fail the comparison. The same holds with each
+    micro-batch's pass XLA-compiled (``trainstep``'s step under mirrored and multi_worker)."""
     import tensorflow as tf
 
-    from distrain import accumulation
+    from distrain import trainstep
     from distrain.backends.factory import precision_policy
     from distrain.models import build_model
 
@@ -148,7 +172,8 @@ def test_mixed_float16_scales_the_loss_also_when_accumulating():
             model.compile(optimizer=tf.keras.optimizers.SGD(2.0 ** 20),
                           loss=lambda labels, probabilities: 2.0 ** -20 * crossentropy(labels, probabilities))
             assert isinstance(model.optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
-            accumulation.enable(model, k, lambda grads: grads)
+            trainstep.enable(model, micro_batches=k, reduce_gradients=lambda grads: grads,
+                             xla_gradients=xla_gradients)
             model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
             assert int(model.optimizer.dynamic_counter.numpy()) == 1  # one finite, scaled step
             assert float(model.optimizer.loss_scale.numpy()) == 2.0 ** 15
@@ -226,25 +251,21 @@ def test_two_logical_cpu_replicas_equal_one_device_in_mixed_precision(precision,
 
 # ----------------------------------------------------------------------------- XLA
 
-def test_jit_compile_applies_under_one_device_and_falls_back_with_a_notice(caplog):
-    from distrain.run import JIT_UNSUPPORTED, jit_compile
+def test_jit_compile_compiles_the_whole_step_on_one_device_and_each_replicas_pass_elsewhere():
+    from distrain.run import XLA_GRADIENTS, XLA_WHOLE_STEP, xla_scope
 
-    with caplog.at_level(logging.WARNING, logger="distrain"):
-        assert jit_compile(True, "one_device") and not jit_compile(False, "one_device")
-        assert not caplog.records
-        for strategy in ("mirrored", "multi_worker", "horovod"):
-            assert jit_compile(True, strategy) is False
-    assert set(JIT_UNSUPPORTED) == {"mirrored", "multi_worker", "horovod"}
-    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["train.jit_compile"] * 3
+    assert xla_scope(False, "one_device") is None and xla_scope(False, "mirrored") is None
+    assert xla_scope(True, "one_device") == XLA_WHOLE_STEP
+    assert {xla_scope(True, s) for s in ("mirrored", "multi_worker", "horovod")} == {XLA_GRADIENTS}
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_quickstart_with_jit_compile_reaches_its_accuracy_floor(tmp_path):
     """The quickstart's floor (tests/test_cli.py: test accuracy >= 0.9 after 10 epochs) with its step
-    XLA-compiled under one_device. Mirrored and multi_worker fall back to the step without XLA
-    (``run.jit_compile``, tested above): their run is the tested run without XLA, so CI's minutes
-    go to this one."""
+    XLA-compiled under one_device. Under mirrored and multi_worker, where XLA compiles each
+    replica's pass, tests/test_equivalence.py proves the weights equal the one-device run's without
+    XLA (1e-5): the same numbers, so the same accuracy, and CI's minutes go to this run."""
     run_dir = tmp_path / "run"
     sets = ["train.jit_compile=true", "logging.tensorboard=false", "logging.verbose=0"]
     args = ["train", str(REPO / "jobs" / "quickstart.yaml"), "--run-dir", str(run_dir)]
@@ -252,4 +273,4 @@ def test_quickstart_with_jit_compile_reaches_its_accuracy_floor(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["strategy"] == "one_device" and summary["test"]["accuracy"] >= 0.9
-    assert summary["jit_compile"] is True
+    assert summary["jit_compile"] is True and summary["xla"] == "whole step"

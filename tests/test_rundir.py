@@ -21,13 +21,30 @@ def test_paths():
     assert os.fspath(run) == "/runs/cnn/slurm-7" and run == RunDir("/runs/cnn/slurm-7")
 
 
-def test_backup_step_reads_the_index(tmp_path):
+def fake_backup(run: RunDir, step: int, *, commit: bool = True) -> None:
+    """The files of a backup at ``step`` (what TensorFlow writes), committed unless told otherwise."""
+    run.backup.mkdir(parents=True, exist_ok=True)
+    for suffix in (".index", ".data-00000-of-00001"):
+        run.backup_prefix(step).with_name(f"ckpt-{step}{suffix}").write_bytes(bytes(range(step % 256)) * 3)
+    if commit:
+        run.commit_backup(step)
+
+
+def test_backup_step_is_the_newest_committed_backup(tmp_path):
     run = RunDir(tmp_path)
-    assert run.backup_step() == 0
-    run.backup.mkdir()
+    assert run.backup_step() == 0 and not run.has_backup()
+    fake_backup(run, 100)
+    fake_backup(run, 120)
+    fake_backup(run, 130, commit=False)  # a save that did not finish does not count
+    assert run.backup_step() == 120 and run.has_backup()
+
+
+def test_backup_step_of_a_backup_from_before_commit_markers_reads_the_index(tmp_path):
+    run = RunDir(tmp_path)
+    fake_backup(run, 120, commit=False)
     run.backup_index.write_text('model_checkpoint_path: "ckpt-120"\nall_model_checkpoint_paths: "ckpt-100"\n'
                                 'all_model_checkpoint_paths: "ckpt-120"\n')
-    assert run.backup_step() == 120
+    assert run.backup_step() == 120 and not run.choose_backup().verified
 
 
 def test_write_atomically_replaces_and_never_leaves_a_temporary(tmp_path):

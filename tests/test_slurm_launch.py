@@ -29,7 +29,7 @@ import pytest
 from conftest import REPO, backup_step, free_port_block, write_job
 from slurm_cluster import slurm_fixture
 from distrain.cli import build_parser, main
-from distrain.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE
+from distrain.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE, EXIT_WRITE_FAILED
 from distrain.launch.slurm import check_layout, render_from_args
 from distrain.world import job_port
 
@@ -374,6 +374,7 @@ def test_a_script_whose_launcher_cannot_be_found_says_where_it_looked(tmp_path, 
     (EXIT_PREEMPTED, 7, 0, 0, True),      # preemptions always requeue
     (EXIT_PEER_LOST, 2, 0, 0, True),      # a lost peer: requeue while restarts < MAX_RESTARTS (3)
     (EXIT_PEER_LOST, 3, 0, EXIT_PEER_LOST, False),
+    (EXIT_WRITE_FAILED, None, 0, EXIT_WRITE_FAILED, False),  # a full disk: never requeued
     (EXIT_PREEMPTED, None, 1, EXIT_PREEMPTED, True),  # scontrol requeue failed: the code stays
     (1, None, 0, 1, False),
     (143, None, 0, 143, False),
@@ -384,7 +385,7 @@ def test_launcher_maps_exit_codes(tmp_path, cpu_script, srun_rc, restarts, scont
     assert calls["scontrol"] == (["requeue 4242"] if requeued else [])
     if requeued and exit_code == 0:
         assert f"requeueing job 4242: it resumes from {tmp_path}/runs/fake/slurm-4242/backup" in done.stdout
-    elif srun_rc in (EXIT_PREEMPTED, EXIT_PEER_LOST):
+    elif srun_rc in (EXIT_PREEMPTED, EXIT_PEER_LOST, EXIT_WRITE_FAILED):
         assert "sbatch --export=ALL,DISTRAIN_RUN_DIR=" in done.stderr
 
 

@@ -79,7 +79,7 @@ def test_no_import_cycle():
 # module imports TensorFlow inside the functions that need it, so validation, the launchers and
 # `distrain --help` stay fast and a bad job exits 2 before TensorFlow starts.
 TENSORFLOW_AT_TOP = {"distrain.backends.horovod", "distrain.backends.stepmetrics", "distrain.callbacks",
-                     "distrain.data.inputwatch", "distrain.tensorboard_log"}
+                     "distrain.data.inputwatch", "distrain.lossscale", "distrain.tensorboard_log"}
 TENSORFLOW = ("tensorflow", "tf_keras", "keras", "horovod")
 # The package's __init__ keeps `import distrain` cheap: distrain.train is imported on first use.
 LAZY_ALLOWED = {("distrain", "distrain.api")}

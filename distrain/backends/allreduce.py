@@ -8,8 +8,11 @@ optimizer, stay as they are) for two things:
   Gradients are cast to float16 for the all-reduce only and back to their own dtype before the
   update, so variables and optimizer state stay float32; what changes is the rounding of each
   summed gradient (about 3 significant digits, measured in docs/performance.md). Half the bytes a
-  step sends: the term that dominates a step on a slow network. Horovod has its own switch
-  (``hvd.Compression.fp16``), set in ``distrain.backends.horovod``.
+  step sends: the term that dominates a step on a slow network. Under dynamic loss scaling
+  (mixed_float16) the gradients are compressed multiplied by the loss scale, as the float16
+  backward pass computed them (``compress_in_loss_scale`` says why). Horovod has its own switch
+  (``hvd.Compression.fp16``), set in ``distrain.backends.horovod``, which multiplies distrain's
+  step's gradients by the loss scale the same way (``reduce_in_loss_scale``).
 - **Collectives set up once** (``distribute.gradient_all_reduce: setup_once``, multi_worker).
   MultiWorkerMirroredStrategy's all-reduce is TensorFlow's ``CollectiveReduceV2``, whose instance
   key is fed anew at every call of the step function and whose parameters are resolved at every
@@ -66,18 +69,83 @@ def sum_gradients(optimizer, strategy, *, compression: str = "none", setup_once:
                         "collective keys, which this TensorFlow does not expose; using TensorFlow's all-reduce")
     if reduce is None and compression == "none":
         return optimizer
-    reduce = reduce or _tensorflow_sum
+    optimizer.aggregate_gradients = _GradientSum(reduce or _tensorflow_sum, compression)
+    return optimizer
 
-    def aggregate_gradients(grads_and_vars):
+
+class _GradientSum:
+    """A tf-keras optimizer's ``aggregate_gradients`` (set on the instance by ``sum_gradients``):
+    the replica's gradients compressed, summed over the replicas by ``reduce``, uncompressed."""
+
+    def __init__(self, reduce: Callable[[list], list], compression: str):
+        self.reduce = reduce
+        self.compression = compression
+        # The LossScaleOptimizer's current scale, once compress_in_loss_scale has found one.
+        self.loss_scale: Callable[[], Any] | None = None
+
+    def __call__(self, grads_and_vars):
         grads_and_vars = list(grads_and_vars)
         present = [g for g, _ in grads_and_vars if g is not None]
         if not present:
             return grads_and_vars
-        summed = iter(_uncompress(reduce(_compress(present, compression)), present))
+        scale = self.loss_scale() if self.loss_scale is not None else None
+        summed = iter(reduce_in_loss_scale(
+            lambda values: _uncompress(self.reduce(_compress(values, self.compression)), values), present, scale))
         return [(None if g is None else next(summed), v) for g, v in grads_and_vars]
 
-    optimizer.aggregate_gradients = aggregate_gradients
-    return optimizer
+
+def compress_in_loss_scale(optimizer) -> bool:
+    """Makes fp16 compression send the gradients multiplied by the loss scale (dynamic loss scaling).
+
+    tf-keras's ``LossScaleOptimizer`` divides the gradients by the loss scale in
+    ``compute_gradients`` and sums them over the replicas later, in ``apply_gradients`` (its inner
+    optimizer's ``aggregate_gradients``, which ``sum_gradients`` replaced). Cast to float16 there,
+    the unscaled gradients lose what the scale was for: below float16's smallest normal number
+    (6.1e-5) they keep fewer digits and below 6e-8 they become zero, where the float16 backward pass
+    had held them, scaled, in range. Measured with a loss multiplied by 2**-20 (its float16
+    gradients need the scale): 2 workers compressing unscaled gradients ended 0.06-0.33 relative
+    away from 1 process, and 2e-4 to 3e-4 compressing scaled ones (tests/test_precision_distributed.py).
+    Multiplied by the scale (a power of two: exact, and divided again after the sum) the gradients
+    have the range the backward pass had. A sum that overflows float16 is inf, so the
+    ``LossScaleOptimizer`` skips the step and halves the scale, which cures it; compressed unscaled,
+    halving the scale would not change the gradients and every later step would be skipped too.
+
+    Args:
+        optimizer: the model's optimizer after ``compile`` (under mixed_float16 the
+            ``LossScaleOptimizer`` around the optimizer ``sum_gradients`` set up).
+
+    Returns:
+        Whether the compressed gradients are now scaled: fp16 compression under a
+        ``LossScaleOptimizer``; otherwise nothing changes (float32, mixed_bfloat16: no loss scale).
+    """
+    summing = getattr(getattr(optimizer, "inner_optimizer", None), "aggregate_gradients", None)
+    if not isinstance(summing, _GradientSum) or summing.compression != "fp16":
+        return False
+    summing.loss_scale = lambda: optimizer.loss_scale
+    return True
+
+
+def reduce_in_loss_scale(reduce: Callable[[list], list], gradients: list, scale: Any = None) -> list:
+    """``reduce(gradients)``, the gradients multiplied by ``scale`` before and divided by it after.
+
+    Args:
+        reduce: sums (or averages) a list of gradients over the replicas, compressing them.
+        gradients: this replica's unscaled gradients (tensors or ``tf.IndexedSlices``).
+        scale: the loss scale, a float32 scalar; None: the gradients are reduced as they are.
+    """
+    if scale is None:
+        return reduce(gradients)
+    reduced = reduce([_multiply(g, scale) for g in gradients])
+    return [_multiply(g, 1.0 / scale) for g in reduced]
+
+
+def _multiply(gradient, scale):
+    import tensorflow as tf
+
+    scale = tf.cast(scale, gradient.dtype)
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(gradient.values * scale, gradient.indices, dense_shape=gradient.dense_shape)
+    return gradient * scale
 
 
 def _tensorflow_sum(values: list) -> list:

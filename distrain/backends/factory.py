@@ -118,7 +118,8 @@ def build(spec_distribute, world: World) -> Distribution:
     if name == "horovod":
         from distrain.backends import horovod
 
-        return horovod.build(world, gpus, compression=spec_distribute.gradient_compression)
+        return horovod.build(world, gpus, compression=spec_distribute.gradient_compression,
+                             collective_timeout_s=spec_distribute.collective_timeout_s)
 
     return tensorflow.build(name, spec_distribute, world, gpus,
                             gradient_all_reduce(spec_distribute.gradient_all_reduce, bool(gpus)))

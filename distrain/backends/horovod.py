@@ -23,7 +23,9 @@ first node's address at the job's port (``world.job_port``), and every process g
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -31,14 +33,17 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
-from distrain.errors import UsageError
+from distrain.backends.allreduce import reduce_in_loss_scale
 from distrain.backends.distribution import Distribution
+from distrain.backends.watchdog import Watchdog, heartbeat
+from distrain.errors import UsageError
 from distrain.world import World
 
 log = logging.getLogger("distrain")
 
 ROOT_RANK = 0
 RENDEZVOUS_WAIT_S = 300.0  # how long ranks > 0 wait for rank 0's rendezvous server (TF import, data load)
+GLOO_TIMEOUT_S = 30  # Horovod's default HOROVOD_GLOO_TIMEOUT_SECONDS
 
 
 def _import_hvd():
@@ -186,6 +191,27 @@ def _wait_for(address: tuple[str, int], timeout: float) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# A deadline on the collectives: a frozen or stalled peer ends the run (exit 76)
+# --------------------------------------------------------------------------------------------
+
+def gloo_timeout_s(collective_timeout_s: float) -> int:
+    """Seconds Gloo waits for a peer's answer (``HOROVOD_GLOO_TIMEOUT_SECONDS``): Horovod's own 30,
+    or ``distribute.collective_timeout_s`` when that is shorter (whole seconds, at least 1).
+
+    Gloo's timeout is what ends the wait for a peer whose Horovod no longer answers (its process
+    stopped or frozen, the network cut): Horovod's background thread fails with "Timed out waiting
+    ...", shuts Horovod down, and every op that waits fails. In a healthy run the background
+    threads exchange messages every cycle (milliseconds), also while a rank traces or saves, so a
+    longer deadline would only find a frozen peer later.
+
+    Example:
+        >>> gloo_timeout_s(300.0), gloo_timeout_s(10.0), gloo_timeout_s(0.2)
+        (30, 10, 1)
+    """
+    return max(1, min(GLOO_TIMEOUT_S, math.ceil(collective_timeout_s)))
+
+
+# --------------------------------------------------------------------------------------------
 # Metrics over all ranks
 # --------------------------------------------------------------------------------------------
 
@@ -291,15 +317,22 @@ class HorovodDistribution(Distribution):
         world: this process's place in the job (its rank and size agree with Horovod's).
         hvd: the initialised ``horovod.tensorflow`` module.
         rendezvous: under ``srun``, rank 0's rendezvous server, kept alive with the run.
+        compression: ``distribute.gradient_compression``.
+        collective_timeout_s: ``distribute.collective_timeout_s``, the watchdog's deadline.
     """
 
-    def __init__(self, world: World, hvd, rendezvous: Any = None, compression: str = "none"):
+    def __init__(self, world: World, hvd, rendezvous: Any = None, compression: str = "none",
+                 collective_timeout_s: float = 300.0):
         super().__init__("horovod", tf.distribute.get_strategy(), world, replicas=hvd.size(), local_replicas=1)
         self._hvd = hvd
         self.compression = compression
+        self._loss_scaled = None  # the LossScaleOptimizer whose scale fp16 compression applies (adapt_model)
         self.rendezvous = rendezvous
+        # A peer alive but stalled (in Python, in a callback, on a file system) keeps its Horovod
+        # answering, so Gloo's timeout never ends the wait and Horovod's stall check only warns.
+        self._watchdog = Watchdog(collective_timeout_s, self._shut_down) if self.replicas > 1 else None
         # One instance per run, created here so that every call of callbacks() returns it.
-        self._callbacks = [MetricAverage(self.sum)] if self.replicas > 1 else []
+        self._callbacks = [heartbeat(self._watchdog), MetricAverage(self.sum)] if self.replicas > 1 else []
 
     def distribute_datasets(self, dataset_fn, *, even: bool = False):
         # Horovod has no distributed dataset: each rank feeds its own replica.
@@ -330,10 +363,26 @@ class HorovodDistribution(Distribution):
 
     def reduce_gradients(self, gradients: list) -> list:
         """The mean over all ranks, in one grouped allreduce (what ``hvd.DistributedOptimizer``
-        does inside ``compute_gradients``, which accumulation does not call)."""
+        does inside ``compute_gradients``, which distrain's own step does not call).
+
+        The gradients come unscaled (distrain's step divides each micro-batch's by the loss scale);
+        with fp16 compression under loss scaling they are sent multiplied by the scale again, as
+        ``hvd.DistributedOptimizer`` sends them from inside the ``LossScaleOptimizer``'s
+        ``compute_gradients`` (``allreduce.compress_in_loss_scale`` says why).
+        """
         if self.replicas == 1:
             return gradients
-        return self._hvd.grouped_allreduce(list(gradients), op=self._hvd.Average, compression=self._compressor())
+
+        def average(values):
+            return self._hvd.grouped_allreduce(list(values), op=self._hvd.Average, compression=self._compressor())
+
+        scale = self._loss_scaled.loss_scale if self._loss_scaled is not None else None
+        return reduce_in_loss_scale(average, list(gradients), scale)
+
+    def adapt_model(self, model) -> None:
+        """Notes the ``LossScaleOptimizer`` (mixed_float16) whose scale fp16 compression applies."""
+        if self.compression == "fp16" and isinstance(model.optimizer, tf.keras.mixed_precision.LossScaleOptimizer):
+            self._loss_scaled = model.optimizer
 
     def _compressor(self):
         """Horovod's gradient compression for ``distribute.gradient_compression``."""
@@ -355,8 +404,21 @@ class HorovodDistribution(Distribution):
         log.info("broadcast %d variables from rank %d", len(variables), ROOT_RANK)
 
     def callbacks(self, state, steps_per_epoch: int, log_every: int) -> list:
-        """The metric averaging (the same instance on every call)."""
+        """The watchdog's heartbeat and the metric averaging (the same instances on every call)."""
         return list(self._callbacks)
+
+    def evaluation_callbacks(self) -> list:
+        return self._callbacks[:1]
+
+    def collective_deadline(self):
+        """The watchdog armed: no step for ``distribute.collective_timeout_s`` shuts Horovod down."""
+        return self._watchdog.armed() if self._watchdog is not None else contextlib.nullcontext()
+
+    def _shut_down(self, message: str) -> None:
+        # Horovod has no abort: its shutdown, agreed with the other ranks' background threads, fails
+        # every op that waits here (and there) with "Horovod has been shut down" (peer_lost).
+        log.warning("%s; shutting Horovod down", message)
+        self._hvd.shutdown()
 
     def peer_lost(self, err: Exception) -> bool:
         # When a rank dies, Horovod's background loop shuts down and every op on the survivors
@@ -386,13 +448,17 @@ def _pin_gpu(gpus: Sequence, local_rank: int, local_size: int) -> None:
     tf.config.set_visible_devices(gpus[local_rank], "GPU")
 
 
-def build(world: World, gpus: Sequence, compression: str = "none") -> HorovodDistribution:
+def build(world: World, gpus: Sequence, compression: str = "none",
+          collective_timeout_s: float = 300.0) -> HorovodDistribution:
     """Initialises Horovod for this process and returns the distribution.
 
     Args:
         world: this process's place; under ``srun`` Horovod is bootstrapped from it.
         gpus: the physical GPUs TensorFlow sees; each process keeps the one of its local rank.
         compression: ``distribute.gradient_compression`` (none | fp16), Horovod's ``Compression``.
+        collective_timeout_s: ``distribute.collective_timeout_s``: Gloo's timeout (``gloo_timeout_s``;
+            a ``HOROVOD_GLOO_TIMEOUT_SECONDS`` already set, e.g. by ``horovodrun --gloo-timeout-seconds``,
+            wins) and the watchdog's deadline.
 
     Raises:
         UsageError: Horovod missing, or its ranks disagree with the launcher's (an MPI launcher
@@ -400,6 +466,7 @@ def build(world: World, gpus: Sequence, compression: str = "none") -> HorovodDis
     """
     hvd = _import_hvd()
     server = bootstrap_from_slurm(world) if world.launcher == "slurm" and world.world_size > 1 else None
+    os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(gloo_timeout_s(collective_timeout_s)))
     hvd.init()
     if (hvd.rank(), hvd.size()) != (world.rank, world.world_size):
         mpi = "" if hvd.mpi_built() else " (this Horovod was built without MPI: use horovodrun --gloo, or srun)"
@@ -409,4 +476,5 @@ def build(world: World, gpus: Sequence, compression: str = "none") -> HorovodDis
         _pin_gpu(gpus, hvd.local_rank(), hvd.local_size())
     log.info("Horovod rank %d of %d (local %d of %d), %s controller", hvd.rank(), hvd.size(), hvd.local_rank(),
              hvd.local_size(), "Gloo" if hvd.gloo_enabled() else "MPI")
-    return HorovodDistribution(world, hvd, rendezvous=server, compression=compression)
+    return HorovodDistribution(world, hvd, rendezvous=server, compression=compression,
+                               collective_timeout_s=collective_timeout_s)

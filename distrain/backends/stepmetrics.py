@@ -66,7 +66,8 @@ class GlobalLogs(tf.keras.callbacks.Callback):
     """Replaces this worker's metric results in the logs with all workers' where logs are kept.
 
     Args:
-        state: the run's ``callbacks.RunState`` (the global step, advanced by ``RunMetrics`` first).
+        state: the run's ``callbacks.RunState`` (the global step and the steps of the last hook,
+            set by ``RunMetrics`` first).
         steps_per_epoch: optimizer steps per epoch.
         every: TensorBoard's step-scalar interval (0: none).
     """
@@ -83,9 +84,10 @@ class GlobalLogs(tf.keras.callbacks.Callback):
         self._epoch_train = None
 
     def on_train_batch_end(self, batch, logs=None):
-        step = self.state.step
-        last_of_epoch = step % self.steps_per_epoch == 0
-        if last_of_epoch or (self.every and step % self.every == 0):
+        # RunState.reached: the same decision on every worker, also for hooks of several steps
+        # (train.steps_per_execution; Keras ends a call at its epoch's last step).
+        last_of_epoch = self.state.reached(self.steps_per_epoch)
+        if last_of_epoch or self.state.reached(self.every):
             results = global_results(self.model)
             if logs is not None:
                 logs.update(results)  # fit's own dict: its epoch logs start from this step's

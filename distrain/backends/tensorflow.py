@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any, Callable, Sequence
 
-from distrain.backends.allreduce import sum_gradients
+from distrain.backends.allreduce import compress_in_loss_scale, sum_gradients
 from distrain.backends.distribution import Distribution
 from distrain.backends.watchdog import Watchdog, abort_collectives, heartbeat
 from distrain.world import World
@@ -76,6 +76,8 @@ class TFDistribution(Distribution):
                 extended.experimental_enable_get_next_as_optional = checks
 
     def adapt_model(self, model) -> None:
+        # compile has wrapped the optimizer in a LossScaleOptimizer by now (mixed_float16).
+        compress_in_loss_scale(model.optimizer)
         if self._across_workers:
             from distrain.backends.stepmetrics import keep_step_metrics_local
 

@@ -1,4 +1,4 @@
-"""A deadline on multi_worker's collectives that costs nothing per step.
+"""A deadline on the collectives between workers (multi_worker, Horovod) that costs nothing per step.
 
 TensorFlow can time out each collective itself (``CommunicationOptions(timeout_seconds=T)``), but
 each collective launched with a timeout starts threads that sleep for the whole of T before they
@@ -16,6 +16,9 @@ calls). The collective that waits then fails with ``UnavailableError``, and the 
 service; the watchdog bounds what it does not notice: a peer that is alive but stalled.
 
 The deadline counts time without a finished step, so it includes the first step's tracing.
+
+Horovod has no abort: its backend's ``expire`` shuts Horovod down instead, which fails every op
+that waits, on every rank (``backends.horovod.HorovodDistribution``).
 """
 from __future__ import annotations
 
@@ -51,7 +54,13 @@ class Watchdog:
 
     @contextlib.contextmanager
     def armed(self) -> Iterator["Watchdog"]:
-        """While inside, the deadline applies (nests: ``fit``'s validation inside ``fit``)."""
+        """While inside, the deadline applies (nests: ``fit``'s validation inside ``fit``).
+
+        Leaving it after the deadline expired waits until ``expire`` has returned: what follows
+        (a process's exit) must not run beside it. Horovod's own shutdown at exit, started while
+        the watchdog's was still joining Horovod's thread, joined that thread a second time and
+        waited forever (seen in tests/test_silent_peer.py).
+        """
         with self._lock:
             self._armed += 1
             self._last = self._clock()
@@ -63,14 +72,18 @@ class Watchdog:
         finally:
             with self._lock:
                 self._armed -= 1
+                expired = self.expired
+            if expired and self._thread is not threading.current_thread():
+                # Bounded: an abort returns at once, Horovod's shutdown within Gloo's timeout.
+                self._thread.join()
 
     def _watch(self) -> None:
         poll = min(1.0, max(0.01, self.timeout_s / 20))
         while not self._wake.wait(poll):
             with self._lock:
                 late = self._armed > 0 and self._clock() - self._last > self.timeout_s
+                self.expired = late  # under the lock: whoever disarms after this waits for the expiry
             if late:
-                self.expired = True
                 self._expire(f"no step finished for {self.timeout_s:g} s (distribute.collective_timeout_s): "
                              "a peer is lost or stalled")
                 return

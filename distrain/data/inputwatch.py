@@ -2,7 +2,9 @@
 
 The training pipeline notes the moment each batch is ready (a marker at its end, before the
 prefetch buffer). A step that starts before its batch is ready waits for input; the wait is the
-difference. The first step of ``fit`` is left out (it is tracing). Per epoch, ``input_wait_fraction`` (waits / training time) goes into the epoch logs,
+difference (with ``train.steps_per_execution`` > 1 Keras's hooks see only whole calls of several
+steps: ``call_wait``). The first call of ``fit`` is left out (it is tracing). Per epoch,
+``input_wait_fraction`` (waits / training time) goes into the epoch logs,
 so ``history.json`` and TensorBoard's ``train/epoch_input_wait_fraction`` show it, and a warning
 is logged when it passes ``threshold``. The markers cost a Python call per batch, not per image.
 """
@@ -28,6 +30,39 @@ def wait_time(step_started: float, ready: list[float]) -> float:
     return max(0.0, max(ready) - step_started) if ready else 0.0
 
 
+def call_wait(started: float, ended: float, ready: list[float]) -> float:
+    """Seconds a call of ``len(ready)`` training steps, run from ``started`` to ``ended``, waited for
+    input; ``ready[j]``: when step j's input was ready.
+
+    One step: how late its input was (``wait_time``). Several (``train.steps_per_execution``):
+    Python sees only the call, so its steps are taken to run back to back, each starting when the
+    one before ended and its input is ready, each computing for the same time c; c is the one
+    that ends that schedule at ``ended`` (found by bisection: the end grows with c), and the wait
+    is the rest of the call. A batch made while earlier steps ran is then no wait.
+
+    Example:
+        >>> round(call_wait(0.0, 4.0, [0.0, 0.5, 1.5, 2.5]), 6), round(call_wait(0.0, 4.0, [1.0, 2.0, 3.0, 3.5]), 6)
+        (0.0, 2.0)
+    """
+    if len(ready) <= 1:
+        return wait_time(started, ready)
+    span = max(0.0, ended - started)
+
+    def end(compute: float) -> float:
+        t = started
+        for r in ready:
+            t = max(t, r) + compute
+        return t
+
+    low, high = 0.0, span / len(ready)
+    if end(low) >= ended:
+        return span
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (middle, high) if end(middle) < ended else (low, middle)
+    return max(0.0, span - len(ready) * (low + high) / 2)
+
+
 class InputWatch(_Callback):
     """Keras callback measuring the time training steps wait for their input.
 
@@ -38,10 +73,14 @@ class InputWatch(_Callback):
 
     def __init__(self, batches_per_step: int = 1, threshold: float = 0.2) -> None:
         super().__init__()
+        # It reads no step logs: without this, Keras converts every step's logs to numbers for all
+        # callbacks, and Python waits for each step before it queues the next (callbacks.StepCallback).
+        self._supports_tf_logs = True
         self.batches_per_step = batches_per_step
         self.threshold = threshold
         self._ready: collections.deque = collections.deque()
         self._tracing = True
+        self._first_batch = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -64,12 +103,19 @@ class InputWatch(_Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self._started = time.perf_counter()
+        self._first_batch = batch  # the call's first step; on_train_batch_end gets its last
 
     def on_train_begin(self, logs=None):
         self._tracing = True
 
     def on_train_batch_end(self, batch, logs=None):
-        ready = [self._ready.popleft() for _ in range(min(self.batches_per_step, len(self._ready)))]
+        ended = time.perf_counter()
+        steps = max(1, batch - self._first_batch + 1)  # several with train.steps_per_execution
+        ready = []
+        for _ in range(steps):
+            batches = [self._ready.popleft() for _ in range(min(self.batches_per_step, len(self._ready)))]
+            if batches:
+                ready.append(max(batches))
         if self._tracing:
             # The first step of fit() traces the training function and only then asks for its
             # batch: its "wait" is tracing time. Measure from the end of it.
@@ -78,8 +124,8 @@ class InputWatch(_Callback):
             return
         if self._first is None:
             self._first = self._started
-        self._waited += wait_time(self._started, ready)
-        self._last = time.perf_counter()
+        self._waited += call_wait(self._started, ended, ready)
+        self._last = ended
 
     def on_epoch_begin(self, epoch, logs=None):
         self._reset()

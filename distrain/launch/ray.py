@@ -61,8 +61,9 @@ examples:
   distrain ray jobs/cnn.yaml --workers 4 --gpus-per-worker 1 --max-failures 3 --name cnn-a
       (on a node of the cluster: RAY_ADDRESS or a local head is used)
   rerun with the same --storage-path and --name to continue a stopped run from its backup
-exit codes: 0 done, 1 failed, 2 bad input (nothing started), 75/76/77 as distrain train when the
-  last attempt stopped for that reason (preempted, peer lost, NaN loss)
+exit codes: 0 done, 1 failed, 2 bad input (nothing started, or no backup that verifies), 74/75/76/77
+  as distrain train when the last attempt stopped for that reason (a write failed: disk full;
+  preempted; peer lost; NaN loss). Ray restarts a failed attempt (--max-failures) whatever its code
 """
 
 
@@ -316,8 +317,9 @@ def result_report(request: RayRequest, result, error: Optional[BaseException]) -
 def failure_exit_code(error: BaseException) -> tuple[int, str]:
     """The exit code and a one-line message for a failed Ray Train run.
 
-    A worker that stopped with ``TrainingStopped`` (75 preempted, 76 peer lost, 77 NaN) or
-    ``UsageError`` (2) gives that code; anything else is 1.
+    A worker that stopped with ``TrainingStopped`` (74 a write failed, 75 preempted, 76 peer lost,
+    77 NaN) or ``UsageError`` (2) gives that code; anything else is 1. Where several workers
+    failed, the first by rank that gave a documented code decides.
     """
     failures = getattr(error, "worker_failures", None) or {}
     for rank in sorted(failures):

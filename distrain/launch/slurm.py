@@ -18,7 +18,7 @@ holds the ``#SBATCH`` lines and a few settings, then sources ``slurm/distrain-la
 body every script shares: it runs ``distrain slurm check`` (the job and the allocation, before
 anything starts), prints where TensorBoard's logs are and how to tunnel to them, runs
 ``srun ... distrain train``, and turns exit 75 (preempted) and 76 (peer lost) into
-``scontrol requeue``. See docs/slurm.md.
+``scontrol requeue``; exit 74 (a write failed: disk full) it never requeues. See docs/slurm.md.
 
 Layouts (``--strategy`` or the job's ``distribute.strategy``; ``auto`` is resolved as the run will):
 
