@@ -17,6 +17,7 @@ A run is a sequence of named stages, each a function below:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -24,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 from distrain import context
 from distrain import lr as lr_lib
@@ -110,7 +111,7 @@ def train(spec: JobSpec, run_dir: Path, *, world: Optional[World] = None, extra_
 
     # The deadline runs from the first collective (the weights' broadcast) to the last; the dtype
     # policy from before the model is built to after its evaluation and saving.
-    with dist.collective_deadline(), factory.precision_policy(spec.train.precision):
+    with dist.collective_deadline(), factory.precision_policy(spec.train.precision), stop_on_peer_lost(dist, world):
         trainee = build_trainee(ctx)
         inputs = build_inputs(ctx, data)
         state = RunState(ctx)
@@ -312,30 +313,41 @@ def fit_and_evaluate(ctx: RunContext, trainee: Trainee, inputs: Inputs, callback
         (Keras's ``History``, the test metrics).
 
     Raises:
-        TrainingStopped: a peer was lost (exit 76), or a callback stopped the run.
+        TrainingStopped: a callback stopped the run (a lost peer: ``stop_on_peer_lost`` around the run).
     """
-    import tensorflow as tf
-
     from distrain.callbacks import fit_verbosity
 
     model, dist = trainee.model, ctx.dist
     # fit() asks this hook where a recovering run starts; answering with the restored step makes
     # the first epoch run only its remaining steps, so the total step count stays exact.
     model._maybe_load_initial_counters_from_ckpt = lambda *_: (ctx.start_epoch, ctx.step_in_start_epoch)
+    with state.stop_on_signals():
+        history = model.fit(inputs.train, epochs=ctx.spec.train.epochs, steps_per_epoch=ctx.steps_per_epoch,
+                            initial_epoch=ctx.start_epoch, validation_data=inputs.validation,
+                            validation_steps=inputs.validation_steps, callbacks=callbacks,
+                            verbose=fit_verbosity(ctx.spec.logging.verbose) if ctx.is_chief else 0)
+        test = model.evaluate(inputs.test, steps=inputs.test_steps, verbose=0, return_dict=True,
+                              callbacks=dist.evaluation_callbacks())
+        test = dist.average_metrics(model, test, inputs.local_test_examples)
+    return history, test
+
+
+@contextlib.contextmanager
+def stop_on_peer_lost(dist, world: World) -> Iterator[None]:
+    """Inside it, a TensorFlow error that means a peer is gone (``dist.peer_lost``) ends the run with
+    exit 76 and one line (``peer_lost_message``), wherever a collective meets it: in ``fit`` and
+    ``evaluate``, and as much in the weights' first broadcast, the final backup and ``model.keras``'s
+    save (reads that are collectives under multi_worker). Found by the fault campaign
+    (docs/fault-tolerance.md): a peer lost there used to exit 1 with a traceback, which the
+    launchers do not requeue."""
+    import tensorflow as tf
+
     try:
-        with state.stop_on_signals():
-            history = model.fit(inputs.train, epochs=ctx.spec.train.epochs, steps_per_epoch=ctx.steps_per_epoch,
-                                initial_epoch=ctx.start_epoch, validation_data=inputs.validation,
-                                validation_steps=inputs.validation_steps, callbacks=callbacks,
-                                verbose=fit_verbosity(ctx.spec.logging.verbose) if ctx.is_chief else 0)
-            test = model.evaluate(inputs.test, steps=inputs.test_steps, verbose=0, return_dict=True,
-                                  callbacks=dist.evaluation_callbacks())
-            test = dist.average_metrics(model, test, inputs.local_test_examples)
+        yield
     except tf.errors.OpError as err:
         if not dist.peer_lost(err):
             raise
-        raise TrainingStopped(peer_lost_message(err, ctx.world), EXIT_PEER_LOST) from err
-    return history, test
+        raise TrainingStopped(peer_lost_message(err, world), EXIT_PEER_LOST) from err
 
 
 def peer_lost_message(err: Exception, world: World) -> str:

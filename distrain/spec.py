@@ -138,7 +138,7 @@ class DistributeSpec:
     cpu_devices: int = field(default=0, metadata=_check(min=0, doc="split the CPU into N logical devices, to try mirrored without GPUs"))
     mixed_precision: bool = field(default=False, metadata=_check(doc="deprecated: true is train.precision: mixed_float16 (with a notice); use train.precision"))
     memory_growth: bool = field(default=True, metadata=_check(doc="GPUs: TensorFlow takes memory as it needs it, not all of every GPU at start"))
-    collective_timeout_s: float = field(default=300.0, metadata=_check(min=0.0, min_exclusive=True, doc="multi_worker: a worker whose run makes no progress (no step, epoch or evaluation batch ends) for this long aborts its collectives and exits 76; the first step's tracing counts"))
+    collective_timeout_s: float = field(default=300.0, metadata=_check(min=0.0, min_exclusive=True, doc="multi_worker and horovod: a worker whose run makes no progress (no batch hook, epoch or evaluation batch ends) for this long aborts its collectives (horovod: shuts Horovod down) and exits 76; the first step's tracing counts, and with train.steps_per_execution K one hook covers K steps"))
     startup_timeout_s: float = field(default=300.0, metadata=_check(min=0.0, min_exclusive=True, doc="how long workers wait for each other at start-up, before the strategy is built; then exit 76 naming the missing ones"))
     port: Optional[int] = field(default=None, metadata=_check(min=1024, max=65535, doc="base port of the workers; default: derived from the job id"))
     preemption_check_every: int = field(default=10, metadata=_check(min=1, doc="steps between agreements on stopping (preemption, NaN)"))

@@ -1,4 +1,4 @@
-"""Starts ``distrain`` runs in a second instead of ten: a process that has imported TensorFlow and
+"""Starts ``distrain`` runs in 3-4 s instead of about 10: a process that has imported TensorFlow and
 distrain once forks one child per run, and each child runs ``distrain.cli.main(argv)``. The fault
 campaign (tests/test_fault_campaign.py) starts its hundreds of runs this way; each is still a
 process of its own, killed, stopped and signalled as any other.

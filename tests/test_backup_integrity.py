@@ -18,9 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import pytest
@@ -28,48 +26,12 @@ import pytest
 import distrain  # noqa: F401  (tf-keras for tf.keras)
 import tensorflow as tf
 
-from conftest import run_distrain, skip_or_fail, worker_env, write_job
+from conftest import run_distrain, small_disk, worker_env, write_job
 from distrain.checkpoint import Backup, UserCheckpoints, WorkerFiles
 from distrain.errors import EXIT_USAGE, EXIT_WRITE_FAILED, UsageError, WriteFailed
 from distrain.rundir import RunDir
 
-# ----------------------------------------------------------------------------- a small tmpfs
-
-
-def tmpfs_missing() -> Optional[str]:
-    """Why a tmpfs cannot be mounted here (None: it can; a 64 KiB one was mounted and unmounted)."""
-    if os.geteuid() != 0:
-        return "mounting a tmpfs needs root"
-    if not (shutil.which("mount") and shutil.which("umount")):
-        return "mount/umount not found (util-linux)"
-    with tempfile.TemporaryDirectory() as where:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", where], capture_output=True,
-                              text=True, timeout=30)
-        if done.returncode != 0:
-            return f"mount -t tmpfs fails here: {done.stderr.strip()}"
-        subprocess.run(["umount", where], check=True, timeout=30)
-    return None
-
-
-@pytest.fixture(scope="session")
-def needs_tmpfs() -> None:
-    """Skips a test where a tmpfs cannot be mounted (not root, a container without the right);
-    fails it instead under ``DISTRAIN_REQUIRE_TMPFS``."""
-    reason = tmpfs_missing()
-    if reason:
-        skip_or_fail("DISTRAIN_REQUIRE_TMPFS", reason)
-
-
-@contextlib.contextmanager
-def small_disk(path: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` mounted at ``path`` (created); always unmounted on the way out."""
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True, timeout=30)
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], timeout=60).returncode != 0:
-            subprocess.run(["umount", "-l", str(path)], timeout=60)  # busy: detach it now, freed when unused
+# ----------------------------------------------------------------------------- a small tmpfs (conftest: needs_tmpfs, small_disk)
 
 
 def fill(disk: Path, leave: int = 0) -> Path:

@@ -77,7 +77,8 @@ real_train = cli.train
 cli.train = lambda spec, run_dir, **kwargs: real_train(spec, run_dir, extra_callbacks=[Silence()], **kwargs)
 sys.exit(cli.main(["train", job, "--run-dir", str(run_dir)]))
 """
-LOST_LINE = r"distrain: lost (worker \d \([\d.:]+\)|a peer \(one of [^)]+\)): .+; rerun with the same run dir to resume from the backup"
+LOST_LINE = (r"distrain: lost (worker \d \([\d.:]+\)|a peer \(one of [^)]+\)): .+; rerun with the same run dir to "
+             r"resume from the backup")
 
 
 def job(path: Path, strategy: str) -> Path:
