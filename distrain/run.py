@@ -371,11 +371,22 @@ def peer_lost_message(err: Exception, world: World) -> str:
 def _error_reason(text: str) -> str:
     """The line of a TensorFlow error that says why: the innermost abort reason when collectives
     were aborted (a peer's watchdog, the coordination service), else the first line that is not
-    only "Graph execution error:"."""
+    only "Graph execution error:" nor the "Detected at node ... (most recent call last):" traceback
+    TensorFlow puts before the reason (Horovod's "Horovod has been shut down" comes after one)."""
     aborted = re.findall(r"(?:Collective ops is aborted by: )+(.+)", text)
     if aborted:
         return aborted[0].strip()[:300]
-    lines = [line.strip() for line in text.splitlines() if line.strip() and line.strip() != "Graph execution error:"]
+    lines, in_traceback = [], False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("Detected at node"):
+            in_traceback = line.endswith("(most recent call last):")
+            continue
+        if in_traceback and (not line or raw[:1].isspace()):  # its "  File ..." lines and the blank ones between
+            continue
+        in_traceback = False
+        if line and line != "Graph execution error:":
+            lines.append(line)
     return lines[0][:300] if lines else "no message"
 
 

@@ -28,12 +28,22 @@
 #                 docs/troubleshooting.md).
 #      A requeued job keeps its id, so it runs again in the same run dir and resumes from its backup.
 #
+# A sweep (`distrain slurm render --sweep`: SWEEP set, the script a job array) trains trial
+# $SLURM_ARRAY_TASK_ID of the sweep in SWEEP/trial-NNN: in step 1 `distrain slurm check --sweep SWEEP
+# --trial K` plans the sweep (SET, GRID, TRIALS), marks the trial running and names its run dir and
+# its overrides, or says it is finished already (the task then ends here, exit 0); in step 3 srun
+# trains it with the job's SET and the trial's overrides; before step 4 `distrain slurm record`
+# writes how it ended into SWEEP/sweep.yaml. `scontrol requeue $SLURM_JOB_ID` requeues this array
+# task alone (its own job id), which keeps its SLURM_ARRAY_TASK_ID and resumes its trial. A NaN
+# loss (77) is the trial's result, recorded, and ends the task with 0.
+#
 # Settings it reads (the rendered script sets them): JOB, SET (array of key.path=value), RUNS_DIR,
 # DISTRAIN, REQUEUE (1/0), MAX_RESTARTS, SRUN_ARGS (array); MODE=bench and BENCH_ARGS (array) in a
 # `distrain slurm render --bench` script, which runs `distrain bench` in step 3 (run dir
-# RUNS_DIR/NAME/bench-slurm-JOBID) and passes its exit code through in step 4. From the
-# environment: DISTRAIN_RUN_DIR (use this run dir instead of RUNS_DIR/NAME/slurm-JOBID),
-# DISTRAIN_TB_PORT (default 6006), DISTRAIN_PORT (the workers' base port; see docs/slurm.md).
+# RUNS_DIR/NAME/bench-slurm-JOBID) and passes its exit code through in step 4; SWEEP, GRID (array of
+# key=a,b) and TRIALS in a sweep's. From the environment: DISTRAIN_RUN_DIR (use this run dir instead
+# of RUNS_DIR/NAME/slurm-JOBID; not for a sweep), DISTRAIN_TB_PORT (default 6006), DISTRAIN_PORT
+# (the workers' base port; see docs/slurm.md).
 #
 # Exit codes: 0 done or requeued, 2 bad input (nothing started), else distrain's (see above).
 
@@ -60,7 +70,8 @@ distrain_launch() {
   local job=${JOB:-} runs_dir=${RUNS_DIR:-runs} distrain=${DISTRAIN:-distrain}
   local requeue=${REQUEUE:-1} max_restarts=${MAX_RESTARTS:-3} restarts=${SLURM_RESTART_COUNT:-0}
   local mode=${MODE:-train}
-  local -a set_args=() srun_args=() bench_args=()
+  local sweep=${SWEEP:-} trials=${TRIALS:-} trial=${SLURM_ARRAY_TASK_ID:-}
+  local -a set_args=() srun_args=() bench_args=() where_args=(--runs-dir "$runs_dir") trial_sets=()
   local kv
 
   if [[ -z ${SLURM_JOB_ID:-} ]]; then
@@ -97,12 +108,26 @@ distrain_launch() {
     echo "$me: MAX_RESTARTS=$max_restarts: expected a non-negative integer" >&2
     return 2
   fi
+  if [[ -n $sweep ]]; then
+    if [[ $mode != train ]]; then
+      echo "$me: SWEEP=$sweep with MODE=$mode: a sweep trains its trials (MODE=train)" >&2
+      return 2
+    fi
+    if [[ -z $trial ]]; then
+      echo "$me: SWEEP=$sweep, but this is no task of a job array (SLURM_ARRAY_TASK_ID is unset); submit the" \
+           "script with sbatch, whose #SBATCH --array line makes one task per trial" >&2
+      return 2
+    fi
+    where_args=(--sweep "$sweep" --trial "$trial")
+    for kv in ${GRID[@]+"${GRID[@]}"}; do where_args+=(--grid "$kv"); done
+    if [[ -n $trials ]]; then where_args+=(--trials "$trials"); fi
+  fi
   for kv in ${SET[@]+"${SET[@]}"}; do set_args+=(--set "$kv"); done
   srun_args=(${SRUN_ARGS[@]+"${SRUN_ARGS[@]}"})
   bench_args=(${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"})
 
-  # 1. The job and the allocation, before anything starts.
-  local info rc strategy="" tensorboard="" run_dir=""
+  # 1. The job and the allocation, before anything starts (a sweep: the trial, marked running).
+  local info rc strategy="" tensorboard="" run_dir="" trial_line="" done_line=""
   local nodes=${SLURM_JOB_NUM_NODES:-1}
   local tasks=${SLURM_NTASKS:-$nodes}
   local -a mode_args=()
@@ -110,9 +135,9 @@ distrain_launch() {
   rc=0
   # distrain decides the run dir (RunDir.for_slurm_launcher): $DISTRAIN_RUN_DIR, else
   # RUNS_DIR/NAME/slurm-JOBID (bench-slurm-JOBID for a benchmark), keyed by the job id so a
-  # requeued job finds its backup.
+  # requeued job finds its backup; a sweep's trial: SWEEP/trial-NNN.
   info=$("$distrain" slurm check "$job" --nodes "$nodes" --tasks "$tasks" \
-         --gpus-per-node "${SLURM_GPUS_ON_NODE:-0}" --runs-dir "$runs_dir" ${mode_args[@]+"${mode_args[@]}"} \
+         --gpus-per-node "${SLURM_GPUS_ON_NODE:-0}" "${where_args[@]}" ${mode_args[@]+"${mode_args[@]}"} \
          ${set_args[@]+"${set_args[@]}"}) || rc=$?
   if ((rc == 2)); then
     return 2  # distrain printed the one-line reason
@@ -120,25 +145,40 @@ distrain_launch() {
     echo "$me: '$distrain slurm check' failed with exit $rc; not started" >&2
     return "$rc"
   fi
-  local key value
-  while IFS='=' read -r key value; do
+  local line key value
+  while IFS= read -r line; do
+    key=${line%%=*} value=${line#*=}  # a value may hold '=' (set=train.schedule={name: step})
     case $key in
       strategy) strategy=$value ;;
       tensorboard) tensorboard=$value ;;
       run_dir) run_dir=$value ;;
+      trial) trial_line=$value ;;
+      set) trial_sets+=(--set "$value") ;;
+      done) done_line=$value ;;
     esac
   done <<<"$info"
 
-  # 2. The run dir and TensorBoard.
+  # 2. The run dir and TensorBoard (a sweep's: the sweep dir, every trial in the HParams dashboard).
   local tb_port=${DISTRAIN_TB_PORT:-6006} login=${SLURM_SUBMIT_HOST:-LOGIN_NODE}
-  echo "$me: job $SLURM_JOB_ID${SLURM_RESTART_COUNT:+ (restart $SLURM_RESTART_COUNT)}: $job," \
-       "$tasks task(s) on ${SLURM_JOB_NODELIST:-$nodes node(s)}, strategy $strategy"
+  local id="job $SLURM_JOB_ID${SLURM_RESTART_COUNT:+ (restart $SLURM_RESTART_COUNT)}" logdir=$run_dir/tensorboard
+  if [[ -n $sweep ]]; then
+    id="job ${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}_$trial (id $SLURM_JOB_ID${SLURM_RESTART_COUNT:+, restart $SLURM_RESTART_COUNT})"
+    logdir=${run_dir%/*}
+  fi
+  echo "$me: $id: $job, $tasks task(s) on ${SLURM_JOB_NODELIST:-$nodes node(s)}, strategy $strategy"
+  if [[ -n $sweep ]]; then
+    echo "$me: $trial_line of the sweep in ${run_dir%/*}"
+    if [[ -n $done_line ]]; then
+      echo "$me: $done_line: nothing to train"
+      return 0
+    fi
+  fi
   echo "$me: run dir $run_dir"
   if [[ $mode == bench ]]; then
     :  # a benchmark writes no TensorBoard logs
   elif [[ $tensorboard == true ]]; then
-    echo "$me: TensorBoard logs: $run_dir/tensorboard"
-    echo "$me:   on $login: tensorboard --logdir $run_dir/tensorboard --host 127.0.0.1 --port $tb_port"
+    echo "$me: TensorBoard logs: $logdir"
+    echo "$me:   on $login: tensorboard --logdir $logdir --host 127.0.0.1 --port $tb_port"
     echo "$me:   on your machine: ssh -N -L $tb_port:127.0.0.1:$tb_port ${USER:-$(id -un)}@$login" \
          "then open http://127.0.0.1:$tb_port"
   else
@@ -164,9 +204,23 @@ distrain_launch() {
   srun --kill-on-bad-exit=1 --distribution=block \
     ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} ${srun_args[@]+"${srun_args[@]}"} \
     bash -c 'trap "" TERM USR1; exec "$@"' distrain-task \
-    "${command[@]}" ${set_args[@]+"${set_args[@]}"} || rc=$?
+    "${command[@]}" ${set_args[@]+"${set_args[@]}"} ${trial_sets[@]+"${trial_sets[@]}"} || rc=$?
 
-  # 4. distrain's exit code.
+  # 4. distrain's exit code (a sweep's trial: recorded first).
+  local resume="sbatch --export=ALL,DISTRAIN_RUN_DIR=$run_dir <this script>" ended
+  if [[ -n $sweep ]]; then
+    resume="sbatch --array=$trial <this script> (it resumes the trial from its backup)"
+    if ended=$("$distrain" slurm record "${run_dir%/*}" --trial "$trial" --exit-code "$rc"); then
+      echo "$me: $ended"
+    else
+      echo "$me: could not record the end of the trial in ${run_dir%/*}/sweep.yaml (the line above says why);" \
+           "the next submission of the sweep trains it again, from its backup" >&2
+    fi
+    if ((rc == 77)); then
+      echo "$me: a NaN loss is the trial's result (its hyperparameters diverge), recorded; the task ends with 0"
+      return 0
+    fi
+  fi
   if [[ $mode == bench ]]; then
     if ((rc == 0)); then
       echo "$me: benchmark done; run dir $run_dir"
@@ -175,7 +229,7 @@ distrain_launch() {
     fi
     return "$rc"
   fi
-  local why resume="sbatch --export=ALL,DISTRAIN_RUN_DIR=$run_dir <this script>"
+  local why
   case $rc in
     0) echo "$me: done; run dir $run_dir"; return 0 ;;
     75) why="preempted (exit 75), backup written" ;;

@@ -1,6 +1,7 @@
 """Shared test helpers and fixtures: real worker processes on 127.0.0.1, always bounded by a timeout;
-the ``needs_*`` fixtures for what a machine may lack (Horovod, shellcheck, network namespaces); the
-2-worker run that test_tensorboard.py and test_report.py read.
+runs forked from one process that imported TensorFlow once (``Forked``, ``run_distrain(forked=True)``);
+the ``needs_*`` fixtures for what a machine may lack (Horovod, shellcheck, network namespaces); one
+local SLURM of each size per session; the 2-worker run that test_tensorboard.py and test_report.py read.
 
 Test modules import helpers from here (``from conftest import ...``) or from ``helpers.py``, never
 from another test module.
@@ -109,10 +110,94 @@ def write_job(path: Path, text: str) -> Path:
     return path
 
 
-def run_distrain(args: list[str], timeout: float = 300, env: dict | None = None, cwd: Path = REPO):
-    """Runs ``distrain ARGS`` in a fresh process; a test fails, not hangs, past the timeout."""
-    return subprocess.run([*DISTRAIN, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env or worker_env(), cwd=cwd)
+def run_distrain(args: list[str], timeout: float = 300, env: dict | None = None, cwd: Path = REPO,
+                 forked: bool = False) -> subprocess.CompletedProcess:
+    """Runs ``distrain ARGS`` in a fresh process; a test fails, not hangs, past the timeout.
+
+    ``forked``: in a process forked from one that has imported TensorFlow and distrain once
+    (``Forked``; about 4 s less a run), for a run whose point is not a fresh process's start-up."""
+    if not forked:
+        return subprocess.run([*DISTRAIN, *args], capture_output=True, text=True, timeout=timeout,
+                              env=env or worker_env(), cwd=cwd)
+    with tempfile.TemporaryDirectory(prefix="forked-run-") as where:
+        return Forked(args, Path(where) / "stdout", stderr=Path(where) / "stderr", env=env, cwd=cwd).wait(timeout)
+
+
+def run_python(code: str, args: list[str], timeout: float = 300, env: dict | None = None,
+               cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``python -c CODE ARGS`` (a run with callbacks of the test's own), forked as ``Forked``: for a
+    script that imports distrain and TensorFlow first, as the fork server has; killed past the timeout."""
+    with tempfile.TemporaryDirectory(prefix="forked-run-") as where:
+        return Forked(args, Path(where) / "stdout", stderr=Path(where) / "stderr", env=env, cwd=cwd,
+                      code=code).wait(timeout)
+
+
+class Forked:
+    """``distrain ARGS`` (or, with ``code``, ``python -c CODE ARGS``) in a process forked from the
+    session's fork server (tests/forked_runs.py), which imported TensorFlow and distrain once: about
+    4 s less than a fresh process. Not for a run whose point is a fresh process's start-up, nor
+    where the environment must be there before TensorFlow's import (``TF_CPP_*``, ``PYTHONPATH``,
+    ``DISTRAIN_MALLOC``). The child leads its own process group; ``pid`` is its pid."""
+
+    def __init__(self, args: list[str], stdout: Path, *, stderr: Path | None = None, env: dict | None = None,
+                 cwd: Path = REPO, code: str | None = None):
+        self.server = _fork_server()
+        # What the child's environment changes of the server's (worker_env(); what importing
+        # distrain set there, TF_USE_LEGACY_KERAS, stays).
+        wanted, base = env or worker_env(), _FORK_SERVER["env"]
+        changes = {k: v for k, v in wanted.items() if base.get(k) != v}
+        changes.update({k: None for k in base if k not in wanted})
+        self.args, self.stdout, self.stderr = [str(a) for a in args], stdout, stderr
+        self.command = [sys.executable, "-c", code, *self.args] if code is not None else [*DISTRAIN, *self.args]
+        self.pid = self.server.start(self.args, stdout, changes, stderr=stderr, cwd=cwd, code=code)
+
+    def wait(self, timeout: float) -> subprocess.CompletedProcess:
+        """Its exit code (minus the signal that ended it) and output; killed past ``timeout``
+        (``subprocess.TimeoutExpired``, as ``subprocess.run`` raises)."""
+        code = self.server.wait(self.pid, time.monotonic() + timeout)
+        read = lambda path: path.read_text(errors="replace") if path and path.exists() else ""  # noqa: E731
+        if code is None:
+            self.kill()
+            raise subprocess.TimeoutExpired(self.command, timeout, read(self.stdout), read(self.stderr))
+        return subprocess.CompletedProcess(self.command, code, read(self.stdout), read(self.stderr))
+
+    def kill(self) -> None:
+        """Kills it if it still runs (once it has ended its pid may be another process's)."""
+        if self.server.wait(self.pid, time.monotonic()) is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+            self.server.wait(self.pid, time.monotonic() + 30)
+
+
+_FORK_SERVER: dict = {}  # the one fork server of this pytest session: its process, client and socket dir
+
+
+def _fork_server():
+    """The session's fork server (tests/forked_runs.py), started on first use, stopped at the session's end."""
+    from forked_runs import ForkServer
+
+    if _FORK_SERVER and _FORK_SERVER["process"].poll() is None:
+        return _FORK_SERVER["client"]
+    where = tempfile.mkdtemp(prefix="distrain-fork-", dir="/tmp")  # short: a unix socket's path is limited
+    log, env = open(Path(where) / "server.log", "w"), worker_env()
+    process = subprocess.Popen([sys.executable, str(REPO / "tests" / "forked_runs.py"), str(Path(where) / "sock")],
+                               env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    _FORK_SERVER.update(process=process, client=ForkServer(Path(where) / "sock"), dir=where, env=env)
+    return _FORK_SERVER["client"]
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Stops the fork server, if one was started: closing its socket ends it and what it still runs."""
+    if not _FORK_SERVER:
+        return
+    _FORK_SERVER["client"].close()
+    try:
+        _FORK_SERVER["process"].wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        _FORK_SERVER["process"].kill()
+        _FORK_SERVER["process"].wait(timeout=30)
+    shutil.rmtree(_FORK_SERVER["dir"], ignore_errors=True)
 
 
 def model_weights(run_dir: Path) -> list:
@@ -270,6 +355,28 @@ def small_disk(path: Path, size: str) -> Iterator[Path]:
     finally:
         if subprocess.run(["umount", str(path)], timeout=60).returncode != 0:
             subprocess.run(["umount", "-l", str(path)], timeout=60)  # busy: detach it now, freed when unused
+
+
+# ----------------------------------------------------------------------------- local SLURM clusters
+
+@pytest.fixture(scope="session")
+def slurm_one_node(tmp_path_factory):
+    """A local SLURM with one node (slurm_cluster.local_slurm), one for the whole session: a module
+    that defines its own (``slurm_fixture``) starts another, and every one is stopped only at the
+    session's end (~4 s each)."""
+    from slurm_cluster import local_slurm
+
+    with local_slurm(1, tmp_path_factory.mktemp("slurm1n")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes(tmp_path_factory):
+    """A local SLURM with two nodes, one for the whole session (as ``slurm_one_node``)."""
+    from slurm_cluster import local_slurm
+
+    with local_slurm(2, tmp_path_factory.mktemp("slurm2n")) as cluster:
+        yield cluster
 
 
 # ----------------------------------------------------------------------------- tests that need a GPU

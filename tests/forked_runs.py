@@ -3,16 +3,18 @@ distrain once forks one child per run, and each child runs ``distrain.cli.main(a
 campaign (tests/test_fault_campaign.py) starts its hundreds of runs this way; each is still a
 process of its own, killed, stopped and signalled as any other.
 
-Not a test module. Run by the campaign as::
+Not a test module. Run by the campaign, and by conftest's ``run_distrain(..., forked=True)``, as::
 
     python tests/forked_runs.py SOCKET     # listens on the unix socket SOCKET for one client
 
-Requests and answers are JSON lines on the socket:
+``ForkServer`` below is the client. Requests and answers are JSON lines on the socket:
 
 - ``{"argv": [...], "env": {...}, "log": PATH, "progress": PATH or null}`` → ``{"pid": N}``: a child
   runs ``distrain ARGV`` with ``env`` added to this process's environment (a null value removes
   a variable), its stdout and stderr in ``log``; with ``progress``, each finished optimizer step
-  is written there (only the step number), so a client can aim a fault at a step.
+  is written there (only the step number), so a client can aim a fault at a step. Optional:
+  ``"stderr": PATH`` (stderr there, stdout in ``log``), ``"cwd": PATH`` (the child's working
+  directory), ``"code": TEXT`` (the child runs ``python -c TEXT ARGV`` instead of distrain).
 - ``{"exited": N, "code": C}`` when child N ends: its exit code, or minus the signal that ended it.
 
 The server ends, killing the children still running, when the client closes the socket.
@@ -24,6 +26,7 @@ collectives, ``MultiWorkerMirroredStrategy``).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import json
@@ -32,7 +35,11 @@ import select
 import signal
 import socket
 import sys
+import threading
+import time
 import traceback
+from pathlib import Path
+from typing import Optional
 
 # What every run imports, imported once here (the children inherit it); distrain first (tf-keras).
 PRELOAD = ("distrain", "distrain.cli", "distrain.run", "matplotlib.pyplot")
@@ -70,9 +77,12 @@ def _child(request: dict) -> int:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    out = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    out = os.open(request["log"], flags, 0o644)
     os.dup2(out, 1)
-    os.dup2(out, 2)
+    os.dup2(os.open(request["stderr"], flags, 0o644) if request.get("stderr") else out, 2)
+    if request.get("cwd"):
+        os.chdir(request["cwd"])
     # New stream objects: the server's may have been in use (their locks held) at the fork.
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True, write_through=True)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True, write_through=True)
@@ -93,9 +103,16 @@ def _child(request: dict) -> int:
 
         cli.train = train
     try:
+        if request.get("code") is not None:  # python -c CODE ARGV
+            sys.argv = ["-c", *request["argv"]]
+            exec(compile(request["code"], "<string>", "exec"), {"__name__": "__main__"})
+            return 0
         return int(cli.main(request["argv"]) or 0)
     except SystemExit as done:
-        return done.code if isinstance(done.code, int) else 1
+        if done.code is None or isinstance(done.code, int):
+            return done.code or 0
+        print(done.code, file=sys.stderr)  # as python does with sys.exit("message")
+        return 1
     except BaseException:  # what the console script would print before exit 1
         traceback.print_exc()
         return 1
@@ -167,6 +184,63 @@ def serve(path: str) -> None:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
+
+
+# ----------------------------------------------------------------------------- the client
+
+class ForkServer:
+    """A client of tests/forked_runs.py, which forks each run from a process that imported TensorFlow."""
+
+    def __init__(self, path: Path, timeout: float = 180):
+        deadline = time.monotonic() + timeout
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        while True:
+            try:
+                self.sock.connect(str(path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the fork server at {path} did not start within {timeout:.0f} s") from None
+                time.sleep(0.1)
+        self.codes: dict[int, int] = {}
+        self._pids: list[int] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        with self.sock.makefile("rb") as lines:
+            for line in lines:
+                message = json.loads(line)
+                with self._changed:
+                    if "pid" in message:
+                        self._pids.append(message["pid"])
+                        self.codes.pop(message["pid"], None)  # an earlier child's, whose pid the kernel reused
+                    else:
+                        self.codes[message["exited"]] = message["code"]
+                    self._changed.notify_all()
+
+    def start(self, argv: list[str], log: Path, env: Optional[dict] = None, progress: Optional[Path] = None, *,
+              stderr: Optional[Path] = None, cwd: Optional[Path] = None, code: Optional[str] = None) -> int:
+        """Forks a child running ``distrain ARGV`` (the request above); returns its pid."""
+        request = {"argv": [str(a) for a in argv], "env": env or {}, "log": str(log),
+                   "progress": str(progress) if progress else None, "stderr": str(stderr) if stderr else None,
+                   "cwd": str(cwd) if cwd else None, "code": code}
+        with self._changed:
+            self.sock.sendall(json.dumps(request).encode() + b"\n")
+            if not self._changed.wait_for(lambda: self._pids, timeout=30):
+                raise RuntimeError("the fork server did not answer within 30 s")
+            return self._pids.pop(0)
+
+    def wait(self, pid: int, until: float) -> Optional[int]:
+        """The exit code of ``pid``, waiting until ``until`` (monotonic) at most; None if still running."""
+        with self._changed:
+            self._changed.wait_for(lambda: pid in self.codes, timeout=max(0.0, until - time.monotonic()))
+            return self.codes.get(pid)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
 
 
 if __name__ == "__main__":

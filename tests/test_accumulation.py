@@ -52,7 +52,7 @@ def trainable_weights(run_dir):
 
 def one_process(tmp_path, *, k, model=CNN, strategy="one_device", cpu_devices=0):
     job_file = job(tmp_path, k=k, strategy=strategy, model=model, cpu_devices=cpu_devices)
-    result = run_distrain(["train", str(job_file), "--run-dir", str(tmp_path / "run")], timeout=300)
+    result = run_distrain(["train", str(job_file), "--run-dir", str(tmp_path / "run")], timeout=300, forked=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp_path / "run"
 
@@ -147,9 +147,15 @@ def test_with_batchnorm_the_trainable_weights_agree(tmp_path, workers_factory):
     assert max(differs) > 1e-3, "BatchNorm's moving statistics agree: update docs/distributed.md's table"
 
 
+@pytest.fixture(scope="module")
+def one_device_k4(tmp_path_factory):
+    """1 device x k = 4 (global batch 32): what 2 replicas, mirrored or Horovod ranks, with k = 2 must equal."""
+    return one_process(tmp_path_factory.mktemp("one-device-k4"), k=4)
+
+
 @pytest.mark.multiprocess
 @pytest.mark.timeout(400)
-def test_mirrored_accumulates_like_more_workers(two_workers_k1, tmp_path):
+def test_mirrored_accumulates_like_more_workers(two_workers_k1, one_device_k4, tmp_path):
     """2 logical CPUs x k = 1 (global batch 16) against 1 device x k = 2: both equal the 2 workers."""
     (tmp_path / "mirrored").mkdir()
     mirrored = one_process(tmp_path / "mirrored", k=1, strategy="mirrored", cpu_devices=2)
@@ -157,13 +163,10 @@ def test_mirrored_accumulates_like_more_workers(two_workers_k1, tmp_path):
     assert (s["strategy"], s["replicas"], s["accumulation_steps"], s["global_batch"]) == ("mirrored", 2, 1, 16)
     assert_same_weights(model_weights(mirrored), model_weights(two_workers_k1))
     # Mirrored with k = 2 over 2 replicas: global batch 32, so compare with one device at k = 4.
-    for name, k, strategy, cpus in (("mirrored-k2", 2, "mirrored", 2), ("single-k4", 4, "one_device", 0)):
-        (tmp_path / name).mkdir()
-        job_file = job(tmp_path / name, k=k, strategy=strategy, cpu_devices=cpus)
-        result = run_distrain(["train", str(job_file), "--run-dir", str(tmp_path / name / "run")], timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-    assert summary(tmp_path / "mirrored-k2" / "run")["global_batch"] == 32
-    assert_same_weights(model_weights(tmp_path / "mirrored-k2" / "run"), model_weights(tmp_path / "single-k4" / "run"))
+    (tmp_path / "mirrored-k2").mkdir()
+    mirrored_k2 = one_process(tmp_path / "mirrored-k2", k=2, strategy="mirrored", cpu_devices=2)
+    assert summary(mirrored_k2)["global_batch"] == 32
+    assert_same_weights(model_weights(mirrored_k2), model_weights(one_device_k4))
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +212,7 @@ def test_two_workers_killed_then_resumed_by_one_worker_end_with_the_same_weights
     assert backup_step(run_dir) == 6
 
     # One worker now, as after a requeue onto one node: the same job, its run dir, no peer.
-    resumed = run_distrain(["train", "--resume", str(run_dir)], timeout=300)
+    resumed = run_distrain(["train", "--resume", str(run_dir)], timeout=300, forked=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     s = summary(run_dir)
     assert (s["steps"], s["resumed_from_step"], s["replicas"], s["accumulation_steps"], s["global_batch"]) == (
@@ -232,7 +235,7 @@ def test_a_world_that_cannot_make_the_global_batch_is_refused(two_workers_k1, tm
     # 3 logical CPUs x 8 per replica cannot make 16: refused while the run is resolved, before the
     # backup's step is looked at (so also before "already complete").
     result = run_distrain(["train", "--resume", str(run_dir), "--set", "distribute.strategy=mirrored",
-                           "--set", "distribute.cpu_devices=3"], timeout=200)
+                           "--set", "distribute.cpu_devices=3"], timeout=200, forked=True)
     assert result.returncode == 2, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("distrain: error: train.accumulation_steps: the run's global batch is 16"), line
@@ -298,19 +301,13 @@ def test_lr_at_every_step_of_an_accumulated_run_is_the_plans(tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.horovod
 @pytest.mark.timeout(400)
-def test_horovod_accumulates_like_more_ranks(needs_horovod, tmp_path, workers_factory):
+def test_horovod_accumulates_like_more_ranks(needs_horovod, one_device_k4, tmp_path, workers_factory):
     """2 Horovod ranks x k = 2 (global batch 32) against 1 device x k = 4."""
-    for name, k, strategy in (("single-k4", 4, "one_device"), ("horovod-k2", 2, "horovod")):
-        (tmp_path / name).mkdir()
-        job_file = job(tmp_path / name, k=k, strategy=strategy)
-        command = [*DISTRAIN, "train", str(job_file), "--run-dir", str(tmp_path / name / "run")]
-        if strategy == "horovod":
-            workers = workers_factory([horovodrun(command)], [worker_env()], tmp_path / name / "logs")
-            assert workers.wait(timeout=300) == [0], workers.output()
-        else:
-            result = run_distrain(command[len(DISTRAIN):], timeout=300)
-            assert result.returncode == 0, result.stderr[-3000:]
-    s = summary(tmp_path / "horovod-k2" / "run")
+    job_file = job(tmp_path, k=2, strategy="horovod")
+    command = [*DISTRAIN, "train", str(job_file), "--run-dir", str(tmp_path / "run")]
+    workers = workers_factory([horovodrun(command)], [worker_env()], tmp_path / "logs")
+    assert workers.wait(timeout=300) == [0], workers.output()
+    s = summary(tmp_path / "run")
     assert (s["strategy"], s["replicas"], s["accumulation_steps"], s["global_batch"], s["steps"]) == (
         "horovod", 2, 2, 32, STEPS)
-    assert_same_weights(model_weights(tmp_path / "horovod-k2" / "run"), model_weights(tmp_path / "single-k4" / "run"))
+    assert_same_weights(model_weights(tmp_path / "run"), model_weights(one_device_k4))

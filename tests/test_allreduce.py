@@ -181,7 +181,8 @@ def test_setup_once_uses_v1_collectives_whose_keys_every_worker_derives_alike(tm
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("one")
-    done = run_distrain(["train", str(_job(tmp / "job.yaml", per_replica=32)), "--run-dir", str(tmp / "run")])
+    done = run_distrain(["train", str(_job(tmp / "job.yaml", per_replica=32)), "--run-dir", str(tmp / "run")],
+                        forked=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp / "run"
 
@@ -189,7 +190,7 @@ def one_process(tmp_path_factory):
 @pytest.mark.timeout(300)
 def test_fp16_all_reduce_over_two_replicas_stays_close_to_one_process(one_process, tmp_path):
     job = _job(tmp_path / "job.yaml", strategy="mirrored", cpu_devices=2, compression="fp16")
-    done = run_distrain(["train", str(job), "--run-dir", str(tmp_path / "run")])
+    done = run_distrain(["train", str(job), "--run-dir", str(tmp_path / "run")], forked=True)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["replicas"], summary["steps"]) == (2, STEPS)

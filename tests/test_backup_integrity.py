@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import pytest
 import distrain  # noqa: F401  (tf-keras for tf.keras)
 import tensorflow as tf
 
-from conftest import run_distrain, small_disk, worker_env, write_job
+from conftest import run_distrain, run_python, small_disk, write_job
 from distrain.checkpoint import Backup, UserCheckpoints, WorkerFiles
 from distrain.errors import EXIT_USAGE, EXIT_WRITE_FAILED, UsageError, WriteFailed
 from distrain.rundir import RunDir
@@ -318,8 +317,7 @@ sys.exit(cli.main(["train", job, "--run-dir", str(run_dir)]))
 
 def stopped_run(tmp_path: Path, run_dir: Path, how: str, at: int = 5) -> subprocess.CompletedProcess:
     job_file = write_job(tmp_path / "job.yaml", JOB)
-    return subprocess.run([sys.executable, "-c", STOP_AT, str(job_file), str(run_dir), str(at), how],
-                          capture_output=True, text=True, timeout=300, env=worker_env())
+    return run_python(STOP_AT, [str(job_file), str(run_dir), str(at), how], timeout=300)
 
 
 def summary(run_dir: Path) -> dict:
@@ -329,7 +327,8 @@ def summary(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    result = run_distrain(["train", str(write_job(tmp / "job.yaml", JOB)), "--run-dir", str(tmp / "run")], timeout=300)
+    result = run_distrain(["train", str(write_job(tmp / "job.yaml", JOB)), "--run-dir", str(tmp / "run")], timeout=300,
+                          forked=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert summary(tmp / "run")["steps"] == STEPS
     return tmp / "run"
@@ -353,7 +352,7 @@ def test_a_torn_newest_backup_resumes_from_the_previous_one_and_ends_exact(tmp_p
     torn = data_file(RunDir(run_dir), 6)
     written, left = cut_short(torn)  # what a node crash leaves of a file still in the page cache
 
-    result = run_distrain(["train", "--resume", str(run_dir)], timeout=300)
+    result = run_distrain(["train", "--resume", str(run_dir)], timeout=300, forked=True)
     assert result.returncode == 0, result.stderr[-3000:]
     skipped = [line for line in result.stderr.splitlines() if "skipped" in line]
     assert len(skipped) == 1 and skipped[0].endswith(
@@ -371,7 +370,7 @@ def test_a_run_dir_whose_every_backup_is_bad_stops_with_exit_2_and_one_line(tmp_
     (run_dir / "summary.json").unlink()
     for step in RunDir(run_dir).committed_backups():
         cut_short(data_file(RunDir(run_dir), step))
-    result = run_distrain(["train", "--resume", str(run_dir)], timeout=300)
+    result = run_distrain(["train", "--resume", str(run_dir)], timeout=300, forked=True)
     assert result.returncode == EXIT_USAGE, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -399,6 +398,6 @@ def test_a_full_disk_stops_with_exit_74_keeps_the_previous_backup_and_the_resume
         assert not [p.name for p in backups.backup.iterdir() if p.name.startswith("ckpt-6")]
 
         (run_dir / "filler").unlink()
-        result = run_distrain(["train", "--resume", str(run_dir)], timeout=300)
+        result = run_distrain(["train", "--resume", str(run_dir)], timeout=300, forked=True)
         assert result.returncode == 0, result.stderr[-3000:]
         assert_ends_exact(run_dir, uninterrupted, resumed_from=4)

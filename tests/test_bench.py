@@ -148,7 +148,7 @@ def test_bad_input_exits_2_before_anything_starts(tmp_path, args, message):
 
 def test_one_process_json_is_its_own_baseline(tmp_path):
     job = write_job(tmp_path / "tiny.yaml", TINY)
-    done = run_distrain(["bench", str(job), "--steps", "6", "--warmup", "2", "--json"], timeout=240)
+    done = run_distrain(["bench", str(job), "--steps", "6", "--warmup", "2", "--json"], timeout=240, forked=True)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads(done.stdout)
     assert tuple(r) == bench.result_keys()

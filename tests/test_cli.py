@@ -60,7 +60,7 @@ def test_saved_model_loads_in_safe_mode_and_predicts_the_same(quickstart_run, tm
 def test_resume_of_a_complete_run_does_no_more_steps(quickstart_run):
     run_dir, _ = quickstart_run
     before = json.loads((run_dir / "summary.json").read_text())
-    result = run_distrain(["train", "--resume", str(run_dir)], timeout=300)
+    result = run_distrain(["train", "--resume", str(run_dir)], timeout=300, forked=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == before["steps"]
 
@@ -70,9 +70,9 @@ def test_resume_continues_with_more_epochs(tmp_path):
     job = write_job(tmp_path / "job.yaml", "name: grow\nmodel: {name: mlp}\ndata: {batch_size_per_replica: 64}\n"
                     "train: {epochs: 2}\nlogging: {tensorboard: false, verbose: 0}\n")
     run_dir = tmp_path / "run"
-    assert run_distrain(["train", str(job), "--run-dir", str(run_dir)]).returncode == 0
+    assert run_distrain(["train", str(job), "--run-dir", str(run_dir)], forked=True).returncode == 0
     steps = json.loads((run_dir / "summary.json").read_text())["steps_per_epoch"]
-    result = run_distrain(["train", "--resume", str(run_dir), "--set", "train.epochs=3"])
+    result = run_distrain(["train", "--resume", str(run_dir), "--set", "train.epochs=3"], forked=True)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["resumed_from_step"], summary["steps"]) == (2 * steps, 3 * steps)
@@ -212,7 +212,7 @@ def test_env_json_under_fake_slurm():
 def test_mixed_precision_trains(tmp_path):
     job = write_job(tmp_path / "job.yaml", "name: mixed\nmodel: {name: cnn, params: {filters: 16}}\n"
                     "train: {epochs: 3}\ndistribute: {mixed_precision: true}\nlogging: {tensorboard: false, verbose: 0}\n")
-    result = run_distrain(["train", str(job), "--run-dir", str(tmp_path / "run")])
+    result = run_distrain(["train", str(job), "--run-dir", str(tmp_path / "run")], forked=True)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["test"]["accuracy"] > 0.7

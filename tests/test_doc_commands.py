@@ -64,6 +64,9 @@ RUN: dict[str, tuple[str, ...]] = {
     "distrain slurm render jobs/mobilenet.yaml --nodes 8 --gpus-per-node 4 --bench --output mobilenet-bench.sh": (),
     'distrain slurm render jobs/quickstart.yaml --nodes 2 --gpus-per-node 0 --time 00:15:00 '
     '--set model.params.filters=8 --set train.epochs=2 --distrain "$PWD/.venv/bin/distrain" --output qs.sh': (),
+    # docs/slurm.md, docs/sweeps.md: a sweep as a job array
+    "distrain slurm render jobs/examples/mobilenet_sweep.yaml --nodes 1 --gpus-per-node 4 --sweep "
+    "runs/mobilenet-sweep --parallel 2 --output mobilenet-sweep.sh": (),
 }
 
 SLURM = "needs a SLURM cluster (tests/test_slurm_launch.py runs rendered scripts on a local one)"
@@ -159,6 +162,10 @@ EXCLUDED: dict[str, str] = {
     "--max-failures 3 --storage-path /shared/ray-runs --name cnn-1": SLURM,
     "pytest tests/test_ray.py -q": "the Ray tests themselves (about 3 minutes)",
     'pytest tests/test_ray.py -m "not slurm"': "the Ray tests themselves",
+    # docs/ray.md, docs/sweeps.md: a sweep as Ray Tune trials
+    "ray job submit --address http://127.0.0.1:8265 --working-dir . -- distrain ray jobs/examples/mobilenet_sweep.yaml "
+    "--workers 2 --sweep /shared/sweeps/mobilenet --parallel 2 --scheduler asha --max-failures 2": RAY,
+    "pytest tests/test_ray_sweep.py -q": "the Ray sweep tests themselves (2.5 to 3.5 minutes)",
     # docs/fault-tolerance.md
     "pytest tests/test_fault_campaign.py -s": "the campaign's own test, which the suite runs (about 90 s)",
     "DISTRAIN_CAMPAIGN_DRAWS=120 DISTRAIN_CAMPAIGN_REPORT=campaign.json pytest tests/test_fault_campaign.py -s":
@@ -177,6 +184,7 @@ EXCLUDED: dict[str, str] = {
     "distrain tensorboard runs/mobilenet-sweep --port 6006": SERVER,
     # docs/slurm.md
     "sbatch slurm/mobilenet.sh": SLURM,
+    "sbatch mobilenet-sweep.sh": SLURM,
     "TF_ENABLE_ONEDNN_OPTS=0 sbatch slurm/cnn.sh": SLURM,
     "TF_ENABLE_ONEDNN_OPTS=0 distrain train jobs/cnn.yaml": COURSE,
     "DISTRAIN=$PWD/.venv/bin/distrain sbatch slurm/mobilenet.sh": SLURM,

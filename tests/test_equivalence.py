@@ -31,7 +31,7 @@ METRICS = ("loss", "accuracy")
 def single_device_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
     job = write_job(tmp / "job.yaml", JOB.format(per_replica=32, strategy="one_device", cpu_devices=0, jit=False))
-    result = run_distrain(["train", str(job), "--run-dir", str(tmp / "run")], timeout=300)
+    result = run_distrain(["train", str(job), "--run-dir", str(tmp / "run")], timeout=300, forked=True)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp / "run" / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["replicas"] == 1 and summary["global_batch"] == 32
@@ -49,7 +49,7 @@ def test_mirrored_two_logical_cpus_equals_one_device(single_device_run, tmp_path
     device without XLA (the CNN has BatchNorm, whose per-replica moving statistics are updated
     inside the compiled pass)."""
     job = write_job(tmp_path / "job.yaml", JOB.format(per_replica=16, strategy="mirrored", cpu_devices=2, jit=jit))
-    result = run_distrain(["train", str(job), "--run-dir", str(tmp_path / "run")], timeout=300)
+    result = run_distrain(["train", str(job), "--run-dir", str(tmp_path / "run")], timeout=300, forked=True)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["strategy"], summary["replicas"], summary["global_batch"], summary["steps"]) == ("mirrored", 2, 32, STEPS)
@@ -108,7 +108,7 @@ distribute: {strategy: mirrored, cpu_devices: 2}
 checkpoint: {every_epochs: 0, save_best: false}
 logging: {tensorboard: false, verbose: 0}
 """)
-    result = run_distrain(["train", str(job), "--run-dir", str(tmp_path / "run")], timeout=280)
+    result = run_distrain(["train", str(job), "--run-dir", str(tmp_path / "run")], timeout=280, forked=True)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["replicas"] == 2 and 0.0 <= summary["test"]["accuracy"] <= 1.0

@@ -38,10 +38,8 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +48,7 @@ from typing import Iterator, Optional
 import pytest
 from conftest import (REPO, free_ports, netns_missing, required, skip_or_fail, small_disk, tf_config, tmpfs_missing,
                       worker_env, write_job)
+from forked_runs import ForkServer
 
 from distrain.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE, EXIT_WRITE_FAILED
 from distrain.rundir import RunDir
@@ -127,58 +126,6 @@ def draw(seed: int, index: int, faults: dict[int, tuple[str, ...]]) -> Draw:
 
 
 # ----------------------------------------------------------------------------- forked runs
-
-class ForkServer:
-    """A client of tests/forked_runs.py, which forks each run from a process that imported TensorFlow."""
-
-    def __init__(self, path: Path, timeout: float = 180):
-        deadline = time.monotonic() + timeout
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        while True:
-            try:
-                self.sock.connect(str(path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the fork server at {path} did not start within {timeout:.0f} s") from None
-                time.sleep(0.1)
-        self.codes: dict[int, int] = {}
-        self._pids: list[int] = []
-        self._changed = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        with self.sock.makefile("rb") as lines:
-            for line in lines:
-                message = json.loads(line)
-                with self._changed:
-                    if "pid" in message:
-                        self._pids.append(message["pid"])
-                        self.codes.pop(message["pid"], None)  # an earlier child's, whose pid the kernel reused
-                    else:
-                        self.codes[message["exited"]] = message["code"]
-                    self._changed.notify_all()
-
-    def start(self, argv: list[str], log: Path, env: Optional[dict] = None, progress: Optional[Path] = None) -> int:
-        request = {"argv": [str(a) for a in argv], "env": env or {}, "log": str(log),
-                   "progress": str(progress) if progress else None}
-        with self._changed:
-            self.sock.sendall(json.dumps(request).encode() + b"\n")
-            if not self._changed.wait_for(lambda: self._pids, timeout=30):
-                raise RuntimeError("the fork server did not answer within 30 s")
-            return self._pids.pop(0)
-
-    def wait(self, pid: int, until: float) -> Optional[int]:
-        """The exit code of ``pid``, waiting until ``until`` (monotonic) at most; None if still running."""
-        with self._changed:
-            self._changed.wait_for(lambda: pid in self.codes, timeout=max(0.0, until - time.monotonic()))
-            return self.codes.get(pid)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-
 
 @dataclass
 class Attempt:
@@ -356,7 +303,9 @@ class Campaign:
             start = self._check_nothing_lost(run_dir, torn)
             # A run that ended before its peer was killed is complete: the rerun only says so.
             complete = (run_dir / "summary.json").exists() and torn is None
-            attempt = self.start(d.world, ["train", "--resume", run_dir], where / f"attempt-{n}")
+            # As a requeue reruns it (slurm/distrain-launch.sh): the job and the run dir, which a kill
+            # before the run dir was made leaves absent (then the rerun starts it), not --resume.
+            attempt = self.start(d.world, ["train", self.job, "--run-dir", run_dir], where / f"attempt-{n}")
             codes = attempt.wait(ATTEMPT_BOUND_S)
             outcome.codes.append(codes)
             if codes == [0] * d.world:

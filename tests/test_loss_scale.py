@@ -5,14 +5,14 @@ step whose gradients overflow on one worker only is skipped by every worker, who
 import json
 import re
 import signal
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 import distrain  # noqa: F401  (sets TF_USE_LEGACY_KERAS before any TensorFlow import here)
-from conftest import DISTRAIN, REPO, backup_step, free_ports, horovodrun, tf_config, worker_env, write_job
+from conftest import (backup_step, free_ports, horovodrun, run_distrain, run_python, tf_config, worker_env,
+                      write_job)
 from distrain.errors import EXIT_NAN
 from helpers import accumulate, scalars
 
@@ -169,8 +169,8 @@ def _history(run_dir):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loss-scale-uninterrupted")
-    result = subprocess.run([*DISTRAIN, "train", str(write_amp_job(tmp, tensorboard=True)), "--run-dir", str(tmp / "run")],
-                            capture_output=True, text=True, timeout=280, env=worker_env(), cwd=REPO)
+    result = run_distrain(["train", str(write_amp_job(tmp, tensorboard=True)), "--run-dir", str(tmp / "run")],
+                          timeout=280, forked=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp / "run"
 
@@ -201,13 +201,11 @@ def test_kill_9_and_resume_in_mixed_float16_is_bit_equal(uninterrupted, tmp_path
     """The backup at step 20 holds a scale below 2**15 (the first steps overflowed): a resume that
     started again from 2**15 would skip steps the uninterrupted run took, and end elsewhere."""
     job_file, run_dir = write_amp_job(tmp_path), tmp_path / "run"
-    killed = subprocess.run([sys.executable, "-c", KILL_AT_STEP_23, str(job_file), str(run_dir)],
-                            capture_output=True, text=True, timeout=280, env=worker_env(), cwd=REPO)
+    killed = run_python(KILL_AT_STEP_23, [str(job_file), str(run_dir)], timeout=280)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert backup_step(run_dir) == 20
 
-    resumed = subprocess.run([*DISTRAIN, "train", str(job_file), "--run-dir", str(run_dir)],
-                             capture_output=True, text=True, timeout=280, env=worker_env(), cwd=REPO)
+    resumed = run_distrain(["train", str(job_file), "--run-dir", str(run_dir)], timeout=280, forked=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     expected = json.loads((uninterrupted / "summary.json").read_text())
@@ -230,8 +228,7 @@ train: {epochs: 2, optimizer: sgd, learning_rate: 0.01, precision: mixed_float16
 checkpoint: {every_epochs: 1, backup_every_steps: 5}
 logging: {tensorboard: false, verbose: 0}
 """)
-    result = subprocess.run([*DISTRAIN, "train", str(job_file), "--run-dir", str(tmp_path / "run")],
-                            capture_output=True, text=True, timeout=110, env=worker_env(), cwd=REPO)
+    result = run_distrain(["train", str(job_file), "--run-dir", str(tmp_path / "run")], timeout=110, forked=True)
     assert result.returncode == EXIT_NAN, result.stderr[-2000:]
     assert re.search(r"the loss became (nan|inf) at step \d+", result.stderr)
     assert not (tmp_path / "run" / "summary.json").exists()
@@ -284,8 +281,7 @@ def rank0_alone(tmp_path_factory):
     the two-worker runs only rank 1's (factor 4096) can."""
     tmp = tmp_path_factory.mktemp("loss-scale-rank0")
     job_file = write_amp_job(tmp, factor=1, per_replica=16, epochs=1)
-    result = subprocess.run([sys.executable, "-c", RECORD_STEPS, str(job_file), str(tmp / "run")],
-                            capture_output=True, text=True, timeout=280, env=worker_env(), cwd=REPO)
+    result = run_python(RECORD_STEPS, [str(job_file), str(tmp / "run")], timeout=280)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((tmp / "run" / "steps-rank0.json").read_text())
 

@@ -2,13 +2,11 @@
 float32 model outputs, loss scaling with accumulation, N replicas == 1 in mixed precision, and XLA."""
 import json
 import logging
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO, assert_same_weights, model_weights, run_distrain, worker_env
+from conftest import REPO, assert_same_weights, model_weights, run_distrain, run_python
 from distrain.errors import UsageError
 from distrain.spec import spec_from_dict
 
@@ -67,12 +65,12 @@ def test_a_loss_that_mixed_float16_cannot_scale_exits_2_before_training(tmp_path
     job.write_text(f"model: {{name: mlp}}\ndata: {{source: digits}}\n"
                    f"train: {{epochs: 1, loss: '{tmp_path / 'losses.py'}:half', precision: mixed_float16}}\n")
     for command in (["validate", str(job)], ["train", str(job), "--run-dir", str(tmp_path / "run")]):
-        result = run_distrain(command, timeout=110)
+        result = run_distrain(command, timeout=110, forked=True)
         assert result.returncode == 2, result.stderr[-2000:]
         lines = [line for line in result.stderr.splitlines() if "train.loss" in line]
         assert len(lines) == 1 and "returns float16 under train.precision mixed_float16" in lines[0], result.stderr
     assert not (tmp_path / "run" / "backup").exists()
-    result = run_distrain(["validate", str(job), "--set", "train.precision=float32"], timeout=110)
+    result = run_distrain(["validate", str(job), "--set", "train.precision=float32"], timeout=110, forked=True)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -232,8 +230,7 @@ def test_two_logical_cpu_replicas_equal_one_device_in_mixed_precision(precision,
     same job in float32 is 9.6e-4 and 1.8e-2 away, so the test also asks that 2 replicas are closer
     to 1 device than mixed precision is to float32 (the bound alone is looser than that for bfloat16).
     """
-    result = subprocess.run([sys.executable, "-c", BOTH_RUNS, EQUIVALENCE_JOB, str(tmp_path), precision],
-                            capture_output=True, text=True, timeout=280, env=worker_env(), cwd=REPO)
+    result = run_python(BOTH_RUNS, [EQUIVALENCE_JOB, str(tmp_path), precision], timeout=280)
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = {name: json.loads((tmp_path / name / "summary.json").read_text())
                  for name in ("mirrored", "float32", "one_device")}
@@ -269,7 +266,7 @@ def test_quickstart_with_jit_compile_reaches_its_accuracy_floor(tmp_path):
     run_dir = tmp_path / "run"
     sets = ["train.jit_compile=true", "logging.tensorboard=false", "logging.verbose=0"]
     args = ["train", str(REPO / "jobs" / "quickstart.yaml"), "--run-dir", str(run_dir)]
-    result = run_distrain([*args, *[a for s in sets for a in ("--set", s)]], timeout=280)
+    result = run_distrain([*args, *[a for s in sets for a in ("--set", s)]], timeout=280, forked=True)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["strategy"] == "one_device" and summary["test"]["accuracy"] >= 0.9

@@ -43,16 +43,14 @@ Run: ``pytest tests/test_precision_distributed.py`` (the Horovod tests skip with
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import (DISTRAIN, REPO, Workers, assert_same_weights, free_ports, horovodrun, model_weights, tf_config,
-                      worker_env, write_job)
+from conftest import (DISTRAIN, Workers, assert_same_weights, free_ports, horovodrun, model_weights, run_python,
+                      tf_config, worker_env, write_job)
 from distrain.backends.allreduce import compress_in_loss_scale, sum_gradients  # distrain first: tf.keras is tf-keras
 from distrain.world import World
 
@@ -134,8 +132,7 @@ def one_process(tmp_path_factory) -> dict[str, list]:
     runs["small/micro"] = ("mixed_float16", 16, 2, small)
     jobs = {name: job_text(precision=precision, strategy="one_device", per_replica=per_replica, k=k, small_loss=loss)
             for name, (precision, per_replica, k, loss) in runs.items()}
-    done = subprocess.run([sys.executable, "-c", ONE_PROCESS_RUNS, str(root), json.dumps(jobs)],
-                          capture_output=True, text=True, timeout=400, env=worker_env(), cwd=REPO)
+    done = run_python(ONE_PROCESS_RUNS, [str(root), json.dumps(jobs)], timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     for name, (precision, _, k, _) in runs.items():
         s = summary(root / name)

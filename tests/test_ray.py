@@ -27,7 +27,6 @@ from distrain.errors import EXIT_FAILED, EXIT_PEER_LOST, EXIT_USAGE, TrainingSto
 from distrain.launch import ray as ray_launch
 from distrain.spec import spec_from_dict
 from ray_cluster import BIN, ray_head_fixture, skip_unless_ray
-from slurm_cluster import slurm_fixture
 
 # 2 logical CPUs: the 2 train workers. The job driver, Ray's job supervisor and the Train
 # controller reserve none.
@@ -209,10 +208,7 @@ def test_relative_storage_path_exits_2(tmp_path):
 
 
 # ----------------------------------------------------------------------------- Ray inside SLURM
-# Before the tests that use the module's Ray head: the head starts with its first test, so the two
-# clusters never compete for the cores.
-
-slurm_two_nodes = slurm_fixture(2)
+# The two-node SLURM is conftest's, one for the session.
 
 
 @pytest.mark.slurm

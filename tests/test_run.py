@@ -92,6 +92,13 @@ def test_the_error_type_is_the_exceptions_own():
     # Without an abort: the first line that is not only "Graph execution error:".
     ("Graph execution error:\n\n   \n  Socket closed  \nDetected at node X", "Socket closed"),
     ("Connection reset by peer", "Connection reset by peer"),
+    # Horovod's: the traceback of the node first, the reason after it.
+    ("Graph execution error:\n\nDetected at node DistributedSGD_Allreduce/HorovodAllreduce_grads_0 defined at (most "
+     "recent call last):\n  File \"distrain/run.py\", line 280, in fit_and_evaluate\n\n  File \"<string>\", line "
+     "111, in horovod_allreduce\n\n"
+     "Horovod has been shut down. This was caused by an exception on one of the ranks.\n"
+     "\t [[{{node HorovodAllreduce_grads_0}}]] [Op:__inference_train_function_99]",
+     "Horovod has been shut down. This was caused by an exception on one of the ranks."),
     # Nothing to say.
     ("Graph execution error:\n\n", "no message"),
     ("", "no message"),

@@ -10,12 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import local_slurm, slurm_fixture
+from slurm_cluster import local_slurm
 
-pytestmark = pytest.mark.slurm
-
-slurm_one_node = slurm_fixture(nodes=1)
-slurm_two_nodes = slurm_fixture(nodes=2)
+pytestmark = pytest.mark.slurm  # the clusters: conftest's slurm_one_node and slurm_two_nodes, one each per session
 
 
 def write_script(path: Path, body: str) -> Path:

@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, backup_step, free_port_block, write_job
-from slurm_cluster import slurm_fixture
 from distrain.cli import build_parser, main
 from distrain.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE, EXIT_WRITE_FAILED
 from distrain.launch.slurm import check_layout, render_from_args
@@ -38,8 +37,6 @@ SHIPPED = ("mlp", "cnn", "residual", "inception", "mobilenet")
 VENV_DISTRAIN = str(Path(sys.executable).with_name("distrain"))
 UPDATE = bool(os.environ.get("DISTRAIN_UPDATE_GOLDEN"))
 
-slurm_one_node = slurm_fixture(nodes=1)
-slurm_two_nodes = slurm_fixture(nodes=2)
 
 
 def render(argv: list[str]) -> str:

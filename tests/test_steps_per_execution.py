@@ -12,14 +12,12 @@ uninterrupted K = 4 run, bit for bit.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import types
 from pathlib import Path
 
 import pytest
-from conftest import (DISTRAIN, Workers, assert_same_weights, free_ports, horovodrun, model_weights, tf_config,
-                      worker_env)
+from conftest import (DISTRAIN, Forked, Workers, assert_same_weights, free_ports, horovodrun, model_weights,
+                      tf_config, worker_env)
 
 from distrain.callbacks import crossed
 from distrain.errors import EXIT_NAN, EXIT_PREEMPTED, UsageError
@@ -270,13 +268,14 @@ def job(directory: Path, *, k, per_replica=16, accumulation=1, jit=False, strate
     return path
 
 
-def one_process(directory: Path, *, kill_at=0, **settings) -> list[str]:
-    """The command training ``job(directory, **settings)`` into ``directory/run`` in one process,
-    recording its hooks in ``directory/hooks.json`` (and killing itself at step ``kill_at``)."""
+def one_process(directory: Path, *, kill_at=0, **settings) -> Forked:
+    """Starts training ``job(directory, **settings)`` into ``directory/run`` in one process (forked:
+    conftest's ``Forked``), recording its hooks in ``directory/hooks.json`` (and killing itself at
+    step ``kill_at``); its output goes to ``directory/output.log``."""
     directory.mkdir(parents=True, exist_ok=True)
     job_file = job(directory, **settings) if settings else directory / "job.yaml"
-    return [sys.executable, "-c", RUN, str(job_file), str(directory / "run"), str(directory / "hooks.json"),
-            str(kill_at)]
+    return Forked([str(job_file), str(directory / "run"), str(directory / "hooks.json"), str(kill_at)],
+                  directory / "output.log", code=RUN)
 
 
 def summary(run_dir: Path) -> dict:
@@ -293,17 +292,21 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     settings = {"k1": dict(k=1), "k4": dict(k=4), "k4-accumulated": dict(k=4, per_replica=8, accumulation=2),
                 "k4-xla": dict(k=4, jit=True), "k4-mirrored": dict(k=4, per_replica=8, strategy="mirrored",
                                                                    cpu_devices=2)}
-    commands = [one_process(root / name, **s) for name, s in settings.items()]
+    singles = [one_process(root / name, **s) for name, s in settings.items()]
     (root / "k4-two-workers").mkdir()
     two = job(root / "k4-two-workers", k=4, per_replica=8, strategy="multi_worker")
     worker = [*DISTRAIN, "train", str(two), "--run-dir", str(root / "k4-two-workers" / "run")]
     ports = free_ports(2)
-    envs = [worker_env()] * len(commands) + [worker_env(TF_CONFIG=tf_config(ports, i)) for i in range(2)]
-    processes = Workers(commands + [worker, worker], envs, root / "logs")
+    workers = Workers([worker, worker], [worker_env(TF_CONFIG=tf_config(ports, i)) for i in range(2)], root / "logs")
     try:
-        assert processes.wait(timeout=400) == [0] * len(envs), processes.output()
+        for single in singles:
+            done = single.wait(timeout=400)
+            assert done.returncode == 0, done.stdout[-3000:]
+        assert workers.wait(timeout=400) == [0, 0], workers.output()
     finally:
-        processes.kill()
+        workers.kill()
+        for single in singles:
+            single.kill()
     return {name: root / name / "run" for name in [*settings, "k4-two-workers"]}
 
 
@@ -411,15 +414,14 @@ def test_a_k4_run_killed_and_resumed_ends_with_the_uninterrupted_test_loss(runs,
     # Killed at the end of the call of steps 15-18: the last backup is step 14's, so the resumed
     # run retakes steps 15-18 and 19-20, then epoch 3.
     directory = tmp_path / "killed"
-    command = one_process(directory, kill_at=18, k=4)
-    killed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=worker_env())
-    assert killed.returncode == -9, killed.stderr[-3000:]
+    killed = one_process(directory, kill_at=18, k=4).wait(timeout=300)
+    assert killed.returncode == -9, killed.stdout[-3000:]
     run_dir = directory / "run"
     from distrain.rundir import RunDir
 
     assert RunDir(run_dir).backup_step() == 14
-    resumed = subprocess.run(one_process(directory), capture_output=True, text=True, timeout=300, env=worker_env())
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = one_process(directory).wait(timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
     s, uninterrupted = summary(run_dir), summary(runs["k4"])
     assert (s["resumed_from_step"], s["steps"]) == (14, STEPS)
     assert hook_steps(run_dir) == [18, 20, 24, 28, 30]

@@ -62,7 +62,7 @@ def job(tmp_path, sources, source, strategy="one_device", per_replica=16):
 
 
 def train_once(tmp_path, job_file):
-    result = run_distrain(["train", str(job_file), "--run-dir", str(tmp_path / "run")], timeout=300)
+    result = run_distrain(["train", str(job_file), "--run-dir", str(tmp_path / "run")], timeout=300, forked=True)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["global_batch"] == 16
@@ -99,7 +99,7 @@ def test_sigkill_mid_epoch_resumes_to_the_uninterrupted_weights(one_process, sou
     killed = workers_factory([[sys.executable, "-c", KILL_AT_STEP_7, str(job_file), str(run_dir)]], [worker_env()])
     assert killed.wait(timeout=300) == [-9], killed.output()
     assert backup_step(run_dir) == 6 and not (run_dir / "summary.json").exists()
-    result = run_distrain(["train", "--resume", str(run_dir)], timeout=300)
+    result = run_distrain(["train", "--resume", str(run_dir)], timeout=300, forked=True)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["steps"], summary["resumed_from_step"]) == (STEPS, 6)

@@ -23,7 +23,7 @@ from distrain.cli import main
 from distrain.errors import EXIT_NAN, EXIT_PREEMPTED, UsageError
 from distrain.rundir import RunDir
 from distrain.spec import TrainSpec, load_spec, parse_override, spec_from_dict, spec_to_dict
-from distrain.sweeps import compare
+from distrain.sweeps import compare, launched
 from distrain.sweeps import state as sweep_state
 from distrain.sweeps import trials
 from distrain.sweeps.plan import plan
@@ -547,7 +547,8 @@ def test_trial_3_is_distrain_train_with_its_overrides_bit_for_bit(runs, tmp_path
     trial = sweep_state.load(runs.sweep_dir).trials[3]
     plain = tmp_path / "plain"
     done = run_distrain(["train", str(QUICKSTART), "--run-dir", str(plain),
-                         *(a for s in [*SETS, *trial.sets] for a in ("--set", s))], timeout=300)
+                         *(a for s in [*SETS, *trial.sets] for a in ("--set", s))], timeout=300,
+                        forked=True)
     assert done.returncode == 0, done.stderr[-3000:]
     swept = json.loads((runs.sweep_dir / trial.name / RunDir.SUMMARY).read_text())
     alone = json.loads((plain / RunDir.SUMMARY).read_text())
@@ -641,3 +642,61 @@ def test_the_python_api_sweeps_a_notebooks_model_and_returns_the_best(tmp_path):
     assert again["trials"] == out["trials"]
     with pytest.raises(UsageError, match="distrain.sweep: grid: expected a dict"):
         distrain.sweep(job, run_dir=tmp_path / "x", grid=["model.params.units=4"])
+
+
+# ----------------------------------------------------------------------------- trials a launcher trains
+
+def test_how_a_launched_trial_ended_is_recorded_from_its_exit_code():
+    summary = {"history": {"val_accuracy": [0.5, 0.75]}}
+    assert launched.outcome(0, summary, "val_accuracy") == ("finished", 0.75, None)
+    assert launched.outcome(0, None, "val_accuracy")[0] == "failed"
+    for code in (74, 75, 76):
+        state, value, error = launched.outcome(code, None, "val_accuracy")
+        assert state == "stopped" and value is None and "resumes from its backup" in error
+    assert launched.outcome(EXIT_NAN, None, "val_accuracy")[:2] == ("failed", None)
+    assert launched.outcome(2, None, "loss")[2].startswith("bad input") and launched.outcome(1, None, "loss")[0] == "failed"
+
+
+def test_a_launched_trial_is_begun_and_ended_in_the_sweep_yaml(tmp_path):
+    sweep = plan(QUICKSTART, BASE, grid=["train.learning_rate=0.01,0.02,0.03"])
+    root = tmp_path / "sweep"
+    with pytest.raises(UsageError, match=r"^--trial 3: the sweep has 3 trial\(s\), 0 to 2$"):
+        launched.begin(sweep, root, 3)
+    assert not root.exists()  # refused before the sweep dir is made
+    started = launched.begin(sweep, root, 1)
+    assert started.done is None and started.run_dir == root / "trial-001" and started.record.state == "running"
+    assert [t.state for t in sweep_state.load(root).trials] == ["pending", "running", "pending"]
+    started.run_dir.mkdir()
+    (started.run_dir / RunDir.SUMMARY).write_text(json.dumps({"history": {"val_accuracy": [0.25, 0.5]}}))
+    assert launched.end(root, 1, 0).result == 0.5
+    assert launched.end(root, 2, EXIT_PREEMPTED).state == "stopped"
+    again = launched.begin(sweep, root, 1)
+    assert again.done == "trial-001 finished already (val_accuracy 0.5000)" and again.record.state == "finished"
+    assert launched.begin(sweep, root, 2).done is None  # a stopped trial is trained again (resumed)
+    with pytest.raises(UsageError, match="another sweep ran here .* give a new --sweep"):
+        launched.begin(plan(QUICKSTART, BASE, grid=["train.learning_rate=0.5"]), root, 0)
+
+
+def _record_many(root: str, index: int, rounds: int) -> None:
+    state = sweep_state.load(Path(root))
+    for n in range(rounds):
+        state.update(index, sweep_state.RUNNING if n % 2 else sweep_state.STOPPED, error=f"{index}:{n}")
+    state.update(index, sweep_state.FINISHED, result=float(index))
+
+
+def test_processes_recording_their_trials_at_once_lose_no_record(tmp_path):
+    # The tasks of a job array record their own trials in one sweep.yaml; without the lock a task's
+    # read-modify-write puts back another's older record.
+    import multiprocessing
+
+    sweep = plan(QUICKSTART, BASE, grid=["train.learning_rate=0.01,0.02,0.03,0.04"])
+    sweep_state.open_sweep(tmp_path, sweep)
+    context = multiprocessing.get_context("fork")
+    procs = [context.Process(target=_record_many, args=(str(tmp_path), i, 40)) for i in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0] * 4
+    done = sweep_state.load(tmp_path)
+    assert [(t.state, t.result) for t in done.trials] == [("finished", float(i)) for i in range(4)]

@@ -347,7 +347,7 @@ def test_users_exception_during_training_keeps_its_traceback(tmp_path):
     """Not a usage error: the user's own code failed, so its traceback is shown (exit 1)."""
     data = user_file(tmp_path, "failing", "def load():\n    return helper()\n\ndef helper():\n    raise RuntimeError('disk on fire')\n")
     job = job_with(tmp_path, source=f"{data.name}:load")
-    result = run_distrain(["train", str(job), "--run-dir", str(tmp_path / "run")], timeout=110)
+    result = run_distrain(["train", str(job), "--run-dir", str(tmp_path / "run")], timeout=110, forked=True)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback (most recent call last)" in result.stderr
     assert f'File "{data}", line 5, in helper' in result.stderr and "RuntimeError: disk on fire" in result.stderr
@@ -357,7 +357,7 @@ def test_users_exception_during_training_keeps_its_traceback(tmp_path):
 def test_bad_reference_exits_2_from_a_real_process_before_training(tmp_path):
     model = user_file(tmp_path, "notmodel", "def build(input_shape, num_classes):\n    return None\n")
     job = job_with(tmp_path, model=f"{model.name}:build")
-    result = run_distrain(["train", str(job), "--run-dir", str(tmp_path / "run")], timeout=110)
+    result = run_distrain(["train", str(job), "--run-dir", str(tmp_path / "run")], timeout=110, forked=True)
     assert result.returncode == EXIT_USAGE, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         f"distrain: error: model.name: {model}:build: build ({model}:1) returned builtins.NoneType, expected an "

@@ -45,7 +45,8 @@ def npy_env(tmp_path_factory):
 def single_device_run(tmp_path_factory, npy_env):
     tmp = tmp_path_factory.mktemp("single")
     job = write_job(tmp / "job.yaml", JOB.format(per_replica=32, strategy="one_device", cpu_devices=0))
-    result = run_distrain(["train", str(job), "--run-dir", str(tmp / "run")], timeout=300, env=worker_env(**npy_env))
+    result = run_distrain(["train", str(job), "--run-dir", str(tmp / "run")], timeout=300, env=worker_env(**npy_env),
+                          forked=True)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp / "run" / "summary.json").read_text())
     assert (summary["steps"], summary["replicas"], summary["global_batch"]) == (STEPS, 1, 32)
@@ -58,7 +59,8 @@ def single_device_run(tmp_path_factory, npy_env):
 @pytest.mark.timeout(300)
 def test_user_model_and_data_mirrored_two_logical_cpus_equal_one_device(single_device_run, tmp_path, npy_env):
     job = write_job(tmp_path / "job.yaml", JOB.format(per_replica=16, strategy="mirrored", cpu_devices=2))
-    result = run_distrain(["train", str(job), "--run-dir", str(tmp_path / "run")], timeout=300, env=worker_env(**npy_env))
+    result = run_distrain(["train", str(job), "--run-dir", str(tmp_path / "run")], timeout=300,
+                          env=worker_env(**npy_env), forked=True)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["strategy"], summary["replicas"], summary["global_batch"], summary["steps"]) == ("mirrored", 2, 32, STEPS)
@@ -85,7 +87,7 @@ def test_user_model_and_data_two_worker_processes_equal_one_process(single_devic
 def test_resume_finds_the_users_code_through_the_run_dirs_job_yaml(single_device_run, npy_env, tmp_path):
     # From another directory: the run dir's job.yaml names the files absolutely.
     result = run_distrain(["train", "--resume", str(single_device_run)], timeout=180, env=worker_env(**npy_env),
-                          cwd=tmp_path)
+                          cwd=tmp_path, forked=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "run already complete at step 4" in result.stderr
 
@@ -114,7 +116,7 @@ def test_tf_data_source_sharded_by_position_two_workers_equal_one(tmp_path, work
     text = JOB.replace(f"{EXAMPLES / 'npy_folder.py'}:load_data", f"{tmp_path / 'user_digits_ds.py'}:digits").replace(
         ", limit: 256", "")
     one = write_job(tmp_path / "one.yaml", text.format(per_replica=32, strategy="one_device", cpu_devices=0))
-    result = run_distrain(["train", str(one), "--run-dir", str(tmp_path / "one")], timeout=240)
+    result = run_distrain(["train", str(one), "--run-dir", str(tmp_path / "one")], timeout=240, forked=True)
     assert result.returncode == 0, result.stderr[-3000:]
     two = write_job(tmp_path / "two.yaml", text.format(per_replica=16, strategy="multi_worker", cpu_devices=0))
     ports = free_ports(2)

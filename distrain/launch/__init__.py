@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-LAUNCHERS = ("slurm", "ray")
+LAUNCHERS = ("slurm", "ray", "ray_tune")  # ray_tune adds --sweep to the ray sub-command
 
 
 def register_parsers(subparsers) -> None:

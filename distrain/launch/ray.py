@@ -16,6 +16,9 @@ distrain's own backup (``RUN_DIR/backup``) at the exact step; Ray's checkpoints 
 
 Everything that can be checked is checked before Ray starts a worker: the job, the flags, and the
 cluster's CPUs and GPUs against the request (Ray would otherwise wait forever for them).
+
+With ``--sweep``, ``distrain ray`` trains a job's sweep, each trial a Ray Tune trial running this
+same Train run (``launch.ray_tune``, which adds those flags to this command).
 """
 from __future__ import annotations
 
@@ -61,6 +64,9 @@ examples:
   distrain ray jobs/cnn.yaml --workers 4 --gpus-per-worker 1 --max-failures 3 --name cnn-a
       (on a node of the cluster: RAY_ADDRESS or a local head is used)
   rerun with the same --storage-path and --name to continue a stopped run from its backup
+  distrain ray jobs/quickstart.yaml --workers 1 --sweep /shared/sweeps/lr --grid train.learning_rate=0.001,0.01 \\
+      --parallel 2 --scheduler asha
+      (a sweep: each trial a Ray Tune trial of --workers N; exit 1 if a trial failed; docs/ray.md)
 exit codes: 0 done, 1 failed, 2 bad input (nothing started, or no backup that verifies), 74/75/76/77
   as distrain train when the last attempt stopped for that reason (a write failed: disk full;
   preempted; peer lost; NaN loss). Ray restarts a failed attempt (--max-failures) whatever its code
@@ -175,6 +181,13 @@ def trainer_arguments(request: RayRequest, *, keep_checkpoints: Optional[int] = 
     }
 
 
+def workers_fitting(request: RayRequest, node: Mapping[str, float]) -> int:
+    """How many of the request's workers one node holds: a worker's CPUs and GPUs all come from one node."""
+    g, c = request.gpus_per_worker, request.cpus_per_worker
+    by_cpu = math.floor(node.get("CPU", 0) / c + 1e-9)
+    return min(by_cpu, math.floor(node.get("GPU", 0) / g + 1e-9)) if g else by_cpu
+
+
 def check_resources(request: RayRequest, nodes: Sequence[Mapping[str, float]]) -> None:
     """Fails fast when the cluster cannot ever place the workers (Ray would wait for them forever).
 
@@ -197,11 +210,7 @@ def check_resources(request: RayRequest, nodes: Sequence[Mapping[str, float]]) -
         raise UsageError(f"--workers {n} x --cpus-per-worker {c:g} = {n * c:g} CPUs, but the Ray cluster has "
                          f"{cpus:g} (ray.cluster_resources())")
 
-    def fits(node) -> int:  # a worker's CPUs and GPUs must all come from one node
-        by_cpu = math.floor(node.get("CPU", 0) / c + 1e-9)
-        return min(by_cpu, math.floor(node.get("GPU", 0) / g + 1e-9)) if g else by_cpu
-
-    per_node = [fits(node) for node in nodes]
+    per_node = [workers_fitting(request, node) for node in nodes]
     if not any(per_node):
         flag, amount = ("--gpus-per-worker", f"{g} GPU(s) and {c:g} CPU(s)") if g else ("--cpus-per-worker", f"{c:g} CPUs")
         raise UsageError(f"{flag}: no node of the Ray cluster has {amount} for one worker")
@@ -243,7 +252,7 @@ def cmd_ray(args) -> int:
                            storage_path=args.storage_path, name=args.name)
     check_strategy(spec, request)
     kwargs = trainer_arguments(request, keep_checkpoints=spec.checkpoint.keep, env=os.environ, py_modules=list(shipped))
-    ray = _connect(**kwargs["init"])
+    ray = connect(**kwargs["init"])
     check_resources(request, [node["Resources"] for node in ray.nodes() if node.get("Alive")])
 
     import ray.train
@@ -277,7 +286,7 @@ def cmd_ray(args) -> int:
     return EXIT_OK
 
 
-def _connect(runtime_env: Optional[dict] = None):
+def connect(runtime_env: Optional[dict] = None):
     """Imports Ray and joins the cluster: ``RAY_ADDRESS`` (set by ``ray job submit``) or a local head.
 
     ``runtime_env`` (the user's code as ``py_modules``) is merged with the submitted job's."""
@@ -330,11 +339,11 @@ def failure_exit_code(error: BaseException) -> tuple[int, str]:
             return EXIT_USAGE, f"worker {rank}: {exc}"
     for rank in sorted(failures):
         exc = getattr(failures[rank], "_base_exc", failures[rank])
-        return EXIT_FAILED, f"worker {rank}: {type(exc).__name__}: {_last_line(exc)}"
-    return EXIT_FAILED, f"{type(error).__name__}: {_last_line(error)}"
+        return EXIT_FAILED, f"worker {rank}: {type(exc).__name__}: {last_line(exc)}"
+    return EXIT_FAILED, f"{type(error).__name__}: {last_line(error)}"
 
 
-def _last_line(err: BaseException) -> str:
+def last_line(err: BaseException) -> str:
     """The line that names the error: Ray's messages put the traceback first and the exception last."""
     lines = [line for line in str(err).strip().splitlines() if line.strip()]
     return lines[-1][:300] if lines else type(err).__name__

@@ -20,6 +20,13 @@ anything starts), prints where TensorBoard's logs are and how to tunnel to them,
 ``srun ... distrain train``, and turns exit 75 (preempted) and 76 (peer lost) into
 ``scontrol requeue``; exit 74 (a write failed: disk full) it never requeues. See docs/slurm.md.
 
+``--sweep SWEEP_DIR`` renders a job array instead: one array task per trial of the job's sweep
+(``sweeps.plan``: its ``sweep:`` section, ``--grid``, ``--trials``), each a whole run of the layout
+below in ``SWEEP_DIR/trial-NNN``. In the batch script, ``distrain slurm check --sweep --trial
+$SLURM_ARRAY_TASK_ID`` marks the trial running (``sweeps.launched.begin``) or says it is finished
+already, and ``distrain slurm record`` records how it ended (``launched.end``); exit 75 requeues
+that task alone, which resumes its trial from the trial's backup.
+
 Layouts (``--strategy`` or the job's ``distribute.strategy``; ``auto`` is resolved as the run will):
 
 - one node, one task (``mirrored`` over its GPUs, or ``one_device``);
@@ -32,6 +39,8 @@ import argparse
 import os
 import re
 import shlex
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +48,15 @@ from typing import Any, Mapping, Optional, Sequence
 
 from distrain import startup
 from distrain.backends.factory import choose_strategy
-from distrain.errors import EXIT_FAILED, UsageError
+from distrain.errors import EXIT_FAILED, EXIT_USAGE, UsageError
 from distrain.rundir import RunDir, write_atomically
-from distrain.spec import STRATEGIES, load_spec
+from distrain.spec import STRATEGIES, load_spec, spec_to_dict
+from distrain.sweeps import launched
+from distrain.sweeps import state as sweep_state
+from distrain.sweeps.local import add_sweep_args, write_sweep_config
+from distrain.sweeps.plan import Plan, Trial
+from distrain.sweeps.plan import plan as plan_sweep
+from distrain.sweeps.trials import override as set_string
 from distrain.user_code import references
 from distrain.world import World
 
@@ -51,6 +66,7 @@ LAUNCHER = "slurm/distrain-launch.sh"  # relative to the directory sbatch runs i
 CPUS_PER_GPU = 4  # --cpus-per-task default: input pipeline threads per GPU of a task
 MAX_RESTARTS = 3  # requeues after a lost peer (exit 76), counted by SLURM_RESTART_COUNT
 ONE_PROCESS = ("one_device", "mirrored")
+SHOWN_TRIALS = 12  # trials a sweep script's header lists; `distrain validate` lists them all
 
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")  # job names, partitions, accounts: one plain word
@@ -153,6 +169,12 @@ class _Script:
     output: Optional[str]
     command: tuple
     bench: bool = False
+    sweep: Optional[str] = None
+    grid: tuple = ()
+    trials: Optional[int] = None
+    parallel: Optional[int] = None
+    max_array_size: Optional[int] = None
+    plan: Optional[Plan] = None
 
 
 def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: Optional[int] = None,
@@ -160,7 +182,9 @@ def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: O
                   partition: Optional[str] = None, account: Optional[str] = None,
                   strategy: Optional[str] = None, job_name: Optional[str] = None,
                   runs_dir: Optional[str] = None, overrides: Sequence[str] = (), requeue: bool = True,
-                  distrain: str = DEFAULT_DISTRAIN, output: Optional[str] = None, bench: bool = False) -> str:
+                  distrain: str = DEFAULT_DISTRAIN, output: Optional[str] = None, bench: bool = False,
+                  sweep: Optional[str] = None, grid: Sequence[str] = (), trials: Optional[int] = None,
+                  parallel: Optional[int] = None, max_array_size: Optional[int] = None) -> str:
     """The sbatch script that trains JOB with this layout (``distrain slurm render``'s options).
 
     Reads only the job file (validated with its overrides); the result depends on nothing else.
@@ -183,12 +207,19 @@ def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: O
         output: where the script will be (``--output``), for the commands in its header.
         bench: run ``distrain bench JOB`` instead of training (synthetic data, fixed steps, images/s
             and scaling efficiency in the job's output); never requeued.
+        sweep: a job array over the job's sweep instead: array task k trains trial k in
+            ``SWEEP/trial-NNN`` with this layout (relative: to the directory sbatch runs in).
+        grid, trials: ``--grid KEY=A,B`` and ``--trials N``, as ``distrain sweep`` takes them.
+        parallel: ``--array=...%P``: at most P trials at once (default: as many as SLURM schedules).
+        max_array_size: the cluster's ``MaxArraySize`` (array indices are below it); None: not
+            checked, which the header says.
 
     Returns:
         The script's text.
 
     Raises:
-        UsageError: the job is invalid or the request cannot work (one line naming the flag).
+        UsageError: the job is invalid, a trial of its sweep is, or the request cannot work (one line
+            naming the flag, key or trial).
 
     Example:
         >>> print(render_sbatch("jobs/cnn.yaml", nodes=2, gpus_per_node=4))  # doctest: +SKIP
@@ -197,6 +228,8 @@ def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: O
     _check_options(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
                    cpus_per_task=cpus_per_task, time=time, partition=partition, account=account,
                    job_name=job_name, strategy=strategy, distrain=distrain)
+    _check_sweep_options(sweep=sweep, grid=grid, trials=trials, parallel=parallel, bench=bench, runs_dir=runs_dir,
+                         max_array_size=max_array_size)
     run_overrides = [*overrides, *([f"distribute.strategy={strategy}"] if strategy else [])]
     spec = load_spec(job, run_overrides)
     requested = spec.distribute.strategy
@@ -204,6 +237,15 @@ def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: O
     asked = f"--nodes {nodes}" + (f" --tasks-per-node {tasks_per_node}" if tasks_per_node else "")
     resolved = check_layout(requested, nodes=nodes, tasks=nodes * per_node, gpus_per_node=gpus_per_node,
                             source=_strategy_source(job, overrides, strategy), asked=asked)
+    planned = None
+    if sweep is not None:
+        planned = plan_sweep(job, run_overrides, grid=list(grid), trials=trials)
+        for trial in planned.trials:  # a trial may sweep distribute.strategy
+            check_layout(trial.spec.distribute.strategy, nodes=nodes, tasks=nodes * per_node,
+                         gpus_per_node=gpus_per_node,
+                         source=f"{job}: sweep trial {trial.index} ({' '.join(trial.sets)}):"
+                         " distribute.strategy", asked=asked)
+        check_array_size(len(planned.trials), max_array_size)
     if bench:
         requeue = False  # a benchmark that failed is read, not resumed
     if job_name is None and not _NAME.match(spec.name):
@@ -212,19 +254,23 @@ def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: O
     command = _render_command(job, nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
                               cpus_per_task=cpus_per_task, time=time, partition=partition, account=account,
                               strategy=strategy, job_name=job_name, runs_dir=runs_dir, overrides=overrides,
-                              requeue=requeue, distrain=distrain, output=output, bench=bench)
+                              requeue=requeue, distrain=distrain, output=output, bench=bench, sweep=sweep,
+                              grid=grid, trials=trials, parallel=parallel)
     script = _Script(job=job, spec=spec, nodes=nodes, per_node=per_node, gpus_per_node=gpus_per_node,
                      cpus=cpus_per_task or _default_cpus(requested, gpus_per_node, per_node), time=time,
                      partition=partition, account=account, requested=requested, resolved=resolved,
                      name=job_name or (f"{spec.name}-bench" if bench else spec.name), runs_dir=runs_dir,
                      run_overrides=tuple(run_overrides), requeue=requeue, distrain=distrain, output=output,
-                     command=tuple(command), bench=bench)
-    out = [*(_bench_header(script) if bench else _header(script)), *_directives(script), "", *_settings(script)]
+                     command=tuple(command), bench=bench, sweep=sweep, grid=tuple(grid), trials=trials,
+                     parallel=parallel, max_array_size=max_array_size, plan=planned)
+    header = _bench_header(script) if bench else _sweep_header(script) if sweep is not None else _header(script)
+    out = [*header, *_directives(script), "", *_settings(script)]
     return "\n".join(line for line in out if line is not None) + "\n"
 
 
 def _render_command(job: str, *, nodes, gpus_per_node, tasks_per_node, cpus_per_task, time, partition, account,
-                    strategy, job_name, runs_dir, overrides, requeue, distrain, output, bench) -> list:
+                    strategy, job_name, runs_dir, overrides, requeue, distrain, output, bench, sweep=None, grid=(),
+                    trials=None, parallel=None) -> list:
     """The ``distrain slurm render`` command that makes the script, for its header (defaults left out)."""
     command = ["distrain", "slurm", "render", job, "--nodes", str(nodes), "--gpus-per-node", str(gpus_per_node)]
     for flag, value, default in (("--tasks-per-node", tasks_per_node, None), ("--cpus-per-task", cpus_per_task, None),
@@ -235,6 +281,13 @@ def _render_command(job: str, *, nodes, gpus_per_node, tasks_per_node, cpus_per_
             command += [flag, str(value)]
     for override in overrides:
         command += ["--set", override]
+    if sweep is not None:
+        command += ["--sweep", sweep]
+        for flag in grid:
+            command += ["--grid", flag]
+        for flag, value in (("--trials", trials), ("--parallel", parallel)):
+            if value is not None:
+                command += [flag, str(value)]
     if bench:
         command.append("--bench")
     elif not requeue:
@@ -263,6 +316,47 @@ def _check_options(*, nodes, gpus_per_node, tasks_per_node, cpus_per_task, time,
         raise UsageError(f"--strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if not distrain.strip():
         raise UsageError("--distrain: expected the distrain command, got ''")
+
+
+def _check_sweep_options(*, sweep, grid, trials, parallel, bench, runs_dir, max_array_size) -> None:
+    """The flags of a sweep that can be checked without the job file."""
+    if sweep is None:
+        for flag, value in (("--grid", list(grid)), ("--trials", trials), ("--parallel", parallel)):
+            if value not in (None, []):
+                raise UsageError(f"{flag}: only with --sweep SWEEP_DIR (a job array of the job's sweep)")
+        return
+    if not str(sweep).strip():
+        raise UsageError("--sweep: expected the sweep dir, got ''")
+    if bench:
+        raise UsageError("--sweep: not with --bench: a benchmark measures the job's layout on synthetic data, it "
+                         "trains no trials; render one without --sweep")
+    if runs_dir is not None:
+        raise UsageError("--runs-dir: not with --sweep: trial k's run dir is SWEEP_DIR/trial-NNN")
+    _positive(parallel, "--parallel")
+    _positive(max_array_size, "--max-array-size", minimum=0)
+
+
+def check_array_size(trials: int, max_array_size: Optional[int]) -> None:
+    """A job array of ``trials`` tasks (indices 0 to trials-1) fits the cluster's ``MaxArraySize``.
+
+    Pure. SLURM refuses array indices of ``MaxArraySize`` or more (0 disables job arrays).
+
+    Raises:
+        UsageError: one line naming --sweep/--trials, the numbers and how to make them fit.
+    """
+    if max_array_size is None or trials <= max_array_size:
+        return
+    arrays = "job arrays are disabled" if max_array_size == 0 else f"array indices must be below {max_array_size}"
+    raise UsageError(f"--sweep/--trials: {trials} trials need array indices 0-{trials - 1}, but the cluster's "
+                     f"MaxArraySize is {max_array_size} ({arrays}): raise MaxArraySize in slurm.conf "
+                     "(the cluster's admins), or split the sweep into sweep dirs of fewer trials (fewer --grid "
+                     "values or --trials each)")
+
+
+def array_spec(trials: int, parallel: Optional[int]) -> str:
+    """``--array``'s value: every trial's index, at most ``parallel`` at once (``0-7%2``)."""
+    indices = "0" if trials == 1 else f"0-{trials - 1}"
+    return indices + (f"%{parallel}" if parallel else "")
 
 
 def _default_cpus(requested: str, gpus_per_node: int, per_node: int) -> int:
@@ -359,10 +453,61 @@ def _bench_header(s: _Script) -> list:
     ]
 
 
+def _sweep_header(s: _Script) -> list:
+    """The comment at the top of a ``--sweep`` script: the trials, and how to submit, resubmit and
+    compare them."""
+    me = _q(s.output) if s.output else "SCRIPT"
+    sweep = _q(s.sweep)
+    trials = s.plan.trials
+    n = len(trials)
+    at_once = f"{s.parallel} at once" if s.parallel else "as many at once as SLURM schedules"
+    gpus = f"{s.gpus_per_node} GPU{'s' if s.gpus_per_node > 1 else ''} per node" if s.gpus_per_node else "CPU only"
+    flags = [*(a for g in s.grid for a in ("--grid", g)), *(["--trials", str(s.trials)] if s.trials else [])]
+    local = shlex.join(["distrain", "sweep", s.job, "--run-dir", s.sweep,
+                        *(a for o in s.run_overrides for a in ("--set", o)), *flags])
+    if s.max_array_size is None:
+        limit = (f"# MaxArraySize: not checked (no cluster to ask when rendered); {n} trials need it above {n - 1}: "
+                 "scontrol show config | grep MaxArraySize")
+    else:
+        limit = f"# MaxArraySize: {s.max_array_size}; {n} trials (array indices 0-{n - 1}) fit."
+    yours = [f"#   your code, imported on every node: {key} {ref}" for key, ref in references(s.spec).items()]
+    return [
+        "#!/bin/bash",
+        f"# {s.name}: a sweep of {s.job} on SLURM, {_plural(n, 'trial')} as a job array ({at_once}); each trial "
+        f"{_plural(s.nodes, 'node')} x {_plural(s.per_node, 'task')}, {gpus}, strategy {s.resolved}"
+        f"{' (auto)' if s.requested == 'auto' else ''}, precision {s.spec.train.precision}"
+        f"{', XLA' if s.spec.train.jit_compile else ''}.",
+        *[f"#   {line}" for line in _description(Path(s.job))],
+        *yours,
+        f"#   Compared on {s.plan.metric} ({s.plan.mode}); array task k trains trial k:",
+        *[f"#     {t.name}  {' '.join(t.sets)}" for t in trials[:SHOWN_TRIALS]],
+        f"#     ... {n - SHOWN_TRIALS} more: distrain validate lists them all" if n > SHOWN_TRIALS else None,
+        "#",
+        f"# Sweep dir: {sweep}: sweep.yaml (every trial's state and result) and trial-NNN/, an ordinary run dir",
+        "# per trial. Run from the directory the sweep dir is relative to (every node must see the checkout,",
+        f"# the job file and the sweep dir at the same paths){'' if s.output else ', SCRIPT being this file'}:",
+        _row(f"sbatch {me}", f"every trial, {at_once}"),
+        _row(f"sbatch --array=1,3 {me}", "only trials 1 and 3"),
+        _row(f"sbatch {me}", "again: trains nothing finished; stopped trials resume"),
+        _row(f"DISTRAIN=$PWD/.venv/bin/distrain sbatch {me}", "a distrain not on PATH"),
+        _row(f"distrain report {sweep}", f"the trials ranked by {s.plan.metric}"),
+        f"#   {local}",
+        "#     the same trials one after another on one machine, no SLURM (the same sweep dir)",
+        "# Output: slurm-<job name>-<array job id>_<trial>.out for each trial. A task whose trial is finished",
+        "# already says so and exits 0. Exit 75 (preempted) and 76 (peer lost) requeue that task alone: it",
+        "# resumes its trial from the trial's backup (docs/slurm.md#sweeps-job-arrays).",
+        limit,
+        "#",
+        f"# Generated by: {shlex.join(s.command)}",
+        f"# Edit the #SBATCH lines freely; --array must stay within 0-{n - 1}, the trials of SET, GRID and TRIALS.",
+    ]
+
+
 def _directives(s: _Script) -> list:
     """The ``#SBATCH`` lines."""
     return [
         f"#SBATCH --job-name={s.name}",
+        f"#SBATCH --array={array_spec(len(s.plan.trials), s.parallel)}" if s.plan else None,
         f"#SBATCH --nodes={s.nodes}",
         f"#SBATCH --ntasks-per-node={s.per_node}",
         f"#SBATCH --gres=gpu:{s.gpus_per_node}" if s.gpus_per_node else None,
@@ -370,7 +515,7 @@ def _directives(s: _Script) -> list:
         f"#SBATCH --time={s.time}",
         f"#SBATCH --partition={s.partition}" if s.partition else "##SBATCH --partition=PARTITION",
         f"#SBATCH --account={s.account}" if s.account else "##SBATCH --account=ACCOUNT",
-        "#SBATCH --output=slurm-%x-%j.out",
+        "#SBATCH --output=slurm-%x-%A_%a.out" if s.plan else "#SBATCH --output=slurm-%x-%j.out",
         "#SBATCH --open-mode=append",
         "#SBATCH --requeue" if s.requeue else "#SBATCH --no-requeue",
         "#SBATCH --signal=USR1@90",
@@ -385,10 +530,12 @@ def _settings(s: _Script) -> list:
         f"JOB={_q(s.job)}",
         f"SET=({' '.join(_q(o) for o in s.run_overrides)})" if s.run_overrides else
         "SET=()  # --set overrides for every run, e.g. SET=(train.epochs=3 data.batch_size_per_replica=128)",
-        f"RUNS_DIR={_q(s.runs_dir or s.spec.output_dir)}  # the run dir: RUNS_DIR/<job name>/"
-        f"{'bench-' if s.bench else ''}slurm-$SLURM_JOB_ID",
+        *(_sweep_settings(s) if s.plan else
+          [f"RUNS_DIR={_q(s.runs_dir or s.spec.output_dir)}  # the run dir: RUNS_DIR/<job name>/"
+           f"{'bench-' if s.bench else ''}slurm-$SLURM_JOB_ID"]),
         f"DISTRAIN=${{DISTRAIN:-{_q(s.distrain)}}}  # the distrain command on every node",
-        f"REQUEUE={1 if s.requeue else 0}  # 1: exit 75 (preempted) and 76 (peer lost) requeue the job",
+        f"REQUEUE={1 if s.requeue else 0}  # 1: exit 75 (preempted) and 76 (peer lost) requeue the "
+        f"{'array task' if s.plan else 'job'}",
         f"MAX_RESTARTS={MAX_RESTARTS}  # after a lost peer, requeue only while SLURM_RESTART_COUNT is below this",
         "SRUN_ARGS=()  # more srun options, e.g. (--mpi=pmix) for an MPI build of Horovod",
         *(["MODE=bench  # distrain bench instead of distrain train",
@@ -411,6 +558,18 @@ def _settings(s: _Script) -> list:
         ' $PWD/slurm); set DISTRAIN_LAUNCH=/path/to/distrain/slurm/distrain-launch.sh" >&2; exit 2; }',
         f"# shellcheck source={LAUNCHER}",
         'source "$launch"',
+    ]
+
+
+def _sweep_settings(s: _Script) -> list:
+    """``SWEEP``, ``GRID`` and ``TRIALS``: with ``JOB`` and ``SET``, the sweep the array's tasks plan."""
+    return [
+        f"SWEEP={_q(s.sweep)}  # the sweep dir: array task k trains trial k in SWEEP/trial-NNN",
+        # Quoted always (a word shlex leaves bare has only safe characters: repr quotes it): bare,
+        # shellcheck takes key=a,b in an array for a mistyped list (SC2054).
+        f"GRID=({' '.join(_q(g) if _q(g) != g else repr(g) for g in s.grid)})  # --grid flags"
+        if s.grid else "GRID=()  # --grid flags: none",
+        f"TRIALS={s.trials if s.trials else ''}  # --trials (empty: the job's sweep.random.trials)",
     ]
 
 
@@ -464,19 +623,104 @@ def check_allocation(job: str, *, nodes: int, tasks: int, gpus_per_node: int,
     return info
 
 
+# ---------------------------------------------------------------------------------------------
+# Sweeps: an array task's trial
+
+
+def trial_sets(sweep: Plan, trial: Trial, *, section: bool) -> list[str]:
+    """The ``--set`` overrides after the job's own that make ``distrain train JOB`` train exactly
+    ``trial.spec``: the sweep section in effect when ``--grid``/``--trials`` changed the job's
+    (``section``; the run logs the swept keys as hparams from it), then the trial's overrides."""
+    return [*([set_string("sweep", spec_to_dict(sweep.spec)["sweep"])] if section else []), *trial.sets]
+
+
+def check_trial(job: str, *, nodes: int, tasks: int, gpus_per_node: int, sweep_dir: str, trial: int,
+                overrides: Sequence[str] = (), grid: Sequence[str] = (), trials: Optional[int] = None) -> dict:
+    """What an array task's batch script needs before ``srun``: the sweep planned (every trial
+    valid), trial ``trial`` fits the allocation and is marked running (``launched.begin``), its
+    data and model pass the checks every task makes at start; or the trial needs no training.
+
+    Args:
+        sweep_dir: the script's ``SWEEP``; the trial's run dir is ``SWEEP/trial-NNN`` (absolute).
+        trial: the array task's ``SLURM_ARRAY_TASK_ID``.
+        overrides, grid, trials: the script's ``SET``, ``GRID`` and ``TRIALS``.
+
+    Returns:
+        ``check_allocation``'s keys with ``run_dir``, and ``trial`` (its name and overrides, to
+        print), ``set`` (``trial_sets``: the ``--set`` values of its ``distrain train``) and, when
+        there is nothing to train, ``done`` (why: ``trial-002 finished already (val_accuracy 0.9132)``).
+
+    Raises:
+        UsageError: the sweep or the trial is invalid, no such trial, the sweep dir holds a run or
+            another sweep, or the trial cannot run on this allocation (then it is recorded failed).
+    """
+    sweep = plan_sweep(job, overrides, grid=list(grid), trials=trials)
+    count = len(sweep.trials)
+    if not 0 <= trial < count:
+        raise UsageError(f"--trial {trial}: the sweep has {_plural(count, 'trial')}, 0 to {count - 1}: its "
+                         f"array is --array=0-{count - 1}")
+    chosen = sweep.trials[trial]
+    asked = f"the allocation (SLURM_NTASKS={tasks}, SLURM_JOB_NUM_NODES={nodes})"
+    strategy = check_layout(chosen.spec.distribute.strategy, nodes=nodes, tasks=tasks, gpus_per_node=gpus_per_node,
+                            source=_strategy_source(job, [*overrides, *chosen.sets]), asked=asked)
+    root = Path(os.path.abspath(sweep_dir))
+    started = launched.begin(sweep, root, trial)
+    info = {"name": chosen.spec.name, "strategy": strategy, "tensorboard": str(chosen.spec.logging.tensorboard).lower(),
+            "run_dir": str(started.run_dir), "trial": f"{chosen.name} {' '.join(chosen.sets)}".rstrip(),
+            "set": trial_sets(sweep, chosen, section=bool(grid) or trials is not None)}
+    if started.done:
+        return {**info, "done": started.done}
+    try:
+        startup.preflight(chosen.spec, pipelines=tasks)
+    except UsageError:
+        launched.end(root, trial, EXIT_USAGE)
+        raise
+    if sweep.spec.logging.tensorboard:
+        with sweep_state.locked(root):  # the first task of the array writes it, once
+            write_sweep_config(root / RunDir.TENSORBOARD, sweep)
+    return info
+
+
+def ended_line(record: sweep_state.TrialRecord, metric: str) -> str:
+    """``trial-001 finished (val_accuracy 0.9132)``, ``trial-001 stopped: preempted (exit 75); ...``."""
+    if record.state == sweep_state.FINISHED:
+        return f"{record.name} finished ({metric} {'-' if record.result is None else f'{record.result:.4f}'})"
+    return f"{record.name} {record.state}: {record.error}"
+
+
+def parse_max_array_size(config: str) -> Optional[int]:
+    """``MaxArraySize`` from ``scontrol show config``'s output (None: not in it)."""
+    found = re.search(r"^MaxArraySize\s*=\s*(\d+)\s*$", config, re.MULTILINE)
+    return int(found.group(1)) if found else None
+
+
+def cluster_max_array_size(timeout: float = 20) -> Optional[int]:
+    """The ``MaxArraySize`` of the cluster ``scontrol`` reaches (None: no scontrol here, or no
+    cluster answers it)."""
+    if shutil.which("scontrol") is None:
+        return None
+    try:
+        done = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_max_array_size(done.stdout) if done.returncode == 0 else None
+
+
 EPILOG = """\
 examples:
   distrain slurm render jobs/mobilenet.yaml --nodes 1 --gpus-per-node 4 > mobilenet.sh
   distrain slurm render jobs/cnn.yaml --nodes 4 --gpus-per-node 2 --time 04:00:00 --partition gpu
   distrain slurm render jobs/mobilenet.yaml --nodes 2 --gpus-per-node 4 --strategy horovod
   distrain slurm render jobs/quickstart.yaml --nodes 1 --gpus-per-node 0 --tasks-per-node 2   (CPU)
+  distrain slurm render jobs/examples/mobilenet_sweep.yaml --nodes 1 --gpus-per-node 4 \\
+      --sweep runs/mobilenet-sweep --parallel 2     (a job array: one task per trial of the job's sweep)
 then: sbatch mobilenet.sh (from the distrain checkout; see docs/slurm.md)
 exit codes: 0 rendered, 1 --check found FILE out of date, 2 an invalid job or an impossible request (one line)
 """
 
 
 def add_parser(subparsers) -> None:
-    """Registers ``distrain slurm render`` and ``distrain slurm check``."""
+    """Registers ``distrain slurm render``, ``distrain slurm check`` and ``distrain slurm record``."""
     p = subparsers.add_parser("slurm", help="sbatch scripts for a job (render)",
                               description="SLURM launch: render an sbatch script for a job.")
     sub = p.add_subparsers(dest="slurm_command", required=True, metavar="SUBCOMMAND")
@@ -506,12 +750,24 @@ def add_parser(subparsers) -> None:
                         "efficiency on synthetic data) instead of training; never requeued")
     r.add_argument("--distrain", default=DEFAULT_DISTRAIN, metavar="COMMAND",
                    help="the distrain command on the nodes, e.g. /path/.venv/bin/distrain (default: distrain)")
+    r.add_argument("--sweep", metavar="SWEEP_DIR",
+                   help="a job array over the job's sweep: task k trains trial k in SWEEP_DIR/trial-NNN with this "
+                        "layout (relative: to where sbatch runs); submit it again to resume (docs/slurm.md)")
+    add_sweep_args(r)
+    r.add_argument("--parallel", type=int, metavar="P", help="with --sweep: at most P trials at once (--array=...%%P)")
+    r.add_argument("--max-array-size", type=int, metavar="N",
+                   help="with --sweep: the cluster's MaxArraySize (default: from `scontrol show config` when it "
+                        "answers)")
     r.add_argument("--output", metavar="FILE",
                    help="write the script to FILE (named in its header) instead of printing it")
     r.add_argument("--check", action="store_true",
                    help="with --output: write nothing, exit 1 if FILE is not this render (stale)")
     r.set_defaults(handler=cmd_render)
+    _add_launcher_parsers(sub)
 
+
+def _add_launcher_parsers(sub) -> None:
+    """``distrain slurm check`` and ``distrain slurm record``: what ``slurm/distrain-launch.sh`` runs."""
     c = sub.add_parser("check", help="(used by slurm/distrain-launch.sh) check a job against the allocation",
                        description="Check JOB and its overrides against a SLURM allocation; print "
                                    "name=, strategy=, tensorboard= (and with --runs-dir, run_dir=) lines. Exit 2 with "
@@ -523,22 +779,46 @@ def add_parser(subparsers) -> None:
     c.add_argument("--tasks", type=int, required=True)
     c.add_argument("--gpus-per-node", type=int, default=0)
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    c.add_argument("--sweep", metavar="SWEEP_DIR", help="the script's SWEEP: check trial --trial of the sweep, mark it "
+                                                         "running and print its run_dir=, set= (and done=) lines")
+    c.add_argument("--trial", type=int, metavar="K", help="with --sweep: the trial ($SLURM_ARRAY_TASK_ID)")
+    add_sweep_args(c)
     c.set_defaults(handler=cmd_check)
 
+    d = sub.add_parser("record", help="(used by slurm/distrain-launch.sh) record how an array task's trial ended",
+                       description="Record in SWEEP_DIR/sweep.yaml how trial K ended, from its training's exit code "
+                                   "and its summary.json; print one line.")
+    d.add_argument("sweep", metavar="SWEEP_DIR")
+    d.add_argument("--trial", type=int, required=True, metavar="K")
+    d.add_argument("--exit-code", type=int, required=True, metavar="RC", help="srun's exit code")
+    d.set_defaults(handler=cmd_record)
 
-def render_from_args(args: argparse.Namespace) -> str:
-    """``render_sbatch`` called with the parsed options of ``distrain slurm render``."""
+
+def render_from_args(args: argparse.Namespace, max_array_size: Optional[int] = None) -> str:
+    """``render_sbatch`` called with the parsed options of ``distrain slurm render`` (``max_array_size``:
+    the cluster's, when ``--max-array-size`` does not give it)."""
+    if args.max_array_size is not None:
+        max_array_size = args.max_array_size
     return render_sbatch(args.job, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                          tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, time=args.time,
                          partition=args.partition, account=args.account, strategy=args.strategy,
                          job_name=args.job_name, runs_dir=args.runs_dir, overrides=args.overrides,
-                         requeue=args.requeue, distrain=args.distrain, output=args.output, bench=args.bench)
+                         requeue=args.requeue, distrain=args.distrain, output=args.output, bench=args.bench,
+                         sweep=args.sweep, grid=args.grid, trials=args.trials, parallel=args.parallel,
+                         max_array_size=max_array_size)
 
 
 def cmd_render(args) -> int:
     if args.check and args.output is None:
         raise UsageError("--check: compares with the file of --output; give --output FILE")
-    text = render_from_args(args)
+    if args.max_array_size is not None and args.sweep is None:
+        raise UsageError("--max-array-size: only with --sweep SWEEP_DIR")
+    asked = args.sweep is not None and args.max_array_size is None
+    text = render_from_args(args, max_array_size=cluster_max_array_size() if asked else None)
+    if args.sweep is not None:  # what the array's tasks would refuse, refused before it is submitted
+        overrides = [*args.overrides, *([f"distribute.strategy={args.strategy}"] if args.strategy else [])]
+        planned = plan_sweep(args.job, overrides, grid=args.grid, trials=args.trials)
+        sweep_state.check_sweep_dir(Path(args.sweep), planned, flag="--sweep")
     if args.output is None:
         print(text, end="")
         return 0
@@ -556,7 +836,27 @@ def cmd_render(args) -> int:
 
 
 def cmd_check(args) -> int:
-    info = check_allocation(args.job, nodes=args.nodes, tasks=args.tasks, gpus_per_node=args.gpus_per_node,
-                            overrides=args.overrides, runs_dir=args.runs_dir, bench=args.bench)
-    print("\n".join(f"{k}={v}" for k, v in info.items()))
+    if args.sweep is None:
+        for flag, value in (("--trial", args.trial), ("--grid", args.grid or None), ("--trials", args.trials)):
+            if value is not None:
+                raise UsageError(f"{flag}: only with --sweep SWEEP_DIR")
+        info = check_allocation(args.job, nodes=args.nodes, tasks=args.tasks, gpus_per_node=args.gpus_per_node,
+                                overrides=args.overrides, runs_dir=args.runs_dir, bench=args.bench)
+    else:
+        for flag, value in (("--runs-dir", args.runs_dir), ("--bench", args.bench or None)):
+            if value is not None:
+                raise UsageError(f"{flag}: not with --sweep: trial k's run dir is SWEEP_DIR/trial-NNN")
+        if args.trial is None:
+            raise UsageError("--sweep: give the trial, --trial $SLURM_ARRAY_TASK_ID")
+        info = check_trial(args.job, nodes=args.nodes, tasks=args.tasks, gpus_per_node=args.gpus_per_node,
+                           sweep_dir=args.sweep, trial=args.trial, overrides=args.overrides, grid=args.grid,
+                           trials=args.trials)
+    print("\n".join(f"{key}={v}" for key, value in info.items()
+                    for v in (value if isinstance(value, list) else [value])))
+    return 0
+
+
+def cmd_record(args) -> int:
+    record = launched.end(Path(args.sweep), args.trial, args.exit_code)
+    print(ended_line(record, sweep_state.load(Path(args.sweep)).metric))
     return 0

@@ -212,8 +212,6 @@ def add_parser(subparsers) -> None:
 
 def cmd_sweep(args) -> int:
     """``distrain sweep``: every trial checked, then trained; exit 1 if a trial failed."""
-    if args.run_dir.exists() and not args.run_dir.is_dir():
-        raise UsageError(f"--run-dir: {args.run_dir} is a file")
     sweep = plan(args.job, args.overrides, grid=args.grid, trials=args.trials)
     done = run(sweep, args.run_dir)
     # A NaN loss is a trial's result (its learning rate diverges), not a failure of the sweep.

@@ -9,9 +9,15 @@ Layout::
     SWEEP_DIR/tensorboard/    the sweep's HParams experiment config (the swept keys, its metric)
 
 A trial is ``pending`` (not started), ``running``, ``finished`` (its result recorded),
-``stopped`` (preempted, interrupted or killed: run the sweep again to resume it from its backup)
-or ``failed`` (an error; a NaN loss is its result and is not tried again). ``running`` found by a
-later run of the sweep means the process died: the trial resumes like a stopped one.
+``pruned`` (stopped early by a scheduler, Ray Tune's ASHA: its result is the metric at its last
+epoch, and it is not trained again), ``stopped`` (preempted, interrupted or killed: run the sweep
+again to resume it from its backup) or ``failed`` (an error; a NaN loss is its result and is not
+tried again). ``running`` found by a later run of the sweep means the process died: the trial
+resumes like a stopped one.
+
+Several processes may write one ``sweep.yaml`` at once (the tasks of a SLURM job array, each
+recording its own trial): every change is a read-modify-write under an exclusive ``flock`` of
+``SWEEP_DIR/.sweep.lock`` (``locked``), so no task's record overwrites another's.
 
 Running a sweep in a dir that holds one checks that it is the same sweep, trial by trial: the
 same overrides and the same job (its fingerprint: the resolved job without the keys that do not
@@ -21,12 +27,14 @@ finished is trained again or overwritten.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import yaml
 
@@ -37,8 +45,9 @@ from distrain.sweeps.plan import Plan, trial_name
 from distrain.sweeps.trials import format_value, override
 
 SWEEP_FILE = "sweep.yaml"
-PENDING, RUNNING, FINISHED, STOPPED, FAILED = "pending", "running", "finished", "stopped", "failed"
-STATES = (PENDING, RUNNING, FINISHED, STOPPED, FAILED)
+LOCK_FILE = ".sweep.lock"
+PENDING, RUNNING, FINISHED, PRUNED, STOPPED, FAILED = "pending", "running", "finished", "pruned", "stopped", "failed"
+STATES = (PENDING, RUNNING, FINISHED, PRUNED, STOPPED, FAILED)
 # Keys of a trial's job that do not change what it trains: left out of its fingerprint.
 UNTRAINED_KEYS = ("sweep", "logging", "output_dir")
 HEADER = "# A distrain sweep (docs/sweeps.md): every trial-NNN/ here is a run dir. Written by distrain sweep.\n"
@@ -52,6 +61,20 @@ def trial_dir(root: Path, index: int) -> Path:
 def is_sweep_dir(path: Path) -> bool:
     """Whether ``path`` holds a sweep (its ``sweep.yaml``)."""
     return (Path(path) / SWEEP_FILE).is_file()
+
+
+@contextlib.contextmanager
+def locked(root: Path) -> Iterator[None]:
+    """Within it, this process alone reads and writes ``root``'s ``sweep.yaml`` (an exclusive
+    ``flock`` of ``SWEEP_DIR/.sweep.lock``; it holds on NFS v4 and Lustre, where job arrays write)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def fingerprint(spec: JobSpec) -> str:
@@ -92,8 +115,9 @@ class TrialRecord:
 
     @property
     def to_run(self) -> bool:
-        """Whether a run of the sweep trains it (again): all but finished trials and NaN losses."""
-        return self.state != FINISHED and not (self.state == FAILED and self.exit_code == EXIT_NAN)
+        """Whether a run of the sweep trains it (again): all but finished and pruned trials and NaN
+        losses."""
+        return self.state not in (FINISHED, PRUNED) and not (self.state == FAILED and self.exit_code == EXIT_NAN)
 
 
 @dataclass
@@ -123,10 +147,15 @@ class SweepState:
 
     def update(self, index: int, state: str, *, result: Optional[float] = None, error: Optional[str] = None,
                exit_code: Optional[int] = None) -> TrialRecord:
-        """Sets trial ``index``'s state (and result or error) and saves."""
-        record = dataclasses.replace(self.trials[index], state=state, result=result, error=error, exit_code=exit_code)
-        self.trials[index] = record
-        self.save()
+        """Sets trial ``index``'s state (and result or error) and saves, under the sweep's lock: the
+        other trials' records are read again first, as other processes may have changed them."""
+        with locked(self.root):
+            if self.path.is_file():
+                self.trials = load(self.root).trials
+            record = dataclasses.replace(self.trials[index], state=state, result=result, error=error,
+                                         exit_code=exit_code)
+            self.trials[index] = record
+            self.save()
         return record
 
     def count(self, state: str) -> int:
@@ -161,34 +190,61 @@ def load(root: Path) -> SweepState:
                          "restore it, or run the sweep in a new dir") from None
 
 
-def open_sweep(root: Path, plan: Plan) -> SweepState:
+def check_sweep_dir(root: Path, plan: Plan, *, flag: str = "--run-dir") -> Optional[SweepState]:
+    """Reading only, refuses a sweep dir ``open_sweep`` would refuse (a file, a run, trial dirs
+    without a ``sweep.yaml``, another sweep), so a launcher can refuse it before submitting.
+
+    Args:
+        flag: the option that named ``root``, for messages (``--sweep`` for the launchers).
+
+    Returns:
+        The state found there (None: no sweep ran there yet).
+
+    Raises:
+        UsageError: one line naming ``flag`` or the ``sweep.yaml``.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{flag}: {root} is a file")
+    if not is_sweep_dir(root):
+        if RunDir(root).is_started():
+            raise UsageError(f"{flag}: {root} holds a run, not a sweep: give a new directory for the sweep")
+        strays = sorted(p.name for p in root.glob("trial-*") if re.fullmatch(r"trial-\d{3,}", p.name))
+        if strays:
+            raise UsageError(f"{flag}: {root} holds trial dirs ({', '.join(strays[:3])}) but no {SWEEP_FILE}: "
+                             "restore it, or give a new directory for the sweep")
+        return None
+    found = load(root)
+    why = difference(found, new_state(root, plan), {t.index: t.spec for t in plan.trials})
+    if why:
+        raise UsageError(f"{found.path}: another sweep ran here ({why}); give a new {flag}, or run that sweep "
+                         "as it was")
+    return found
+
+
+def open_sweep(root: Path, plan: Plan, *, flag: str = "--run-dir") -> SweepState:
     """The sweep's state in ``root``: new (saved, every trial pending), or the one a run of the
     same sweep left there, with the trials ``plan`` adds after it.
 
+    Args:
+        flag: the option that named ``root``, for messages (``--sweep`` for the launchers).
+
     Raises:
-        UsageError: ``root`` holds a run, trial dirs without a ``sweep.yaml``, or another sweep.
+        UsageError: ``root`` is refused by ``check_sweep_dir``.
     """
     root = Path(root)
-    wanted = new_state(root, plan)
     if not is_sweep_dir(root):
-        if RunDir(root).is_started():
-            raise UsageError(f"--run-dir: {root} holds a run, not a sweep: give a new directory for the sweep")
-        strays = sorted(p.name for p in root.glob("trial-*") if re.fullmatch(r"trial-\d{3,}", p.name))
-        if strays:
-            raise UsageError(f"--run-dir: {root} holds trial dirs ({', '.join(strays[:3])}) but no {SWEEP_FILE}: "
-                             "restore it, or give a new directory for the sweep")
-        root.mkdir(parents=True, exist_ok=True)
-        wanted.save()
-        return wanted
-    found = load(root)
-    why = difference(found, wanted, {t.index: t.spec for t in plan.trials})
-    if why:
-        raise UsageError(f"{found.path}: another sweep ran here ({why}); give a new --run-dir, or run that sweep as "
-                         "it was")
-    if len(wanted.trials) > len(found.trials) or found.job != wanted.job:  # else sweep.yaml stays as it is
-        found.job, found.trials = wanted.job, found.trials + wanted.trials[len(found.trials):]
-        found.save()
-    return found
+        check_sweep_dir(root, plan, flag=flag)  # refused before the lock, which would leave its file there
+    with locked(root):
+        found = check_sweep_dir(root, plan, flag=flag)
+        wanted = new_state(root, plan)
+        if found is None:
+            wanted.save()
+            return wanted
+        if len(wanted.trials) > len(found.trials) or found.job != wanted.job:  # else sweep.yaml stays as it is
+            found.job, found.trials = wanted.job, found.trials + wanted.trials[len(found.trials):]
+            found.save()
+        return found
 
 
 def difference(found: SweepState, wanted: SweepState, specs: dict) -> Optional[str]:
@@ -234,5 +290,5 @@ def _first_difference(a: Any, b: Any, path: str) -> Optional[str]:
 
 def describe(state: SweepState) -> str:
     """``4 trials: 3 finished, 1 stopped``."""
-    counts = [f"{state.count(s)} {s}" for s in (FINISHED, RUNNING, STOPPED, FAILED, PENDING) if state.count(s)]
+    counts = [f"{state.count(s)} {s}" for s in (FINISHED, PRUNED, RUNNING, STOPPED, FAILED, PENDING) if state.count(s)]
     return f"{len(state.trials)} trial(s): {', '.join(counts)}"
