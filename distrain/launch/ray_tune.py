@@ -20,7 +20,7 @@ metric at epochs ``grace × factor^k`` and stops the poor ones: Tune ends such a
 at its last reported epoch (``Recorder``). A pruned trial is not trained again.
 
 Tune's own files go to ``SWEEP_DIR/ray-tune/run-<time>/`` (one experiment per run of the
-sweep; Ray Train's per trial in its ``train/trial-NNN``). Everything that can be checked is
+sweep; Ray Train's per trial in its ``ray-train/trial-NNN``). Everything that can be checked is
 checked before Tune starts, as for ``distrain ray``.
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from distrain.errors import EXIT_FAILED, EXIT_NAN, EXIT_OK, UsageError
 from distrain.launch import ray as ray_launch
+from distrain.rundir import RunDir
 from distrain.spec import spec_to_dict
 from distrain.sweeps import launched
 from distrain.sweeps import state as sweep_state
@@ -44,6 +45,7 @@ from distrain.sweeps.plan import Plan, plan, trial_name
 from distrain.user_code import code_to_ship
 
 TUNE_DIR = "ray-tune"  # SWEEP_DIR/ray-tune/run-<time>: one Tune experiment per run of the sweep
+TRAIN_DIR = "ray-train"  # .../run-<time>/ray-train/trial-NNN: Ray Train's storage for a trial (pointers)
 SCHEDULERS = ("none", "asha")
 DEFAULT_GRACE_EPOCHS = 1
 DEFAULT_REDUCTION_FACTOR = 2.0
@@ -455,7 +457,7 @@ def cmd_ray_sweep(args) -> int:
     if note:
         print(f"distrain ray: {note}", file=sys.stderr, flush=True)
     if sweep.spec.logging.tensorboard:
-        write_sweep_config(root / "tensorboard", sweep)
+        write_sweep_config(root / RunDir.TENSORBOARD, sweep)
     tuner, line = make_tuner(request, sweep, workers, todo, at_once, shipped)
     print(f"distrain ray: {state.path}: {sweep_state.describe(state)}; {len(todo)} to run as Ray Tune trials, "
           f"{at_once} at once, {workers.workers} worker(s) each, {line}", file=sys.stderr, flush=True)
@@ -475,7 +477,7 @@ def make_tuner(request: TuneRequest, sweep: Plan, workers: ray_launch.RayRequest
     arguments = scheduler_arguments(request, sweep.metric, sweep.mode, epochs)
     scheduler = asha_scheduler(arguments) if arguments else None
     experiment = f"run-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    settings = {"root": str(request.sweep_dir), "train_storage": str(request.tune_storage / experiment / "train"),
+    settings = {"root": str(request.sweep_dir), "train_storage": str(request.tune_storage / experiment / TRAIN_DIR),
                 "env": {k: v for k, v in os.environ.items() if k == "TF_CPP_MIN_LOG_LEVEL"},
                 "train_env": train_settings(os.environ),
                 "shipped": {path: name for path, name in shipped.items() if path.endswith(".py")},
