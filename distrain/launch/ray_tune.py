@@ -215,8 +215,11 @@ def prune(root: Path, index: int, value: Optional[float], epoch: Optional[int]) 
     it recorded its own end first (it finished just as it was stopped). Returns the new record,
     or None when it was left as it was."""
     at = f" at epoch {epoch}" if epoch is not None else ""
+    # Tune's stop may reach the trial's Train run first, which then ends it as failed: ASHA's
+    # decision stands over that record (only a trial that finished keeps its own).
     return _end_if_running(root, index, state=sweep_state.PRUNED, result=value, exit_code=None,
-                           error=f"stopped by ASHA{at}: behind the trials that reached that epoch before it")
+                           error=f"stopped by ASHA{at}: behind the trials that reached that epoch before it",
+                           unless=(sweep_state.FINISHED,))
 
 
 def lost(root: Path, index: int, why: str) -> Optional[sweep_state.TrialRecord]:
@@ -225,12 +228,15 @@ def lost(root: Path, index: int, why: str) -> Optional[sweep_state.TrialRecord]:
     return _end_if_running(root, index, state=sweep_state.STOPPED, result=None, exit_code=EXIT_FAILED, error=why)
 
 
-def _end_if_running(root: Path, index: int, **fields) -> Optional[sweep_state.TrialRecord]:
-    """Sets fields of trial ``index``'s record if it is still ``running`` (checked and written under
-    the sweep's lock, so a trial's own ``launched.end`` is never overwritten)."""
+def _end_if_running(root: Path, index: int, unless: Optional[Sequence[str]] = None,
+                    **fields) -> Optional[sweep_state.TrialRecord]:
+    """Sets fields of trial ``index``'s record if it is still ``running`` (or, given ``unless``, in
+    none of those states); checked and written under the sweep's lock, so a trial's own
+    ``launched.end`` is not overwritten by a guess."""
     with sweep_state.locked(root):
         state = sweep_state.load(root)
-        if state.trials[index].state != sweep_state.RUNNING:
+        current = state.trials[index].state
+        if (current in unless) if unless is not None else (current != sweep_state.RUNNING):
             return None
         state.trials[index] = dataclasses.replace(state.trials[index], **fields)
         state.save()
