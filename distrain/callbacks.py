@@ -9,14 +9,21 @@ Keras calls callbacks in list order for every hook, so ``build_callbacks`` fixes
    workers at the epoch's end and at TensorBoard's step points; then, under mixed_float16,
    ``lossscale.LossScaleLogs`` (the loss scale and the skipped steps).
 2. ``EarlyStopping`` (if asked for) decides from the metrics in the logs.
-3. ``BackupEvery`` and ``Checkpoints`` save (every worker calls; only the chief's files stay).
+3. ``Checkpoints`` save the user's checkpoints (every worker calls; only the chief's files stay).
 4. ``HistoryFiles`` (history.json, history.csv), ``StepLog`` (a line in the run's log every
    ``logging.update_every_steps``) and TensorBoard: chief only.
-5. Extra callbacks (Ray's reporting, a user's): after the files above, so an epoch they hear of
-   is already saved, but before ``Agreement``.
-6. ``Agreement``, last, so that it sees every callback's ``stop_training``, the extra ones'
+5. ``BackupEvery`` saves the resume state (every worker calls), after everything an epoch's end
+   writes: a backup is the commit point of the steps before it. A run resumed from the backup of
+   an epoch's last step never runs that epoch's end again, so the backup is taken only once the
+   epoch's row, checkpoints and scalars are written; one killed before it resumes from the backup
+   before and writes them again (``HistoryFiles`` replaces a row it already had).
+6. Extra callbacks (Ray's reporting, a user's): after the files and the backup, so an epoch they
+   hear of is already saved, but before ``Agreement``.
+7. ``Agreement``, last, so that it sees every callback's ``stop_training``, the extra ones'
    included: one decision for all workers to stop early, for NaN or for a preemption signal. A
-   worker that stopped alone would hang the others in their next collective.
+   worker that stopped alone would hang the others in their next collective. A preemption agreed
+   at an epoch's last step stops at the end of that epoch (validation, files, backup), for the
+   reason above.
 
 Steps per hook. With ``train.steps_per_execution: K`` Keras runs up to K optimizer steps per call
 of its compiled step and calls the batch hooks once per call, with ``batch`` the index of the
@@ -73,6 +80,11 @@ class RunState:
         """Whether the steps of the last batch hook reached or passed a multiple of ``every``
         (``crossed``); False for ``every`` 0 (never)."""
         return crossed(self.step, self.hook_steps, every)
+
+    def at_epoch_end(self) -> bool:
+        """Whether the last batch hook ended on its epoch's last step (then Keras's epoch end, with
+        validation, follows: a call of several steps never crosses an epoch's end)."""
+        return self.step % self.ctx.steps_per_epoch == 0
 
     @contextlib.contextmanager
     def stop_on_signals(self) -> Iterator[None]:
@@ -181,7 +193,9 @@ class Agreement(StepCallback):
     the workers all-reduce two flags: a preemption signal arrived, the loss is NaN/Inf (the epoch's
     running mean: a NaN at any step of a hook of several is still NaN at its end). At epoch end they
     all-reduce ``stop_training`` (set by EarlyStopping on any of them). Preemption writes the
-    backup at that step and raises ``TrainingStopped``.
+    backup at that step and raises ``TrainingStopped``; agreed at an epoch's last step, it does so
+    at the epoch's end, after the epoch's validation, row and backup (the module's docstring says
+    why).
     """
 
     def __init__(self, dist, state: RunState, backup, *, every: int, terminate_on_nan: bool):
@@ -190,6 +204,7 @@ class Agreement(StepCallback):
         self.backup = backup
         self.every = every
         self.terminate_on_nan = terminate_on_nan
+        self._preempted_at_epoch_end: Optional[str] = None
 
     def on_train_batch_end(self, batch, logs=None):
         step = self.state.step
@@ -202,21 +217,28 @@ class Agreement(StepCallback):
             raise TrainingStopped(f"{where} at step {step}; the last good checkpoint is kept "
                                   "(lower the learning rate or check the data)", EXIT_NAN)
         if preempt:
+            message = (f"preempted ({self.state.signal_received or 'signal on a peer'}) at step {step}; backup "
+                       "written, run again with the same run dir to resume")
+            if self.state.at_epoch_end():
+                self._preempted_at_epoch_end = message
+                return
             self.backup.save()
-            raise TrainingStopped(f"preempted ({self.state.signal_received or 'signal on a peer'}) at step "
-                                  f"{step}; backup written, run again with the same run dir to resume",
-                                  EXIT_PREEMPTED)
+            raise TrainingStopped(message, EXIT_PREEMPTED)
 
     def on_epoch_end(self, epoch, logs=None):
         (stop,) = self.dist.agree([bool(self.model.stop_training)])
         if stop and not self.model.stop_training:
             log.info("a peer stopped early at epoch %d; stopping here too", epoch + 1)
         self.model.stop_training = stop
+        if self._preempted_at_epoch_end:
+            self.backup.save()  # BackupEvery saved this step already, unless the epoch's loss was NaN
+            raise TrainingStopped(self._preempted_at_epoch_end, EXIT_PREEMPTED)
 
 
 class BackupEvery(StepCallback):
     """Saves the resume state every N steps (at the hook that reached a multiple of N, on its last
-    step) and at every epoch end."""
+    step) and at every epoch end; a multiple at an epoch's last step waits for the epoch's end, so
+    that its backup follows the epoch's files (the module's docstring says why)."""
 
     def __init__(self, state: RunState, backup, every_steps: int):
         super().__init__(state)
@@ -224,7 +246,7 @@ class BackupEvery(StepCallback):
         self.every_steps = every_steps
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.state.reached(self.every_steps) and _loss_is_finite(logs):
+        if self.state.reached(self.every_steps) and not self.state.at_epoch_end() and _loss_is_finite(logs):
             self.backup.save()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -382,7 +404,6 @@ def build_callbacks(ctx, state: RunState, backup, checkpoints, *, input_watch=No
         callbacks.append(tf.keras.callbacks.EarlyStopping(
             monitor=es.monitor, patience=es.patience, min_delta=es.min_delta, mode=monitor_mode(es.monitor, es.mode),
             restore_best_weights=es.restore_best_weights))
-    callbacks.append(BackupEvery(state, backup, spec.checkpoint.backup_every_steps))
     c = spec.checkpoint
     callbacks.append(Checkpoints(checkpoints, state, every_epochs=c.every_epochs, every_steps=c.every_steps,
                                  save_best=c.save_best))
@@ -392,6 +413,7 @@ def build_callbacks(ctx, state: RunState, backup, checkpoints, *, input_watch=No
             callbacks.append(StepLog(state, spec.logging.update_every_steps,
                                      to_terminal=fit_verbosity(spec.logging.verbose) == 2))
         callbacks.extend(tensorboard() if tensorboard else ())
+    callbacks.append(BackupEvery(state, backup, spec.checkpoint.backup_every_steps))
     callbacks.extend(extra)
     callbacks.append(Agreement(ctx.dist, state, backup, every=spec.distribute.preemption_check_every,
                                terminate_on_nan=spec.train.terminate_on_nan))

@@ -13,6 +13,7 @@ progress bar only where it can redraw itself).
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import os
@@ -73,8 +74,10 @@ class Worker:
     """One worker's ``Agreement`` with the state, backup and model it acts on."""
 
     def __init__(self, collective: Optional[Collective], rank: int, world_size: int, *, every: int,
-                 terminate_on_nan: bool = True):
-        self.state = RunState(types.SimpleNamespace(start_step=0))
+                 terminate_on_nan: bool = True, steps_per_epoch: int = 1000):
+        self.state = RunState(types.SimpleNamespace(start_step=0, steps_per_epoch=steps_per_epoch))
+        self.steps_per_epoch = steps_per_epoch
+        self.epochs_ended: list[int] = []  # the epochs whose end the callbacks before Agreement ran
         self.backup = FakeBackup(self.state)
         self.model = types.SimpleNamespace(stop_training=False)
         self.agreement = Agreement(FakeDistribution(collective, rank, world_size), self.state, self.backup,
@@ -93,16 +96,19 @@ class Worker:
                     self.state.signal_received = "SIGUSR1"
                 self.agreement.on_train_batch_end(step - 1, {"loss": math.nan if step == nan_at else 0.25})
                 self.steps_done = step
+                if step % self.steps_per_epoch == 0:
+                    self.epochs_ended.append(step // self.steps_per_epoch)
+                    self.agreement.on_epoch_end(step // self.steps_per_epoch - 1, {"loss": 0.25})
         except TrainingStopped as stop:
             self.stopped = stop
         except BaseException as err:  # reported by the test, not lost in the thread
             self.error = err
 
 
-def run_pair(every: int, steps: int, **rank1) -> tuple[list[Worker], Collective]:
+def run_pair(every: int, steps: int, steps_per_epoch: int = 1000, **rank1) -> tuple[list[Worker], Collective]:
     """Two workers training ``steps`` steps; ``rank1``: what happens on worker 1 only."""
     collective = Collective(2)
-    workers = [Worker(collective, rank, 2, every=every) for rank in range(2)]
+    workers = [Worker(collective, rank, 2, every=every, steps_per_epoch=steps_per_epoch) for rank in range(2)]
     threads = [threading.Thread(target=w.train, args=(steps,), kwargs=rank1 if rank == 1 else {})
                for rank, w in enumerate(workers)]
     for t in threads:
@@ -127,6 +133,21 @@ def test_a_signal_on_one_worker_stops_both_at_the_next_agreed_step_with_exit_75(
                                        "to resume")
     assert str(workers[0].stopped) == ("preempted (signal on a peer) at step 8; backup written, run again with the "
                                        "same run dir to resume")
+
+
+def test_a_signal_agreed_at_an_epochs_last_step_stops_both_after_that_epochs_end():
+    # 4 steps per epoch, agreed every 2 steps: the signal at step 3 is agreed at step 4, the epoch's
+    # last. A backup taken there, before the epoch's end, would be resumed from past that end: the
+    # epoch's validation and history row would never be written.
+    workers, collective = run_pair(every=2, steps=12, steps_per_epoch=4, signal_at=3)
+    # steps 2 and 4, then the epoch end's stop_training: the signal is not agreed twice
+    assert [sorted(c) for c in collective.calls] == [[0, 1]] * 3 and collective.calls[1][1] == [1.0, 0.0]
+    for w in workers:
+        assert w.epochs_ended == [1] and w.steps_done == 4
+        assert w.stopped is not None and w.stopped.exit_code == EXIT_PREEMPTED
+        assert w.backup.saved_at == [4]
+    assert str(workers[1].stopped).startswith("preempted (SIGUSR1) at step 4; backup written")
+    assert str(workers[0].stopped).startswith("preempted (signal on a peer) at step 4; backup written")
 
 
 def test_a_nan_loss_on_one_worker_stops_both_at_the_agreed_step_with_exit_77_and_no_backup():
@@ -291,3 +312,70 @@ def test_every_batch_hook_of_a_run_leaves_the_step_logs_as_tensors(tmp_path):
     assert [type(c).__name__ for c in batch_hooks if not getattr(c, "_supports_tf_logs", False)] == []
     assert tf.keras.callbacks.CallbackList(callbacks, add_history=True, add_progbar=False)._batch_hooks_support_tf_logs
     writers.close()
+
+
+class RowsAtSave:
+    """A backup recording, at each save, the step and the epochs ``history.json`` holds by then."""
+
+    def __init__(self, state: RunState, history):
+        self.state, self.history = state, history
+        self.saves: list[tuple[int, list[int]]] = []
+
+    def save(self):
+        rows = json.loads(self.history.read_text()) if self.history.exists() else []
+        if not self.saves or self.saves[-1][0] != self.state.step:  # Backup.save skips a step it saved
+            self.saves.append((self.state.step, [r["epoch"] for r in rows]))
+
+
+def drive(callbacks, model, steps_per_epoch: int, epochs: int, signal_at: Optional[int] = None,
+          state: Optional[RunState] = None) -> Optional[TrainingStopped]:
+    """The hooks Keras's fit calls, in its order, for ``epochs`` epochs; returns the stop, if any."""
+    import tensorflow as tf
+
+    hooks = tf.keras.callbacks.CallbackList(callbacks, model=model)
+    try:
+        for epoch in range(epochs):
+            hooks.on_epoch_begin(epoch)
+            for batch in range(steps_per_epoch):
+                if epoch * steps_per_epoch + batch + 1 == signal_at:
+                    state.signal_received = "SIGUSR1"
+                hooks.on_train_batch_begin(batch)
+                hooks.on_train_batch_end(batch, {"loss": 0.5})
+            hooks.on_epoch_end(epoch, {"loss": 0.5, "val_loss": 0.25})
+    except TrainingStopped as stop:
+        return stop
+    return None
+
+
+@pytest.mark.parametrize("signal_at", [None, 7])
+def test_the_backup_of_an_epochs_last_step_is_taken_after_the_epochs_row(tmp_path, signal_at):
+    """A backup commits every step before it; a run resumed from the backup of an epoch's last step
+    never runs that epoch's end again. So the chief's full list writes the epoch's row first: also
+    when ``backup_every_steps`` (2) or an agreed preemption (agreed every 4: the signal at step 7 is
+    agreed at step 8) falls on the epoch's last step (4 steps per epoch)."""
+    import tensorflow as tf
+
+    from distrain.callbacks import build_callbacks
+    from distrain.lr import LRPlan
+    from distrain.rundir import RunDir
+    from distrain.spec import spec_from_dict
+
+    spec = spec_from_dict({"train": {"epochs": 3},
+                           "checkpoint": {"backup_every_steps": 2, "save_best": False, "every_epochs": 0},
+                           "distribute": {"preemption_check_every": 4}, "logging": {"tensorboard": False}})
+    ctx = types.SimpleNamespace(spec=spec, start_step=0, is_chief=True, steps_per_epoch=4, total_steps=12,
+                                run_dir=RunDir(tmp_path),
+                                global_batch=8, plan=LRPlan(base_lr=0.1, peak_lr=0.1, steps_per_epoch=4, total_steps=12),
+                                dist=types.SimpleNamespace(callbacks=lambda *a: [], **{
+                                    "agree": FakeDistribution(None, 0, 1).agree}))
+    state = RunState(ctx)
+    backup = RowsAtSave(state, ctx.run_dir.history)
+    model = tf.keras.Sequential([tf.keras.layers.Dense(1, input_shape=(2,))])
+    stopped = drive(build_callbacks(ctx, state, backup, None), model, 4, 3, signal_at, state)
+    if signal_at is None:
+        assert stopped is None
+        assert backup.saves == [(2, []), (4, [1]), (6, [1]), (8, [1, 2]), (10, [1, 2]), (12, [1, 2, 3])]
+    else:
+        assert stopped is not None and stopped.exit_code == EXIT_PREEMPTED
+        assert str(stopped).startswith("preempted (SIGUSR1) at step 8;")
+        assert backup.saves == [(2, []), (4, [1]), (6, [1]), (8, [1, 2])]

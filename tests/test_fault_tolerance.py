@@ -24,15 +24,17 @@ seed: 3
 model: {{name: cnn, params: {{filters: 16}}}}
 data: {{source: digits, batch_size_per_replica: {per_replica}}}
 train: {{epochs: {epochs}, optimizer: adam, learning_rate: 0.002, reference_batch: 16{train_extra}}}
-distribute: {{strategy: {strategy}, collective_timeout_s: {timeout}}}
+distribute: {{strategy: {strategy}, collective_timeout_s: {timeout}{distribute_extra}}}
 checkpoint: {{every_epochs: 1, keep: 2, backup_every_steps: 10}}
 logging: {{tensorboard: false, verbose: 0}}
 """
 
 
-def job(tmp_path, *, per_replica=8, epochs=4, strategy="multi_worker", timeout=20, train_extra="", name="job.yaml"):
+def job(tmp_path, *, per_replica=8, epochs=4, strategy="multi_worker", timeout=20, train_extra="", distribute_extra="",
+        name="job.yaml"):
     return write_job(tmp_path / name, JOB.format(per_replica=per_replica, epochs=epochs, strategy=strategy,
-                                                 timeout=timeout, train_extra=train_extra))
+                                                 timeout=timeout, train_extra=train_extra,
+                                                 distribute_extra=distribute_extra))
 
 
 def start_pair(workers_factory, job_file, run_dir, ports=None, log_dir=None, python_code=None):
@@ -117,8 +119,11 @@ def test_sigkill_mid_epoch_then_restart_completes_with_exact_steps(tmp_path, wor
 
 @pytest.mark.timeout(420)
 def test_sigusr1_preemption_writes_backup_exits_75_and_resumes(tmp_path, workers_factory, uninterrupted):
+    # Agreed once per epoch (71 steps), so the stop falls on an epoch's last step: the epoch's end
+    # (validation, its row) comes before the backup the rerun resumes from, or the row is lost.
     run_dir = tmp_path / "run"
-    first = start_pair(workers_factory, job(tmp_path), run_dir, log_dir=tmp_path / "logs1")
+    job_file = job(tmp_path, distribute_extra=", preemption_check_every: 71")
+    first = start_pair(workers_factory, job_file, run_dir, log_dir=tmp_path / "logs1")
     wait_for(lambda: backup_step(run_dir) >= 30, 180, "the first backups")
     for p in first.procs:
         os.kill(p.pid, signal.SIGUSR1)  # what SLURM's --signal=USR1@90 sends to every task
@@ -129,12 +134,18 @@ def test_sigusr1_preemption_writes_backup_exits_75_and_resumes(tmp_path, workers
     assert m, log0[-2000:]
     assert int(m.group(1)) == stopped_at, "the backup is of the step where the workers agreed to stop"
     assert f"at step {stopped_at}" in first.logs[1].read_text(), "both workers stopped at the same step"
+    assert stopped_at in (71, 142, 213)
+    rows = json.loads((run_dir / "history.json").read_text())
+    assert [e["epoch"] for e in rows] == list(range(1, stopped_at // 71 + 1))
 
-    second = start_pair(workers_factory, job(tmp_path), run_dir, log_dir=tmp_path / "logs2")
+    second = start_pair(workers_factory, job_file, run_dir, log_dir=tmp_path / "logs2")
     assert second.wait(timeout=240) == [0, 0], second.output()
     result = summary(run_dir)
     assert result["resumed_from_step"] == stopped_at
     assert result["steps"] == uninterrupted["steps"] == 284
+    assert [e["epoch"] for e in json.loads((run_dir / "history.json").read_text())] == [1, 2, 3, 4]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):  # stopped at an epoch's end: every row exact
+        assert result["history"][key] == uninterrupted["history"][key], key
     assert_checkpoints_load(run_dir)
 
 

@@ -326,8 +326,12 @@ def test_trial_0_is_distrain_train_with_its_overrides_bit_for_bit(sweep, tmp_pat
     assert swept["steps"] == alone["steps"] == EPOCHS * STEPS
     # The epoch the kill cut into logs the mean loss of its steps after the resume only (Keras's
     # running mean starts again); every later epoch, and the sweep's result, are the plain run's.
+    # Every epoch has its row, whenever the kill came (also between an epoch's last step and its end).
     later = swept["resumed_from_step"] // STEPS + 1
     assert 0 < later <= EPOCHS and swept["history"]["loss"][later:] == alone["history"]["loss"][later:]
+    assert len(swept["history"]["loss"]) == EPOCHS
+    assert {k: v for k, v in swept["history"].items() if k.startswith("val_")} == \
+        {k: v for k, v in alone["history"].items() if k.startswith("val_")}
     assert trial.result == alone["history"]["loss"][-1]
 
 

@@ -446,14 +446,14 @@ def test_the_preempted_trial_is_distrain_train_with_its_overrides_bit_for_bit(sw
     swept_summary = json.loads((swept.sweep_dir / trial.name / RunDir.SUMMARY).read_text())
     alone = json.loads((plain / RunDir.SUMMARY).read_text())
     assert swept_summary["test"]["loss"] == alone["test"]["loss"] and swept_summary["test"] == alone["test"]
-    # Every epoch the summary lists validates the same weights as the plain run's (it may lack the
-    # epoch before the cut when the backup was at an epoch's end). The training loss of the epoch the
-    # preemption cut is Keras's mean over its steps after the resume only; every later one is the same.
-    swept_history, n = swept_summary["history"], len(swept_summary["history"]["val_loss"])
+    # Every epoch has its row (also when the stop fell on an epoch's last step) and validates the same
+    # weights as the plain run's. The training loss of the epoch the preemption cut is Keras's mean
+    # over its steps after the resume only; every later one is the same.
+    swept_history = swept_summary["history"]
     later = 8 - (swept_summary["resumed_from_step"] // STEPS + 1)
-    assert 2 <= n <= 8 and later >= 1 and alone["steps"] == 8 * STEPS
+    assert len(swept_history["val_loss"]) == 8 and later >= 1 and alone["steps"] == 8 * STEPS
     for key in ("val_loss", "val_accuracy"):
-        assert swept_history[key] == alone["history"][key][-n:]
+        assert swept_history[key] == alone["history"][key]
     assert swept_history["loss"][-later:] == alone["history"]["loss"][-later:]
 
 
