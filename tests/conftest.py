@@ -161,6 +161,10 @@ class Forked:
             raise subprocess.TimeoutExpired(self.command, timeout, read(self.stdout), read(self.stderr))
         return subprocess.CompletedProcess(self.command, code, read(self.stdout), read(self.stderr))
 
+    def poll(self) -> Optional[int]:
+        """Its exit code (minus the signal that ended it) if it has ended, else None."""
+        return self.server.wait(self.pid, time.monotonic())
+
     def kill(self) -> None:
         """Kills it if it still runs (once it has ended its pid may be another process's)."""
         if self.server.wait(self.pid, time.monotonic()) is None:

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import (DISTRAIN, REPO, free_ports, horovodrun, model_weights, run_distrain, tf_config, worker_env,
-                      write_job)
+from conftest import (DISTRAIN, REPO, Forked, free_ports, horovodrun, model_weights, run_distrain, tf_config,
+                      worker_env, write_job)
 from distrain.backends.allreduce import INSTANCE_KEY_BASE, pack_by_size
 from distrain.errors import UsageError
 from distrain.spec import spec_from_dict
@@ -203,15 +203,28 @@ def test_fp16_all_reduce_over_two_replicas_stays_close_to_one_process(one_proces
 def _two_workers_against_one_process(one_process, tmp_path, workers_factory, label: str, env: dict | None = None,
                                      **job) -> tuple[list[float], list[str]]:
     """Trains the job on 2 multi_worker processes: the relative differences to one process's
-    weights, and the workers' logs."""
+    weights, and the workers' logs. Without ``env`` (which must be there before TensorFlow's
+    import) they are forked (conftest.Forked): the sums are the point, not a process's start-up."""
     path = _job(tmp_path / "job.yaml", strategy="multi_worker", **job)
     ports = free_ports(2)
-    cmd = [*DISTRAIN, "train", str(path), "--run-dir", str(tmp_path / "run")]
-    workers = workers_factory([cmd, cmd], [worker_env(TF_CONFIG=tf_config(ports, i), **(env or {})) for i in range(2)])
-    assert workers.wait(timeout=240) == [0, 0], workers.output()
+    args = ["train", str(path), "--run-dir", str(tmp_path / "run")]
+    envs = [worker_env(TF_CONFIG=tf_config(ports, i), **(env or {})) for i in range(2)]
+    if env:
+        workers = workers_factory([[*DISTRAIN, *args]] * 2, envs)
+        assert workers.wait(timeout=240) == [0, 0], workers.output()
+        logs = [log.read_text() for log in workers.logs]
+    else:
+        pair = [Forked(args, tmp_path / f"worker{i}.log", env=envs[i]) for i in range(2)]
+        try:
+            done = [run.wait(timeout=240) for run in pair]
+        finally:
+            for run in pair:
+                run.kill()
+        logs = [run.stdout for run in done]
+        assert [run.returncode for run in done] == [0, 0], "\n".join(log[-3000:] for log in logs)
     diffs = _relative_differences(model_weights(tmp_path / "run"), model_weights(one_process))
     print(f"{label} vs one process, relative L2 per weight tensor:", ", ".join(f"{d:.1e}" for d in diffs))
-    return diffs, [log.read_text() for log in workers.logs]
+    return diffs, logs
 
 
 @pytest.mark.multiprocess

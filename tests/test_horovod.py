@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (DISTRAIN, Workers, assert_same_weights, backup_step, files_written, free_ports, horovodrun,
-                      model_weights, run_distrain, worker_env, write_job)
+from conftest import (DISTRAIN, Forked, Workers, assert_same_weights, backup_step, files_written, free_ports,
+                      horovodrun, model_weights, run_distrain, worker_env, write_job)
 from distrain.backends import horovod as hvd_backend
 from distrain.errors import UsageError
 from distrain.backends.factory import choose_strategy
@@ -217,9 +217,14 @@ def test_srun_tasks_bootstrap_gloo_without_horovodrun(needs_horovod, tmp_path, r
     (bin_dir / "scontrol").chmod(0o755)
     job_file, run_dir = job(tmp_path / "job.yaml"), tmp_path / "run"
     (port,) = free_ports(1)
-    cmd = [*DISTRAIN, "train", str(job_file), "--run-dir", str(run_dir)]
-    pair = start([cmd, cmd], [srun_env(i, port, bin_dir) for i in range(2)], tmp_path / "logs", request)
-    assert pair.wait(timeout=240) == [0, 0], pair.output()
+    # Forked (conftest.Forked): the bootstrap is the point, not a process's start-up; Horovod is
+    # imported and initialised in each task, after the fork.
+    args = ["train", job_file, "--run-dir", run_dir]
+    pair = [Forked(args, tmp_path / f"task{i}.log", env=srun_env(i, port, bin_dir)) for i in range(2)]
+    for task in pair:
+        request.addfinalizer(task.kill)
+    done = [task.wait(timeout=240) for task in pair]
+    assert [task.returncode for task in done] == [0, 0], "\n".join(task.stdout[-3000:] for task in done)
     result = summary(run_dir)
     assert (result["launcher"], result["strategy"], result["world_size"], result["steps"]) == (
         "slurm", "horovod", 2, STEPS)

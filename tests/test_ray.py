@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -289,35 +290,6 @@ def test_bad_submissions_fail_fast(ray_head, tmp_path):
     assert not storage.exists()  # nothing started, nothing written
 
 
-@pytest.mark.ray
-@pytest.mark.multiprocess
-@pytest.mark.timeout(150)
-def test_submit_trains_with_two_workers(ray_head, tmp_path):
-    job = write_job(tmp_path / "job.yaml", JOB.format(epochs=2, steps=10))
-    storage = tmp_path / "storage"
-    result = ray_head.submit(_entrypoint(job, "--workers", 2, "--storage-path", storage, "--name", "two"),
-                             timeout=140)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0 and "succeeded" in output, output[-5000:]
-    run_dir = storage / "two" / "run"
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert (summary["world_size"], summary["strategy"], summary["launcher"], summary["steps"],
-            summary["resumed_from_step"]) == (2, "multi_worker", "ray", 20, 0)
-    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["rank0.log", "rank1.log"]
-    assert "rank 1/2" in (run_dir / "logs" / "rank1.log").read_text()
-    # Ray's Result: the last report's metrics (per epoch + test) and a pointer checkpoint.
-    ray_result = _result(storage, "two")
-    assert ray_result["error"] is None and ray_result["exit_code"] == 0
-    metrics = ray_result["metrics"]
-    assert {"loss", "accuracy", "val_accuracy", "test_accuracy", "lr"} <= set(metrics)
-    assert (metrics["step"], metrics["epoch"], metrics["done"]) == (20, 2, True)
-    assert metrics["test_accuracy"] == pytest.approx(summary["test"]["accuracy"])
-    assert ray_result["checkpoint"] is not None
-    pointer = json.loads((Path(ray_result["checkpoint"]) / ray_launch.POINTER_FILE).read_text())
-    assert pointer == {"run_dir": str(run_dir), "backup": str(run_dir / "backup"), "step": 20, "epoch": 2}
-    assert ray_result["summary"]["steps"] == 20  # rank 0's return value
-
-
 RAY_USER_MODEL = """
 import tensorflow as tf
 
@@ -327,27 +299,93 @@ def build(input_shape, num_classes, *, units=8):
     x = tf.keras.layers.Dense(units, activation="relu")(tf.keras.layers.Flatten()(inputs))
     return tf.keras.Model(inputs, tf.keras.layers.Dense(num_classes, activation="softmax")(x), name="ray_user_net")
 """
+EPOCHS, STEPS = 3, 20
+
+
+@dataclass
+class Submitted:
+    client: subprocess.Popen  # ray job submit, ended
+    output: str
+    storage: Path
+    run_dir: Path
+    model_file: Path
+    killed: int  # the pid of the rank 1 killed
+    killed_at: int  # the backup step it was killed after
+
+
+@pytest.fixture(scope="module")
+def submitted(ray_head, tmp_path_factory) -> Submitted:
+    """One ``ray job submit`` of 2 workers training a model file of the user's (outside the working
+    dir), with rank 1 SIGKILLed (no handler, no goodbye) once a backup exists, well before the end:
+    the three tests below read it (one submission, not three)."""
+    tmp = tmp_path_factory.mktemp("submitted")
+    model_file = tmp / "code" / "ray_user_net.py"
+    model_file.parent.mkdir()
+    model_file.write_text(RAY_USER_MODEL)
+    job = write_job(tmp / "job.yaml", JOB.format(epochs=EPOCHS, steps=STEPS).replace(
+        "model: {name: cnn, params: {filters: 8}}", "model: {name: code/ray_user_net.py:build, params: {units: 6}}"))
+    storage = tmp / "storage"
+    run_dir = storage / "fault" / "run"
+    submission = f"distrain-test-{uuid.uuid4().hex[:8]}"
+    command = ray_head.submit_command(_entrypoint(job, "--workers", 2, "--storage-path", storage, "--name", "fault",
+                                                  "--max-failures", 1), submission_id=submission)
+    log = tmp / "submit.log"
+    with open(log, "w") as out:
+        client = subprocess.Popen(command, env=ray_head.env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        killed = killed_at = None
+        while killed is None and time.monotonic() < deadline and client.poll() is None:
+            pid_file = run_dir / ".ray-worker-1.pid"
+            if backup_step(run_dir) >= 5 and pid_file.exists():
+                killed = int(pid_file.read_text())
+                killed_at = backup_step(run_dir)
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.05)
+        assert killed is not None, "no backup appeared in time\n" + log.read_text()[-5000:]
+        client.wait(timeout=max(1.0, deadline + 40 - time.monotonic()))
+    except BaseException:
+        ray_head.stop_job(submission)
+        client.kill()
+        raise
+    return Submitted(client, log.read_text(), storage, run_dir, model_file, killed, killed_at)
 
 
 @pytest.mark.ray
 @pytest.mark.multiprocess
-@pytest.mark.timeout(150)
-def test_submit_with_a_user_model_file(ray_head, tmp_path):
-    """The model file (outside the working dir) goes to the workers with py_modules; the run dir's
-    job.yaml keeps the reference."""
-    model_file = tmp_path / "code" / "ray_user_net.py"
-    model_file.parent.mkdir()
-    model_file.write_text(RAY_USER_MODEL)
-    job = write_job(tmp_path / "job.yaml", JOB.format(epochs=1, steps=4).replace(
-        "model: {name: cnn, params: {filters: 8}}", "model: {name: code/ray_user_net.py:build, params: {units: 6}}"))
-    storage = tmp_path / "storage"
-    result = ray_head.submit(_entrypoint(job, "--workers", 2, "--storage-path", storage, "--name", "mine"), timeout=140)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0 and "succeeded" in output, output[-5000:]
-    run_dir = storage / "mine" / "run"
+@pytest.mark.timeout(180)
+def test_submit_trains_with_two_workers(submitted):
+    assert submitted.client.returncode == 0 and "succeeded" in submitted.output, submitted.output[-6000:]
+    run_dir = submitted.run_dir
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert (summary["world_size"], summary["launcher"], summary["steps"]) == (2, "ray", 4)
-    assert f"name: {model_file}:build" in (run_dir / "job.yaml").read_text()
+    assert (summary["world_size"], summary["strategy"], summary["launcher"], summary["steps"]) == (
+        2, "multi_worker", "ray", EPOCHS * STEPS)
+    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["rank0.log", "rank1.log"]
+    assert "rank 1/2" in (run_dir / "logs" / "rank1.log").read_text()
+    # Ray's Result: the last report's metrics (per epoch + test) and a pointer checkpoint.
+    ray_result = _result(submitted.storage, "fault")
+    assert ray_result["error"] is None and ray_result["exit_code"] == 0
+    metrics = ray_result["metrics"]
+    assert {"loss", "accuracy", "val_accuracy", "test_accuracy", "lr"} <= set(metrics)
+    assert (metrics["step"], metrics["epoch"], metrics["done"]) == (EPOCHS * STEPS, EPOCHS, True)
+    assert metrics["test_accuracy"] == pytest.approx(summary["test"]["accuracy"])
+    assert ray_result["checkpoint"] is not None
+    pointer = json.loads((Path(ray_result["checkpoint"]) / ray_launch.POINTER_FILE).read_text())
+    assert pointer == {"run_dir": str(run_dir), "backup": str(run_dir / "backup"), "step": EPOCHS * STEPS,
+                       "epoch": EPOCHS}
+    assert ray_result["summary"]["steps"] == EPOCHS * STEPS  # rank 0's return value
+
+
+@pytest.mark.ray
+@pytest.mark.multiprocess
+@pytest.mark.timeout(180)
+def test_submit_with_a_user_model_file(submitted):
+    """The model file (outside the working dir) goes to the workers with py_modules, the restarted
+    ones too; the run dir's job.yaml keeps the reference."""
+    assert submitted.client.returncode == 0 and "succeeded" in submitted.output, submitted.output[-6000:]
+    summary = json.loads((submitted.run_dir / "summary.json").read_text())
+    assert (summary["world_size"], summary["launcher"], summary["steps"]) == (2, "ray", EPOCHS * STEPS)
+    assert f"name: {submitted.model_file}:build" in (submitted.run_dir / "job.yaml").read_text()
 
 
 @pytest.mark.timeout(30)
@@ -371,44 +409,17 @@ def test_trainer_arguments_ship_the_users_code(tmp_path):
 @pytest.mark.ray
 @pytest.mark.multiprocess
 @pytest.mark.timeout(180)
-def test_killed_worker_is_restarted_from_the_backup(ray_head, tmp_path):
-    epochs, steps = 3, 20
-    job = write_job(tmp_path / "job.yaml", JOB.format(epochs=epochs, steps=steps))
-    storage = tmp_path / "storage"
-    run_dir = storage / "fault" / "run"
-    submission = f"distrain-test-{uuid.uuid4().hex[:8]}"
-    command = ray_head.submit_command(_entrypoint(job, "--workers", 2, "--storage-path", storage, "--name", "fault",
-                                                  "--max-failures", 1), submission_id=submission)
-    log = tmp_path / "submit.log"
-    with open(log, "w") as out:
-        client = subprocess.Popen(command, env=ray_head.env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        # Kill rank 1 (SIGKILL: no handler, no goodbye) once a backup exists, well before the end.
-        deadline = time.monotonic() + 120
-        killed = None
-        while killed is None and time.monotonic() < deadline and client.poll() is None:
-            pid_file = run_dir / ".ray-worker-1.pid"
-            if backup_step(run_dir) >= 5 and pid_file.exists():
-                killed = int(pid_file.read_text())
-                killed_at = backup_step(run_dir)
-                os.kill(killed, signal.SIGKILL)
-            time.sleep(0.05)
-        assert killed is not None, "no backup appeared in time\n" + log.read_text()[-5000:]
-        assert killed_at < epochs * steps
-        client.wait(timeout=max(1.0, deadline + 40 - time.monotonic()))
-    except BaseException:
-        ray_head.stop_job(submission)
-        client.kill()
-        raise
-    output = log.read_text()
-    assert client.returncode == 0 and "succeeded" in output, output[-6000:]
+def test_killed_worker_is_restarted_from_the_backup(submitted):
+    run_dir = submitted.run_dir
+    assert submitted.killed_at < EPOCHS * STEPS
+    assert submitted.client.returncode == 0 and "succeeded" in submitted.output, submitted.output[-6000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2
-    assert summary["steps"] == epochs * steps  # exact: the restart resumed at the backup's step
-    assert 0 < summary["resumed_from_step"] < epochs * steps
-    assert int((run_dir / ".ray-worker-1.pid").read_text()) != killed  # a new worker took rank 1
+    assert summary["steps"] == EPOCHS * STEPS  # exact: the restart resumed at the backup's step
+    assert 0 < summary["resumed_from_step"] < EPOCHS * STEPS
+    assert int((run_dir / ".ray-worker-1.pid").read_text()) != submitted.killed  # a new worker took rank 1
     assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text()
     history = json.loads((run_dir / "history.json").read_text())
-    assert [e["epoch"] for e in history] == list(range(1, epochs + 1))
-    ray_result = _result(storage, "fault")
-    assert ray_result["metrics"]["step"] == epochs * steps and ray_result["checkpoint"] is not None
+    assert [e["epoch"] for e in history] == list(range(1, EPOCHS + 1))
+    ray_result = _result(submitted.storage, "fault")
+    assert ray_result["metrics"]["step"] == EPOCHS * STEPS and ray_result["checkpoint"] is not None

@@ -31,7 +31,8 @@ import types
 from pathlib import Path
 
 import pytest
-from conftest import DISTRAIN, REPO, Workers, backup_step, free_ports, horovodrun, tf_config, worker_env, write_job
+from conftest import (DISTRAIN, REPO, Forked, Workers, backup_step, free_ports, horovodrun, tf_config, worker_env,
+                      write_job)
 
 from distrain.errors import EXIT_PEER_LOST
 
@@ -68,7 +69,7 @@ class Silence(tf.keras.callbacks.Callback):
         if how == "slow":
             time.sleep(0.5)
         elif rank == 1 and int(self.model.optimizer.iterations.numpy()) == at:
-            print(f"{how} at {time.time():.3f}", flush=True)
+            print(f"{how} at {time.time():.3f} pid {os.getpid()}", flush=True)
             if how == "freeze":
                 os.kill(os.getpid(), signal.SIGSTOP)
             time.sleep(3600)
@@ -129,6 +130,21 @@ def process_state(pid: int) -> str:
 
 # ----------------------------------------------------------------------------- multi_worker
 
+def forked_pair(args: list, envs: list[dict], log_dir: Path, request, code: str | None = None) -> list[Forked]:
+    """Two workers forked from the session's fork server (``Forked``), each killed at the test's end."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pair = [Forked(args, log_dir / f"worker{i}.log", env=env, code=code) for i, env in enumerate(envs)]
+    for run in pair:
+        request.addfinalizer(run.kill)
+    return pair
+
+
+def pair_output(pair: list[Forked], tail: int = 40) -> str:
+    """The last lines of each worker's output, for a failure's message."""
+    return "\n".join(f"--- worker {i} ---\n" + "\n".join(run.stdout.read_text(errors="replace").splitlines()[-tail:])
+                     for i, run in enumerate(pair))
+
+
 class Uninterrupted:
     """An uninterrupted run started beside the faulted ones, which spend most of their time waiting
     for a timeout with the cores idle; ``run_dir()`` waits for it to end."""
@@ -157,24 +173,25 @@ def reference(tmp_path_factory, request) -> Uninterrupted:
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(400)
-def test_a_frozen_worker_ends_the_other_with_76_and_the_requeue_resumes_exact(tmp_path, workers_factory, reference):
+def test_a_frozen_worker_ends_the_other_with_76_and_the_requeue_resumes_exact(tmp_path, request, reference):
     run_dir, job_file = tmp_path / "run", job(tmp_path / "job.yaml", "multi_worker")
     ports = free_ports(2)
     envs = [worker_env(TF_CONFIG=tf_config(ports, i)) for i in range(2)]
-    first = workers_factory([silenced(job_file, run_dir, "freeze", at=5)] * 2, envs, tmp_path / "logs1")
-    frozen_at = silenced_at(wait_for_line(first.logs[1], r"freeze at \d", 240), "freeze")
-    code = first.procs[0].wait(timeout=TIMEOUT_S + 90)
+    # Forked (conftest.Forked): a fresh process's start-up is not the point here (test_collectives
+    # stops a worker that started as a process of its own).
+    first = forked_pair([job_file, run_dir, "freeze", 5], envs, tmp_path / "logs1", request, code=SILENCE)
+    frozen_at = silenced_at(wait_for_line(first[1].stdout, r"freeze at \d", 240), "freeze")
+    code = first[0].wait(timeout=TIMEOUT_S + 90).returncode
     waited = time.time() - frozen_at
-    assert code == EXIT_PEER_LOST, first.output()
-    assert process_state(first.procs[1].pid) == "T", "worker 1 is frozen, not gone"
+    assert code == EXIT_PEER_LOST, pair_output(first)
+    assert process_state(first[1].pid) == "T", "worker 1 is frozen, not gone"
     assert waited < TIMEOUT_S + 30, f"worker 0 took {waited:.0f} s to give up"
-    assert re.fullmatch(LOST_LINE, last_line(first.logs[0].read_text())), first.output()
-    first.kill()  # what a requeue does to the frozen task (only SIGKILL ends a stopped process)
+    assert re.fullmatch(LOST_LINE, last_line(first[0].stdout.read_text())), pair_output(first)
+    first[1].kill()  # what a requeue does to the frozen task (only SIGKILL ends a stopped process)
     assert backup_step(run_dir) == 4
 
-    second = workers_factory([[*DISTRAIN, "train", str(job_file), "--run-dir", str(run_dir)]] * 2,
-                             [worker_env(TF_CONFIG=tf_config(ports, i)) for i in range(2)], tmp_path / "logs2")
-    assert second.wait(timeout=240) == [0, 0], second.output()
+    second = forked_pair(["train", job_file, "--run-dir", run_dir], envs, tmp_path / "logs2", request)
+    assert [run.wait(timeout=240).returncode for run in second] == [0, 0], pair_output(second)
     assert_ends_exact(run_dir, reference.run_dir(), resumed_from=4)
 
 
@@ -229,12 +246,36 @@ def test_leaving_an_expired_deadline_waits_for_the_expiry_to_finish():
     assert dog.expired and finished and finished[0] <= left
 
 
-def horovod_attempt(command: list[str], log_dir: Path, request, timeout: float = 240) -> tuple[int, str, float]:
-    """horovodrun with 2 ranks: (its exit code, its output, when it ended)."""
+def horovod_start(command: list[str], log_dir: Path, request) -> Workers:
+    """horovodrun with 2 ranks, started (killed at the test's end)."""
     workers = Workers([horovodrun(command)], [worker_env()], log_dir)
     request.addfinalizer(workers.kill)
+    return workers
+
+
+def horovod_attempt(command: list[str], log_dir: Path, request, timeout: float = 240) -> tuple[int, str]:
+    """horovodrun with 2 ranks, waited for: (its exit code, its output)."""
+    workers = horovod_start(command, log_dir, request)
     (code,) = workers.wait(timeout=timeout)
-    return code, workers.logs[0].read_text(errors="replace"), time.time()
+    return code, workers.logs[0].read_text(errors="replace")
+
+
+def end_silenced(workers: Workers, how: str, timeout: float = 240) -> tuple[int, str, float]:
+    """Waits for rank 0 to exit, then kills the silenced rank 1, as a requeue's scancel does:
+    horovodrun would first send it SIGTERM, which neither a frozen nor a stalled rank heeds, and
+    give it and its shell 5 s of grace each. (horovodrun's exit code, its output, when rank 0 exited)."""
+    text = wait_for_line(workers.logs[0], r"Process 0 exit with status code -?\d+\.", timeout)
+    ended = time.time()
+    found = re.search(rf"{how} at [\d.]+ pid (\d+)", text)
+    assert found, f"rank 1 never got to {how}:\n{text[-3000:]}"
+    try:
+        group = os.getpgid(int(found.group(1)))  # its own, from horovodrun's middleman (setsid)
+        assert group not in (os.getpgid(0), workers.procs[0].pid), "rank 1 shares a process group with horovodrun"
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:  # horovodrun was quicker
+        pass
+    (code,) = workers.wait(timeout=60)
+    return code, workers.logs[0].read_text(errors="replace"), ended
 
 
 def rank0_last_line(output: str) -> str:
@@ -249,23 +290,26 @@ def rank0_last_line(output: str) -> str:
 def test_under_horovod_a_frozen_then_a_stalled_rank_end_the_job_with_76_and_the_rerun_resumes_exact(
         needs_horovod, tmp_path, request):
     job_file, run_dir = job(tmp_path / "job.yaml", "horovod"), tmp_path / "run"
-    # First, not beside the faulted runs as multi_worker's: beside a second horovodrun, rank 1 of
-    # the frozen run once failed to start ("Horovod has not been initialized").
-    code, output, _ = horovod_attempt([*DISTRAIN, "train", str(job_file), "--run-dir", str(tmp_path / "reference")],
-                                      tmp_path / "logs0", request)
-    assert code == 0, output[-3000:]
-
     # Frozen: Gloo's timeout, set to the job's 10 s (Horovod's own is 30 s), or the watchdog ends it.
-    code, output, ended = horovod_attempt(silenced(job_file, run_dir, "freeze", at=5), tmp_path / "logs1", request)
-    waited = ended - silenced_at(output, "freeze")
+    frozen = horovod_start(silenced(job_file, run_dir, "freeze", at=5), tmp_path / "logs1", request)
+    frozen_at = silenced_at(wait_for_line(frozen.logs[0], r"freeze at \d", 240), "freeze")
+    # The uninterrupted run trains while rank 0 only waits for its deadline. Not started together
+    # with the frozen run: beside a second starting horovodrun, rank 1 of the frozen run once failed
+    # to start ("Horovod has not been initialized").
+    uninterrupted = horovod_start([*DISTRAIN, "train", str(job_file), "--run-dir", str(tmp_path / "reference")],
+                                  tmp_path / "logs0", request)
+    code, output, ended = end_silenced(frozen, "freeze")
+    waited = ended - frozen_at
     assert code != 0 and "Process 0 exit with status code 76." in output, output[-3000:]
     assert re.fullmatch(LOST_LINE, rank0_last_line(output)), output[-3000:]
     assert "Timed out waiting 10000ms" in output or "no step finished for 10 s" in output, output[-3000:]
     assert waited < TIMEOUT_S + 30, f"rank 0 took {waited:.0f} s to give up"
     assert backup_step(run_dir) == 4
+    assert uninterrupted.wait(timeout=240) == [0], uninterrupted.output()
 
     # Stalled in Python: only the watchdog ends it (Horovod's stall check only warns).
-    code, output, ended = horovod_attempt(silenced(job_file, run_dir, "stall", at=7), tmp_path / "logs2", request)
+    stalled = horovod_start(silenced(job_file, run_dir, "stall", at=7), tmp_path / "logs2", request)
+    code, output, ended = end_silenced(stalled, "stall")
     waited = ended - silenced_at(output, "stall")
     assert code != 0 and "Process 0 exit with status code 76." in output, output[-3000:]
     assert "no step finished for 10 s (distribute.collective_timeout_s): a peer is lost or stalled; shutting " \
@@ -274,8 +318,8 @@ def test_under_horovod_a_frozen_then_a_stalled_rank_end_the_job_with_76_and_the_
     assert waited < TIMEOUT_S + 30, f"rank 0 took {waited:.0f} s to give up"
     assert backup_step(run_dir) == 6
 
-    code, output, _ = horovod_attempt([*DISTRAIN, "train", str(job_file), "--run-dir", str(run_dir)],
-                                      tmp_path / "logs3", request)
+    code, output = horovod_attempt([*DISTRAIN, "train", str(job_file), "--run-dir", str(run_dir)],
+                                   tmp_path / "logs3", request)
     assert code == 0, output[-3000:]
     assert_ends_exact(run_dir, tmp_path / "reference", resumed_from=6)
 

@@ -12,6 +12,7 @@ After a deliberate change of the rendered text:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -20,13 +21,18 @@ import socket
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, backup_step, free_port_block, write_job
+from conftest import REPO, Forked, backup_step, free_port_block, write_job
+from slurm_cluster import SbatchResult
 from distrain.cli import build_parser, main
 from distrain.errors import EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE, EXIT_WRITE_FAILED
 from distrain.launch.slurm import check_layout, render_from_args
@@ -295,18 +301,87 @@ def run_fake_job(tmp_path: Path, script: Path, *, srun_rc: int, restarts: int | 
     return done, calls
 
 
+# The `distrain` of the launcher tests: `distrain slurm check`, the launcher's first step, whose preflight
+# imports TensorFlow and builds the model, is forked from the session's fork server (conftest.Forked),
+# which imported TensorFlow once: about 1 s instead of 6 a job. It asks a relay, a thread of this
+# pytest process (the fork server's one client), over a unix socket; the relay starts the check and
+# answers with its exit code and output. Any other command (the tasks' `train`) is the real distrain,
+# exec'd: a task is still a process that srun started. test_the_out_file_of_a_rendered_script_is_readable,
+# which reads what a real check step prints, keeps the real one throughout.
+FORKED_DISTRAIN = """#!{python}
+import json, os, socket, sys
+if sys.argv[1:3] != ["slurm", "check"]:
+    os.execv({real!r}, [{real!r}, *sys.argv[1:]])
+sock = socket.socket(socket.AF_UNIX)
+sock.connect({socket!r})
+sock.sendall(json.dumps({{"argv": sys.argv[1:], "env": dict(os.environ), "cwd": os.getcwd()}}).encode() + b"\\n")
+done = json.loads(sock.makefile().readline())
+sys.stdout.write(open(done["stdout"]).read())
+sys.stderr.write(open(done["stderr"]).read())
+sys.exit(done["code"] if done["code"] >= 0 else 128 - done["code"])
+"""
+
+
+@pytest.fixture(scope="module")
+def forked_distrain(tmp_path_factory) -> Iterator[str]:
+    """The path of FORKED_DISTRAIN, its relay running until the module's end."""
+    root = tmp_path_factory.mktemp("forked-distrain")
+    where = Path(tempfile.mkdtemp(prefix="dt-relay-", dir="/tmp"))  # short: a unix socket's path is limited
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(where / "sock"))
+    listener.listen(4)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def relay() -> None:
+        for n in itertools.count():
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                if stop.is_set():
+                    return
+                continue
+            with conn:
+                conn.settimeout(None)
+                out, err = root / f"{n}.out", root / f"{n}.err"
+                try:
+                    request = json.loads(conn.makefile().readline())
+                    run = Forked(request["argv"], out, stderr=err, env=request["env"], cwd=Path(request["cwd"]))
+                    code = run.wait(timeout=90).returncode
+                except subprocess.TimeoutExpired:
+                    code = -9
+                except Exception:  # on the wrapper's stderr, not lost in this thread
+                    out.write_text("")
+                    err.write_text(f"the forked-distrain relay failed:\n{traceback.format_exc()}")
+                    code = 1
+                conn.sendall(json.dumps({"code": code, "stdout": str(out), "stderr": str(err)}).encode() + b"\n")
+
+    thread = threading.Thread(target=relay, daemon=True)
+    thread.start()
+    wrapper = root / "distrain"
+    wrapper.write_text(FORKED_DISTRAIN.format(python=sys.executable, real=VENV_DISTRAIN, socket=str(where / "sock")))
+    wrapper.chmod(0o755)
+    try:
+        yield str(wrapper)
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+        listener.close()
+        shutil.rmtree(where, ignore_errors=True)
+
+
 @pytest.fixture
-def cpu_script(tmp_path):
+def cpu_script(tmp_path, forked_distrain):
     job = write_job(tmp_path / "job.yaml", JOB.format(name="fake", epochs=2, steps=10, tensorboard="true"))
     script = tmp_path / "job.sh"
     script.write_text(render([str(job), "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2",
                               "--runs-dir", str(tmp_path / "runs"), "--set", "train.epochs=3",
-                              "--distrain", VENV_DISTRAIN]))
+                              "--distrain", forked_distrain]))
     return script
 
 
 @pytest.mark.timeout(60)
-def test_launcher_runs_srun_with_the_run_dir_and_prints_tensorboard_first(tmp_path, cpu_script):
+def test_launcher_runs_srun_with_the_run_dir_and_prints_tensorboard_first(tmp_path, cpu_script, forked_distrain):
     done, calls = run_fake_job(tmp_path, cpu_script, srun_rc=0)
     assert done.returncode == 0, done.stderr
     run_dir = tmp_path / "runs" / "fake" / "slurm-4242"
@@ -320,14 +395,15 @@ def test_launcher_runs_srun_with_the_run_dir_and_prints_tensorboard_first(tmp_pa
     ]
     (srun,) = calls["srun"]
     assert srun == (f"--kill-on-bad-exit=1 --distribution=block --cpus-per-task=1 bash -c "
-                    f"trap \"\" TERM USR1; exec \"$@\" distrain-task {VENV_DISTRAIN} train {tmp_path / 'job.yaml'} "
+                    f"trap \"\" TERM USR1; exec \"$@\" distrain-task {forked_distrain} train {tmp_path / 'job.yaml'} "
                     f"--run-dir {run_dir} --set train.epochs=3")
     assert calls["scontrol"] == []
 
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("where", ["rendered into a project", "beside its own launcher"])
-def test_a_script_submitted_from_another_directory_finds_its_launcher_job_and_checkout(tmp_path, where, in_repo):
+def test_a_script_submitted_from_another_directory_finds_its_launcher_job_and_checkout(tmp_path, where, in_repo,
+                                                                                         forked_distrain):
     """sbatch runs a copy of the script from its spool directory, in the directory it was submitted
     from: the launcher is found from the original script (SLURM's Command=), a course job from the
     checkout, so a user's project need not be the distrain checkout."""
@@ -337,11 +413,12 @@ def test_a_script_submitted_from_another_directory_finds_its_launcher_job_and_ch
     if where == "rendered into a project":  # --output outside the checkout: the script names the checkout
         script, job = project / "qs.sh", "jobs/quickstart.yaml"
         text = render([job, "--nodes", "1", "--gpus-per-node", "0", "--output", str(script), "--runs-dir", "runs",
-                       "--distrain", VENV_DISTRAIN])
+                       "--distrain", forked_distrain])
         expected_job = REPO / job
     else:  # a copy of the launcher beside the script, the job given by its absolute path
         script, job = project / "qs.sh", str(REPO / "jobs" / "quickstart.yaml")
-        text = render([job, "--nodes", "1", "--gpus-per-node", "0", "--runs-dir", "runs", "--distrain", VENV_DISTRAIN])
+        text = render([job, "--nodes", "1", "--gpus-per-node", "0", "--runs-dir", "runs", "--distrain",
+                       forked_distrain])
         shutil.copy(REPO / "slurm" / "distrain-launch.sh", project / "distrain-launch.sh")
         expected_job = Path(job)
     script.write_text(text)
@@ -439,11 +516,11 @@ def test_the_out_file_of_a_rendered_script_is_readable(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_a_mode_in_the_environment_does_not_turn_training_into_a_benchmark(tmp_path, cpu_script):
+def test_a_mode_in_the_environment_does_not_turn_training_into_a_benchmark(tmp_path, cpu_script, forked_distrain):
     done, calls = run_fake_job(tmp_path, cpu_script, srun_rc=0, extra_env={"MODE": "bench"})
     assert done.returncode == 0, done.stderr
     (srun,) = calls["srun"]
-    assert f" {VENV_DISTRAIN} train " in srun and " bench " not in srun
+    assert f" {forked_distrain} train " in srun and " bench " not in srun
 
 
 @pytest.mark.timeout(60)
@@ -518,21 +595,23 @@ def exports(**extra) -> str:
     return "--export=ALL," + ",".join(f"{k}={v}" for k, v in env.items())
 
 
-def rendered(tmp_path: Path, job: Path, *argv: str) -> Path:
+def rendered(tmp_path: Path, job: Path, *argv: str, distrain: str = VENV_DISTRAIN) -> Path:
     script = tmp_path / f"{job.stem}.sh"
     script.write_text(render([str(job), "--gpus-per-node", "0", "--runs-dir", str(tmp_path / "runs"),
-                              "--time", "00:15:00", "--distrain", VENV_DISTRAIN, *argv]))
+                              "--time", "00:15:00", "--distrain", distrain, *argv]))
     return script
 
 
 def assert_finished_run(run_dir: Path, output: str, *, steps: int) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["world_size"], summary["launcher"], summary["strategy"]) == (2, "slurm", "multi_worker"), summary
-    assert summary["steps"] == steps and summary["epochs_completed"] == steps // summary["steps_per_epoch"]
+    epochs = steps // summary["steps_per_epoch"]
+    assert summary["steps"] == steps and summary["epochs_completed"] == epochs
     for rank in (0, 1):
         assert f"distrain worker rank {rank}/2" in (run_dir / "logs" / f"rank{rank}.log").read_text()
+    kept = [f"epoch-{e:04d}.weights.h5" for e in range(max(1, epochs - 2), epochs + 1)]  # checkpoint.keep: 3
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "best.json", "best.weights.h5", "epoch-0001.weights.h5", "epoch-0002.weights.h5", "index.json"]
+        "best.json", "best.weights.h5", *kept, "index.json"]
     assert not [p for p in run_dir.rglob("*") if "workertemp" in p.name], "a worker's temp dir was left"
     assert "distrain-launch: done" in output
     return summary
@@ -541,30 +620,9 @@ def assert_finished_run(run_dir: Path, output: str, *, steps: int) -> dict:
 @pytest.mark.slurm
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
-def test_two_tasks_on_one_node(slurm_one_node, tmp_path):
-    job = write_job(tmp_path / "one.yaml", JOB.format(name="one", epochs=2, steps=10, tensorboard="true"))
-    script = rendered(tmp_path, job, "--nodes", "1", "--tasks-per-node", "2")
-    result = slurm_one_node.sbatch_wait(script, exports(), timeout=280, cwd=REPO)
-    assert result.returncode == 0, result.output
-    run_dir = tmp_path / "runs" / "one" / f"slurm-{result.job_id}"
-    assert_finished_run(run_dir, result.output, steps=20)
-    first = result.output.splitlines()[:3]
-    assert first == [f"distrain-launch: job {result.job_id}: {job}, 2 task(s) on n1, strategy multi_worker",
-                     f"distrain-launch: run dir {run_dir}",
-                     f"distrain-launch: TensorBoard logs: {run_dir}/tensorboard"], result.output
-    assert "ssh -N -L 6006:127.0.0.1:6006 " in result.output
-    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
-    for rank in (0, 1):
-        assert f"(local {rank}/2, launcher slurm" in (run_dir / "logs" / f"rank{rank}.log").read_text()
-
-
-
-@pytest.mark.slurm
-@pytest.mark.multiprocess
-@pytest.mark.timeout(300)
-def test_one_task_on_each_of_two_nodes(slurm_two_nodes, tmp_path):
+def test_one_task_on_each_of_two_nodes(slurm_two_nodes, tmp_path, forked_distrain):
     job = write_job(tmp_path / "two.yaml", JOB.format(name="two", epochs=2, steps=10, tensorboard="false"))
-    script = rendered(tmp_path, job, "--nodes", "2")
+    script = rendered(tmp_path, job, "--nodes", "2", distrain=forked_distrain)
     assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n" in script.read_text()
     result = slurm_two_nodes.sbatch_wait(script, exports(), timeout=280, cwd=REPO)
     assert result.returncode == 0, result.output
@@ -596,10 +654,11 @@ def test_bench_render_measures_two_nodes(slurm_two_nodes, tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.horovod
 @pytest.mark.timeout(300)
-def test_horovod_render_runs_one_task_per_slot_on_two_nodes(needs_horovod, slurm_two_nodes, tmp_path):
+def test_horovod_render_runs_one_task_per_slot_on_two_nodes(needs_horovod, slurm_two_nodes, tmp_path, forked_distrain):
     """--strategy horovod as rendered: srun starts the tasks, distrain.backends.horovod bootstraps Gloo."""
     job = write_job(tmp_path / "hvd.yaml", JOB.format(name="hvd", epochs=2, steps=10, tensorboard="false"))
-    script = rendered(tmp_path, job, "--nodes", "2", "--tasks-per-node", "1", "--strategy", "horovod")
+    script = rendered(tmp_path, job, "--nodes", "2", "--tasks-per-node", "1", "--strategy", "horovod",
+                      distrain=forked_distrain)
     result = slurm_two_nodes.sbatch_wait(script, exports(), timeout=280, cwd=REPO)
     assert result.returncode == 0, result.output
     run_dir = tmp_path / "runs" / "hvd" / f"slurm-{result.job_id}"
@@ -623,36 +682,116 @@ def build(input_shape, num_classes, *, filters=4):
 """
 
 
+# One job of 2 tasks on one node, as rendered, with a model file of the user's and TensorBoard on,
+# preempted once it has a backup and requeued: three tests read it (one job instead of three).
+EPOCHS, STEPS_PER_EPOCH = 6, 10
+
+
+@dataclass
+class OneNodeJob:
+    root: Path
+    job: Path
+    script: Path
+    model_file: Path
+    result: SbatchResult
+    run_dir: Path
+
+
+@pytest.fixture(scope="module")
+def one_node_job(slurm_one_node, tmp_path_factory, forked_distrain) -> OneNodeJob:
+    """SIGUSR1 to the tasks once a backup exists (what --signal=USR1@90 sends) → exit 75 → scontrol
+    requeue → resume, to the end."""
+    root = tmp_path_factory.mktemp("one-node")
+    (root / "code").mkdir()
+    model_file = root / "code" / "slurm_user_net.py"
+    model_file.write_text(USER_MODEL)
+    text = JOB.format(name="one", epochs=EPOCHS, steps=STEPS_PER_EPOCH, tensorboard="true").replace(
+        "model: {name: cnn, params: {filters: 8}}", "model: {name: code/slurm_user_net.py:build, params: {filters: 4}}")
+    job = write_job(root / "one.yaml", text)
+    script = rendered(root, job, "--nodes", "1", "--tasks-per-node", "2", distrain=forked_distrain)
+    runs = root / "runs" / "one"
+    box = {}
+    waiter = threading.Thread(target=lambda: box.update(
+        result=slurm_one_node.sbatch_wait(script, exports(), timeout=380, cwd=REPO)), daemon=True)
+    waiter.start()
+    deadline = time.monotonic() + 240
+    run_dir = None
+    while time.monotonic() < deadline and waiter.is_alive():
+        found = list(runs.glob("slurm-*"))
+        run_dir = found[0] if found else None
+        if run_dir and backup_step(run_dir) > 0:
+            break
+        time.sleep(0.1)
+    assert run_dir and backup_step(run_dir) > 0, f"no backup within the time: {box}"
+    job_id = run_dir.name.split("-", 1)[1]
+    subprocess.run(["scancel", "--signal=USR1", job_id], env=slurm_one_node.env, check=True, timeout=30)
+    waiter.join(timeout=400)
+    return OneNodeJob(root, job, script, model_file, box["result"], run_dir)
+
+
+@pytest.mark.slurm
+@pytest.mark.multiprocess
+@pytest.mark.timeout(420)
+def test_two_tasks_on_one_node(one_node_job):
+    result, run_dir = one_node_job.result, one_node_job.run_dir
+    assert result.returncode == 0, result.output
+    assert run_dir == one_node_job.root / "runs" / "one" / f"slurm-{result.job_id}"
+    assert_finished_run(run_dir, result.output, steps=EPOCHS * STEPS_PER_EPOCH)
+    first = result.output.splitlines()[:3]
+    job = one_node_job.job
+    assert first == [f"distrain-launch: job {result.job_id}: {job}, 2 task(s) on n1, strategy multi_worker",
+                     f"distrain-launch: run dir {run_dir}",
+                     f"distrain-launch: TensorBoard logs: {run_dir}/tensorboard"], result.output
+    assert "ssh -N -L 6006:127.0.0.1:6006 " in result.output
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    for rank in (0, 1):
+        assert f"(local {rank}/2, launcher slurm" in (run_dir / "logs" / f"rank{rank}.log").read_text()
+
+
+@pytest.mark.slurm
+@pytest.mark.multiprocess
+@pytest.mark.timeout(420)
+def test_preempted_job_is_requeued_and_resumes_from_its_backup(one_node_job):
+    """SIGUSR1 to the tasks (what --signal=USR1@90 sends) → exit 75 → scontrol requeue → resume."""
+    result, run_dir = one_node_job.result, one_node_job.run_dir
+    job_id = run_dir.name.split("-", 1)[1]
+    assert result.returncode == 0, result.output
+    assert result.job_id == job_id
+    stopped = re.search(r"preempted \(SIGUSR1\) at step (\d+); backup written", result.output)
+    assert stopped, result.output
+    assert f"preempted (exit 75), backup written; requeueing job {job_id}" in result.output
+    assert f"distrain-launch: job {job_id} (restart 1):" in result.output
+    assert f"distrain-launch: resuming from {run_dir}/backup" in result.output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == EPOCHS * STEPS_PER_EPOCH and summary["epochs_completed"] == EPOCHS
+    assert summary["resumed_from_step"] == int(stopped.group(1)) > 0
+    assert not [p for p in run_dir.rglob("*") if "workertemp" in p.name]
+
+
 @pytest.mark.slurm
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
-def test_user_model_file_two_tasks_and_a_reference_refused_before_srun(slurm_one_node, tmp_path):
-    """A job naming its own model file, as rendered; a reference that does not import stops on the
-    node in `distrain slurm check`, before srun starts a task."""
-    (tmp_path / "code").mkdir()
-    (tmp_path / "code" / "slurm_user_net.py").write_text(USER_MODEL)
-    text = JOB.format(name="mine", epochs=1, steps=4, tensorboard="false").replace(
-        "model: {name: cnn, params: {filters: 8}}", "model: {name: code/slurm_user_net.py:build, params: {filters: 4}}")
-    job = write_job(tmp_path / "mine.yaml", text)
-    script = rendered(tmp_path, job, "--nodes", "1", "--tasks-per-node", "2")
-    model_file = tmp_path / "code" / "slurm_user_net.py"
-    assert f"#   your code, imported on every node: model.name {model_file}:build\n" in script.read_text()
-    result = slurm_one_node.sbatch_wait(script, exports(), timeout=250, cwd=REPO)
+def test_user_model_file_two_tasks_and_a_reference_refused_before_srun(one_node_job, slurm_one_node, forked_distrain):
+    """A job naming its own model file, as rendered (imported again by the requeued job); a
+    reference that does not import stops on the node in `distrain slurm check`, before srun starts
+    a task."""
+    root, model_file, result = one_node_job.root, one_node_job.model_file, one_node_job.result
+    assert f"#   your code, imported on every node: model.name {model_file}:build\n" in one_node_job.script.read_text()
     assert result.returncode == 0, result.output
-    run_dir = tmp_path / "runs" / "mine" / f"slurm-{result.job_id}"
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((one_node_job.run_dir / "summary.json").read_text())
     assert (summary["world_size"], summary["launcher"], summary["strategy"], summary["steps"]) == (
-        2, "slurm", "multi_worker", 4), summary
-    assert f"name: {model_file}:build" in (run_dir / "job.yaml").read_text()
+        2, "slurm", "multi_worker", EPOCHS * STEPS_PER_EPOCH), summary
+    assert f"name: {model_file}:build" in (one_node_job.run_dir / "job.yaml").read_text()
 
-    bad = write_job(tmp_path / "bad.yaml", text.replace("name: mine", "name: bad").replace(":build", ":biuld"))
-    result = slurm_one_node.sbatch_wait(rendered(tmp_path, bad, "--nodes", "1", "--tasks-per-node", "2"), exports(),
-                                        timeout=120, cwd=REPO)
+    text = one_node_job.job.read_text()
+    bad = write_job(root / "bad.yaml", text.replace("name: one", "name: bad").replace(":build", ":biuld"))
+    script = rendered(root, bad, "--nodes", "1", "--tasks-per-node", "2", distrain=forked_distrain)
+    result = slurm_one_node.sbatch_wait(script, exports(), timeout=120, cwd=REPO)
     assert result.returncode == EXIT_USAGE, result.output
     assert (f"distrain: error: {bad}: model.name: {model_file}:biuld: {model_file} has no biuld; it defines: build"
             in result.output.splitlines()), result.output
     assert "distrain-launch: run dir" not in result.output  # stopped before srun
-    assert not (tmp_path / "runs" / "bad").exists()
+    assert not (root / "runs" / "bad").exists()
 
 
 WORLD = """#!/bin/bash
@@ -692,60 +831,22 @@ def test_workers_are_addressed_by_node_addr_on_two_nodes(slurm_two_nodes, tmp_pa
 
 @pytest.mark.slurm
 @pytest.mark.multiprocess
-@pytest.mark.timeout(420)
-def test_preempted_job_is_requeued_and_resumes_from_its_backup(slurm_one_node, tmp_path):
-    """SIGUSR1 to the tasks (what --signal=USR1@90 sends) → exit 75 → scontrol requeue → resume."""
-    job = write_job(tmp_path / "long.yaml", JOB.format(name="long", epochs=6, steps=10, tensorboard="false"))
-    script = rendered(tmp_path, job, "--nodes", "1", "--tasks-per-node", "2")
-    runs = tmp_path / "runs" / "long"
-    box = {}
-    waiter = threading.Thread(target=lambda: box.update(
-        result=slurm_one_node.sbatch_wait(script, exports(), timeout=380, cwd=REPO)), daemon=True)
-    waiter.start()
-    deadline = time.monotonic() + 240
-    run_dir = None
-    while time.monotonic() < deadline and waiter.is_alive():
-        found = list(runs.glob("slurm-*"))
-        run_dir = found[0] if found else None
-        if run_dir and backup_step(run_dir) > 0:
-            break
-        time.sleep(0.1)
-    assert run_dir and backup_step(run_dir) > 0, f"no backup within the time: {box}"
-    job_id = run_dir.name.split("-", 1)[1]
-    subprocess.run(["scancel", "--signal=USR1", job_id], env=slurm_one_node.env, check=True, timeout=30)
-    waiter.join(timeout=400)
-    result = box["result"]
-    assert result.returncode == 0, result.output
-    assert result.job_id == job_id
-    stopped = re.search(r"preempted \(SIGUSR1\) at step (\d+); backup written", result.output)
-    assert stopped, result.output
-    assert f"preempted (exit 75), backup written; requeueing job {job_id}" in result.output
-    assert f"distrain-launch: job {job_id} (restart 1):" in result.output
-    assert f"distrain-launch: resuming from {run_dir}/backup" in result.output
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 6 * 10 and summary["epochs_completed"] == 6
-    assert summary["resumed_from_step"] == int(stopped.group(1)) > 0
-    assert not [p for p in run_dir.rglob("*") if "workertemp" in p.name]
-
-
-@pytest.mark.slurm
-@pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("case", ["mirrored with 2 tasks", "missing job file", "invalid override"])
-def test_impossible_requests_fail_in_the_script_before_srun(slurm_one_node, tmp_path, case):
+def test_impossible_requests_fail_in_the_script_before_srun(slurm_one_node, tmp_path, case, forked_distrain):
     job = write_job(tmp_path / "bad.yaml", JOB.format(name="bad", epochs=1, steps=2, tensorboard="false"))
     sbatch_args = [exports()]
     if case == "mirrored with 2 tasks":
-        script = rendered(tmp_path, job, "--nodes", "1", "--strategy", "mirrored")
+        script = rendered(tmp_path, job, "--nodes", "1", "--strategy", "mirrored", distrain=forked_distrain)
         sbatch_args.append("--ntasks-per-node=2")  # more tasks than the rendered layout
         message = ("distrain: error: --set distribute.strategy mirrored trains in one process, but the allocation "
                    "(SLURM_NTASKS=2, SLURM_JOB_NUM_NODES=1) makes 2 tasks on 1 node")
     elif case == "missing job file":
-        script = rendered(tmp_path, job, "--nodes", "1")
+        script = rendered(tmp_path, job, "--nodes", "1", distrain=forked_distrain)
         job.unlink()
         message = f"distrain-launch: JOB={job}: no such job file"
     else:
-        script = rendered(tmp_path, job, "--nodes", "1")
+        script = rendered(tmp_path, job, "--nodes", "1", distrain=forked_distrain)
         script.write_text(script.read_text().replace("SET=()", "SET=(train.epochs=0)"))
         message = "distrain: error: --set train.epochs: expected a positive integer, got 0"
     result = slurm_one_node.sbatch_wait(script, *sbatch_args, timeout=100, cwd=REPO)
