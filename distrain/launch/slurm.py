@@ -11,9 +11,10 @@ On one machine, with the local SLURM of ``cluster/slurm-local.sh`` (CPU only)::
     distrain slurm render jobs/quickstart.yaml --nodes 1 --gpus-per-node 0 --tasks-per-node 2 \\
         --distrain "$PWD/.venv/bin/distrain" > qs.sh && sbatch --wait qs.sh
 
-``render_sbatch`` is the only place a script is written: its keyword arguments are the options of
-``distrain slurm render``, it reads nothing but the job file and returns text (the golden files in
-``tests/golden/`` pin its output, and ``slurm/*.sh`` are renders of ``jobs/*.yaml``). Each script
+``sbatch_script`` is the only place a script is written: its keyword arguments are the options of
+``distrain slurm render``, it reads nothing but the job file and returns the text, with ``--sweep``
+also the sweep it planned (``render_sbatch`` returns the text alone). The golden files in
+``tests/golden/`` pin its output, and ``slurm/*.sh`` are renders of ``jobs/*.yaml``. Each script
 holds the ``#SBATCH`` lines and a few settings, then sources ``slurm/distrain-launch.sh``, the
 body every script shares: it runs ``distrain slurm check`` (the job and the allocation, before
 anything starts), prints where TensorBoard's logs are and how to tunnel to them, runs
@@ -44,7 +45,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 from distrain import startup
 from distrain.backends.factory import choose_strategy
@@ -148,7 +149,7 @@ def _row(command: str, comment: str) -> str:
 
 @dataclass(frozen=True)
 class _Script:
-    """Everything an sbatch script says, resolved from ``render_sbatch``'s options and the job."""
+    """Everything an sbatch script says, resolved from ``sbatch_script``'s options and the job."""
 
     job: str
     spec: Any
@@ -177,7 +178,19 @@ class _Script:
     plan: Optional[Plan] = None
 
 
-def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: Optional[int] = None,
+class Rendered(NamedTuple):
+    """``sbatch_script``'s result: the script, and the sweep it plans (None: not ``--sweep``)."""
+
+    text: str
+    plan: Optional[Plan]
+
+
+def render_sbatch(job: str, **options) -> str:
+    """The sbatch script's text (``sbatch_script``, which documents the options)."""
+    return sbatch_script(job, **options).text
+
+
+def sbatch_script(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: Optional[int] = None,
                   cpus_per_task: Optional[int] = None, time: str = DEFAULT_TIME,
                   partition: Optional[str] = None, account: Optional[str] = None,
                   strategy: Optional[str] = None, job_name: Optional[str] = None,
@@ -215,14 +228,15 @@ def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: O
             checked, which the header says.
 
     Returns:
-        The script's text.
+        The script's text, and with ``sweep`` the sweep it planned (the launcher checks the sweep
+        dir against it).
 
     Raises:
         UsageError: the job is invalid, a trial of its sweep is, or the request cannot work (one line
             naming the flag, key or trial).
 
     Example:
-        >>> print(render_sbatch("jobs/cnn.yaml", nodes=2, gpus_per_node=4))  # doctest: +SKIP
+        >>> print(sbatch_script("jobs/cnn.yaml", nodes=2, gpus_per_node=4).text)  # doctest: +SKIP
     """
 
     _check_options(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
@@ -265,7 +279,7 @@ def render_sbatch(job: str, *, nodes: int, gpus_per_node: int, tasks_per_node: O
                      parallel=parallel, max_array_size=max_array_size, plan=planned)
     header = _bench_header(script) if bench else _sweep_header(script) if sweep is not None else _header(script)
     out = [*header, *_directives(script), "", *_settings(script)]
-    return "\n".join(line for line in out if line is not None) + "\n"
+    return Rendered("\n".join(line for line in out if line is not None) + "\n", planned)
 
 
 def _render_command(job: str, *, nodes, gpus_per_node, tasks_per_node, cpus_per_task, time, partition, account,
@@ -795,11 +809,16 @@ def _add_launcher_parsers(sub) -> None:
 
 
 def render_from_args(args: argparse.Namespace, max_array_size: Optional[int] = None) -> str:
-    """``render_sbatch`` called with the parsed options of ``distrain slurm render`` (``max_array_size``:
+    """The script's text for the parsed options of ``distrain slurm render`` (``script_from_args``)."""
+    return script_from_args(args, max_array_size).text
+
+
+def script_from_args(args: argparse.Namespace, max_array_size: Optional[int] = None) -> Rendered:
+    """``sbatch_script`` called with the parsed options of ``distrain slurm render`` (``max_array_size``:
     the cluster's, when ``--max-array-size`` does not give it)."""
     if args.max_array_size is not None:
         max_array_size = args.max_array_size
-    return render_sbatch(args.job, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+    return sbatch_script(args.job, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                          tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, time=args.time,
                          partition=args.partition, account=args.account, strategy=args.strategy,
                          job_name=args.job_name, runs_dir=args.runs_dir, overrides=args.overrides,
@@ -814,10 +833,8 @@ def cmd_render(args) -> int:
     if args.max_array_size is not None and args.sweep is None:
         raise UsageError("--max-array-size: only with --sweep SWEEP_DIR")
     asked = args.sweep is not None and args.max_array_size is None
-    text = render_from_args(args, max_array_size=cluster_max_array_size() if asked else None)
-    if args.sweep is not None:  # what the array's tasks would refuse, refused before it is submitted
-        overrides = [*args.overrides, *([f"distribute.strategy={args.strategy}"] if args.strategy else [])]
-        planned = plan_sweep(args.job, overrides, grid=args.grid, trials=args.trials)
+    text, planned = script_from_args(args, max_array_size=cluster_max_array_size() if asked else None)
+    if planned is not None:  # what the array's tasks would refuse, refused before it is submitted
         sweep_state.check_sweep_dir(Path(args.sweep), planned, flag="--sweep")
     if args.output is None:
         print(text, end="")
